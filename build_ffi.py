@@ -1,0 +1,43 @@
+"""Builds pyuds._uds, the cffi extension (out-of-line API mode) around the C core in csrc/.
+
+setuptools runs this through setup.py's ``cffi_modules``; it must not import pyuds. The
+declarations come from the marked part of csrc/uds.h, so the header is their one source.
+Extra compiler and linker flags (e.g. sanitizers) come from the environment variable
+PYUDS_CFLAGS.
+"""
+import os
+import re
+import shlex
+
+from cffi import FFI
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(HERE, "csrc")
+SOURCES = ["framing.c", "buf.c", "poller.c", "sock.c", "server.c"]
+
+
+def _cdef() -> str:
+    with open(os.path.join(CSRC, "uds.h"), encoding="utf-8") as f:
+        header = f.read()
+    match = re.search(r"/\* cffi-begin \*/(.*)/\* cffi-end \*/", header, re.S)
+    if match is None:
+        raise RuntimeError("csrc/uds.h has no cffi-begin/cffi-end section")
+    # "#define NAME 3 /* why */": let the compiler supply the value.
+    return re.sub(r"^#define (\w+) .*$", r"#define \1 ...", match.group(1), flags=re.M)
+
+
+extra = shlex.split(os.environ.get("PYUDS_CFLAGS", ""))
+
+ffibuilder = FFI()
+ffibuilder.cdef(_cdef())
+ffibuilder.set_source(
+    "pyuds._uds",
+    '#include "uds.h"',
+    sources=[os.path.relpath(os.path.join(CSRC, s), HERE) for s in SOURCES],
+    include_dirs=[os.path.relpath(CSRC, HERE)],
+    extra_compile_args=["-O2", "-Wall", "-Wextra", *extra],
+    extra_link_args=extra,
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

@@ -1,0 +1,162 @@
+/*
+ * uds.h - the C core of pyuds: a Unix-domain-socket server driven by one epoll loop.
+ *
+ * C99 + POSIX (Linux). Knows nothing of Python: the caller pulls batches of events with
+ * uds_poll() and answers with uds_send() / uds_close().
+ *
+ * Conventions (libuv's): every function that can fail returns >= 0 on success and -errno on
+ * failure; nothing is left in errno. EINTR is retried inside, EAGAIN never leaves the core.
+ * None of these functions is thread-safe except uds_wakeup(): one thread drives a server.
+ *
+ * The part between "cffi-begin" and "cffi-end" is handed to cffi's cdef() as it is, so it holds
+ * only declarations cffi can parse; the compiler fills in the constant values.
+ */
+#ifndef UDS_H
+#define UDS_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+/* cffi-begin */
+
+/* Framings of a SOCK_STREAM connection. */
+#define UDS_FRAMING_U32 0  /* 4-byte big-endian payload length, then the payload */
+#define UDS_FRAMING_LINE 1 /* payload bytes, then '\n'; the payload holds no '\n' */
+#define UDS_FRAMING_RAW 2  /* whatever one read returns is one message */
+
+/* Event types filled in by uds_poll(). */
+#define UDS_EV_CONNECTED 1 /* a client was accepted; pid/uid/gid hold its credentials */
+#define UDS_EV_MESSAGE 2   /* a complete message; data/len locate its payload */
+#define UDS_EV_CLOSED 3    /* the connection is gone; reason (and err) say why */
+
+/* Why a connection closed (uds_event.reason). The core itself produces PEER, ERROR,
+ * TOO_LARGE and SHUTDOWN; the others are passed in by the caller through uds_close(). */
+#define UDS_CLOSE_PEER 1          /* the peer closed its end or vanished */
+#define UDS_CLOSE_ERROR 2         /* a socket error; err holds the errno */
+#define UDS_CLOSE_TOO_LARGE 3     /* a frame exceeded max_message */
+#define UDS_CLOSE_SHUTDOWN 4      /* the server shut down */
+#define UDS_CLOSE_LOCAL 5         /* the application closed it */
+#define UDS_CLOSE_REJECTED 6      /* the application refused it when it connected */
+#define UDS_CLOSE_HANDLER_ERROR 7 /* the application's handler failed on its message */
+
+/* Framing helpers. */
+
+/* Finds the first complete frame at the start of buf[0..len).
+ * For UDS_FRAMING_LINE, *scan carries between calls how many leading bytes are already known
+ * to hold no '\n' (start at 0, reset to 0 after each frame), so a long line arriving in small
+ * pieces is scanned once; other framings ignore it.
+ * Returns the frame's size in bytes (> 0) and sets *payload_off / *payload_len;
+ * 0 if the frame is not complete yet (for UDS_FRAMING_RAW: if len == 0);
+ * -EMSGSIZE if its payload is, or would be, longer than max_payload (for u32 as soon as the
+ * header is in; for line once max_payload + 1 bytes hold no '\n');
+ * -EINVAL for an unknown framing. Reads nothing outside buf[0..len). */
+ssize_t uds_frame_next(int framing, const char *buf, size_t len, size_t max_payload,
+                       size_t *scan, size_t *payload_off, size_t *payload_len);
+
+/* The bytes that framing adds around a payload of len bytes: writes the header to hdr (room for
+ * 4 bytes) and returns its size (0 if none), sets *trailer to the byte count that follows the
+ * payload (1 for '\n', else 0).
+ * Returns -EMSGSIZE if len does not fit the framing (u32: len > 0xFFFFFFFF), -EINVAL for an
+ * unknown framing. The payload itself is not checked (see uds_frame_check). */
+int uds_frame_header(int framing, size_t len, unsigned char *hdr, int *trailer);
+
+/* Whether payload may be sent as one message in this framing: 0 if so; -EINVAL if a line
+ * payload contains '\n' (the peer would see two messages); -EMSGSIZE if it is too long for the
+ * header; -EINVAL for an unknown framing. */
+int uds_frame_check(int framing, const char *payload, size_t len);
+
+/* Server. */
+
+typedef struct uds_server uds_server;
+
+typedef struct uds_config {
+    int framing;          /* UDS_FRAMING_* */
+    size_t max_message;   /* longest payload accepted from a client, >= 1 */
+    int backlog;          /* listen() backlog */
+    unsigned int mode;    /* permission bits of the socket file, <= 0777 */
+    int flush_timeout_ms; /* how long a closing connection may take to drain its output */
+} uds_config;
+
+/* One event of a batch. Pointers stay valid until the next uds_poll() on the same server. */
+typedef struct uds_event {
+    int type;          /* UDS_EV_* */
+    int slot;          /* the connection's slot: unique among live connections, reused later */
+    uint64_t id;       /* the connection's id: unique for the server's lifetime, from 1 */
+    const char *data;  /* MESSAGE: the payload */
+    size_t len;        /* MESSAGE: payload length; CLOSED: output bytes discarded unsent */
+    int reason;        /* CLOSED: UDS_CLOSE_* */
+    int err;           /* CLOSED: the errno for UDS_CLOSE_ERROR, else 0 */
+    int32_t pid;       /* CONNECTED: peer's pid (SO_PEERCRED at accept) */
+    uint32_t uid;      /* CONNECTED: peer's uid */
+    uint32_t gid;      /* CONNECTED: peer's gid */
+} uds_event;
+
+/* Per-connection counters of payload messages and bytes, received and queued for sending.
+ * The core writes them with relaxed atomic stores so another thread may read them. */
+typedef struct uds_stats {
+    uint64_t msgs_in;
+    uint64_t bytes_in;
+    uint64_t msgs_out;
+    uint64_t bytes_out;
+} uds_stats;
+
+/* Creates the master socket and binds it to path, then listens.
+ * An existing path is replaced only if it is a socket nobody answers on (connect refused);
+ * the socket file is created with at most cfg->mode (never a wider mode, not even for an
+ * instant) and then set to exactly cfg->mode.
+ * Returns 0 and sets *out; -ENAMETOOLONG if path does not fit sun_path; -EADDRINUSE if a server
+ * answers on path; -ENOTSOCK if path exists and is not a socket (file, directory, symlink);
+ * -EINVAL for an empty path or a bad config; any other -errno from the system calls
+ * (-EACCES when the existing socket cannot be probed). Touches nothing on failure. */
+int uds_server_new(uds_server **out, const char *path, const uds_config *cfg);
+
+/* Closes every connection and the master socket without events, removes the socket file if it
+ * is still the one this server made (same device and inode), frees s. NULL is a no-op. */
+void uds_server_free(uds_server *s);
+
+/* Runs one loop turn: frees what the last batch finished with, flushes the replies queued since
+ * the last call (one send per connection), then waits up to timeout_ms (-1: no limit) for
+ * readiness and fills ev[0..cap) with events.
+ * Returns the number of events (possibly 0: timeout, uds_wakeup(), or a signal interrupted the
+ * wait, so that the caller can run its signal handlers), or -errno if the wait failed. */
+int uds_poll(uds_server *s, uds_event *ev, int cap, int timeout_ms);
+
+/* Queues payload as one framed message to connection (slot, id); it leaves at the next
+ * uds_poll(). Returns 0; -ENOTCONN if that connection is closed or closing at the
+ * application's request; -EINVAL / -EMSGSIZE as uds_frame_check(); -ENOMEM. */
+int uds_send(uds_server *s, int slot, uint64_t id, const char *data, size_t len);
+
+/* Closes connection (slot, id): nothing more is read or delivered from it, what is queued for
+ * it is flushed (bounded by flush_timeout_ms), then a CLOSED event carries reason.
+ * Returns 0; -ENOTCONN if that connection is already closed or closing. */
+int uds_close(uds_server *s, int slot, uint64_t id, int reason);
+
+/* Points the connection's counters at *stats (copying the counts so far); the core writes
+ * there until the connection's CLOSED event and never touches it afterwards.
+ * Returns 0 or -ENOTCONN. */
+int uds_conn_set_stats(uds_server *s, int slot, uint64_t id, uds_stats *stats);
+
+/* Starts a graceful shutdown: removes the socket file (if still ours) and closes the master
+ * socket, stops reading, delivers the messages already received, flushes replies (each
+ * connection bounded by flush_timeout_ms) and closes every connection, each with a CLOSED
+ * event from uds_poll(). Returns the number of connections still to close. */
+int uds_shutdown(uds_server *s);
+
+/* Connections accepted and not yet reported closed. */
+int uds_live(const uds_server *s);
+
+/* Makes a uds_poll() in progress (or the next one) return. Thread-safe and
+ * async-signal-safe. Returns 0 or -errno. */
+int uds_wakeup(uds_server *s);
+
+/* The write end of the wakeup pipe, non-blocking: writing a byte to it has the effect of
+ * uds_wakeup() (fit for Python's signal.set_wakeup_fd). */
+int uds_wakeup_fd(const uds_server *s);
+
+/* The master socket's descriptor, or -1 once it is closed. */
+int uds_listen_fd(const uds_server *s);
+
+/* cffi-end */
+
+#endif /* UDS_H */

@@ -1,0 +1,107 @@
+"""The ``pyuds`` command: ``pyuds serve`` runs a server, ``pyuds send`` talks to one."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from typing import Callable, Sequence
+
+from ._config import FRAMINGS, ServerConfig
+from ._errors import PyudsError
+
+DEFAULT_PATH = "./pyuds.sock"
+
+
+def _octal_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode such as 0660") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a permission mode (0000 to 0777)")
+    return mode
+
+
+def _load_handler(spec: str) -> Callable:
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise argparse.ArgumentTypeError(f"--handler wants MODULE:FUNCTION, not {spec!r}")
+    # Like `python -m`, let modules in the current directory be found.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        target = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise argparse.ArgumentTypeError(f"cannot import {module_name!r}: {exc}") from None
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise argparse.ArgumentTypeError(f"{module_name!r} has no {attr!r}") from None
+    if not callable(target):
+        raise argparse.ArgumentTypeError(f"{spec} is not callable")
+    return target
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyuds", description="Unix-domain-socket servers with Python handlers.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run a server until Ctrl-C or SIGTERM",
+                           description="Run a server until Ctrl-C or SIGTERM; then it closes every client "
+                                       "and removes its socket file.")
+    serve.add_argument("path", nargs="?", default=DEFAULT_PATH, help=f"socket file (default: {DEFAULT_PATH})")
+    serve.add_argument("--handler", metavar="MODULE:FUNCTION", type=_load_handler,
+                       help="handler(client, message) -> bytes | None (default: echo)")
+    serve.add_argument("--framing", choices=FRAMINGS, default="u32", help="default: u32")
+    serve.add_argument("--mode", type=_octal_mode, default=ServerConfig.mode,
+                       help="socket file permissions, octal (default: 0600)")
+    serve.add_argument("--backlog", type=int, default=ServerConfig.backlog)
+    serve.add_argument("--max-message-size", type=int, default=ServerConfig.max_message_size, metavar="BYTES",
+                       help="longest message accepted; a client sending a longer one is disconnected")
+    serve.add_argument("-v", "--verbose", action="store_true", help="log every client's connect and disconnect")
+
+    send = sub.add_parser("send", help="send messages to a server and print each reply",
+                          description="Send each MESSAGE to the server at PATH and print each reply on its own line.")
+    send.add_argument("path", help="socket file")
+    send.add_argument("messages", nargs="+", metavar="MESSAGE")
+    send.add_argument("--framing", choices=FRAMINGS, default="u32", help="default: u32")
+    send.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each reply (default: 10)")
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ._server import Server
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        server = Server(args.path, args.handler, framing=args.framing, mode=args.mode,
+                        backlog=args.backlog, max_message_size=args.max_message_size)
+    except (PyudsError, OSError, ValueError) as exc:
+        print(f"pyuds serve: {exc}", file=sys.stderr)
+        return 1
+    server.serve_forever()
+    return 0
+
+
+def _send(args: argparse.Namespace) -> int:
+    from ._client import connect
+
+    out = sys.stdout.buffer
+    try:
+        with connect(args.path, args.framing, timeout=args.timeout) as conn:
+            for message in args.messages:
+                out.write(conn.request(os.fsencode(message)) + b"\n")
+                out.flush()
+    except (PyudsError, OSError) as exc:
+        print(f"pyuds send: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return _serve(args) if args.command == "serve" else _send(args)

@@ -1,0 +1,83 @@
+"""Framing in pure Python, for the client side (the server cuts frames in C).
+
+Same rules as csrc/framing.c: u32 = 4-byte big-endian payload length, then the payload;
+line = payload, then b"\\n" (a b"\\r" before it belongs to the payload); raw = whatever
+arrives is one message.
+"""
+from __future__ import annotations
+
+from ._config import FRAMINGS, MAX_U32
+from ._errors import FramingError
+
+
+def encode(framing: str, payload: bytes) -> bytes:
+    """Returns payload framed for sending; raises FramingError if it cannot be."""
+    if framing == "u32":
+        if len(payload) > MAX_U32:
+            raise FramingError(f"a u32-framed message holds at most {MAX_U32} bytes, not {len(payload)}")
+        return len(payload).to_bytes(4, "big") + payload
+    if framing == "line":
+        if b"\n" in payload:
+            raise FramingError("a line-framed message cannot contain b'\\n' (the peer would see two messages)")
+        return payload + b"\n"
+    if framing == "raw":
+        if not payload:
+            raise FramingError("raw framing cannot carry an empty message")
+        return payload
+    raise ValueError(f"framing must be one of {', '.join(FRAMINGS)}, not {framing!r}")
+
+
+class Decoder:
+    """Cuts a byte stream into messages: feed() what arrives, next() each message."""
+
+    def __init__(self, framing: str, max_message_size: int | None = None) -> None:
+        if framing not in FRAMINGS:
+            raise ValueError(f"framing must be one of {', '.join(FRAMINGS)}, not {framing!r}")
+        self.framing = framing
+        self.max = max_message_size
+        self._buf = bytearray()
+        self._scan = 0  # line framing: bytes already known to hold no newline
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    @property
+    def pending(self) -> int:
+        """Bytes received and not yet returned as a message."""
+        return len(self._buf)
+
+    def next(self) -> bytes | None:
+        """The next complete message, or None until more bytes arrive."""
+        buf = self._buf
+        if self.framing == "u32":
+            if len(buf) < 4:
+                return None
+            n = int.from_bytes(buf[:4], "big")
+            self._check_size(n)
+            if len(buf) < 4 + n:
+                return None
+            msg = bytes(buf[4 : 4 + n])
+            del buf[: 4 + n]
+            return msg
+        if self.framing == "line":
+            i = buf.find(b"\n", self._scan)
+            if i < 0:
+                self._scan = len(buf)
+                if self.max is not None and len(buf) > self.max:
+                    self._check_size(len(buf))
+                return None
+            self._check_size(i)
+            msg = bytes(buf[:i])
+            del buf[: i + 1]
+            self._scan = 0
+            return msg
+        if not buf:
+            return None
+        n = len(buf) if self.max is None else min(len(buf), self.max)
+        msg = bytes(buf[:n])
+        del buf[:n]
+        return msg
+
+    def _check_size(self, n: int) -> None:
+        if self.max is not None and n > self.max:
+            raise FramingError(f"message of {n}+ bytes exceeds the limit of {self.max} bytes")

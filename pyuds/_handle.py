@@ -1,0 +1,92 @@
+"""A connected client as the application sees it, and why clients go away."""
+from __future__ import annotations
+
+import enum
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import _core
+
+if TYPE_CHECKING:
+    from ._server import Server
+
+
+class CloseReason(str, enum.Enum):
+    """Why a client's connection ended (compares equal to its string value)."""
+
+    PEER = "peer"                    #: the client closed its end or vanished
+    ERROR = "error"                  #: a socket error
+    TOO_LARGE = "too_large"          #: it sent a message over max_message_size
+    SHUTDOWN = "shutdown"            #: the server shut down
+    CLOSED = "closed"                #: the application called close()
+    REJECTED = "rejected"            #: on_connect refused it
+    HANDLER_ERROR = "handler_error"  #: a handler (or on_connect) raised on its behalf
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ClientHandle:
+    """One connected client (a data socket of the server), kept in ``server.clients``.
+
+    id: unique for the server's lifetime. pid, uid, gid: the peer process's credentials,
+    taken by the kernel when it connected (SO_PEERCRED). connected_at: time.time() then.
+    data: a dict for the application's per-client state.
+    """
+
+    __slots__ = ("id", "pid", "uid", "gid", "connected_at", "data", "close_reason",
+                 "_server", "_slot", "_stats", "_closed", "_admitted")
+
+    def __init__(self, server: Server, slot: int, cid: int, pid: int, uid: int, gid: int) -> None:
+        self.id = cid
+        self.pid = pid
+        self.uid = uid
+        self.gid = gid
+        self.connected_at = time.time()
+        self.data: dict[Any, Any] = {}
+        self.close_reason: CloseReason | None = None  #: set once disconnected
+        self._server = server
+        self._slot = slot
+        self._stats: Any = None
+        self._closed = False     # close() was called or the connection is gone
+        self._admitted = False   # on_connect accepted it: it is (or was) in the registry
+
+    def send(self, message: bytes) -> None:
+        """Pushes an unsolicited message to this client, framed like replies. Any thread.
+
+        Raises ClientClosedError if the client is closed or disconnected, FramingError if the
+        message cannot be framed."""
+        self._server._send(self, message)
+
+    def close(self) -> None:
+        """Disconnects this client once the replies already queued for it are sent. No more
+        messages from it reach the handler. Any thread; closing twice is harmless."""
+        self._server._close(self, "closed")
+
+    @property
+    def closed(self) -> bool:
+        """True once close() was called or the client disconnected."""
+        return self._closed
+
+    @property
+    def messages_received(self) -> int:
+        return _core.read_stats(self._stats)[0] if self._stats is not None else 0
+
+    @property
+    def bytes_received(self) -> int:
+        """Payload bytes received (framing not counted)."""
+        return _core.read_stats(self._stats)[1] if self._stats is not None else 0
+
+    @property
+    def messages_sent(self) -> int:
+        """Replies and pushed messages queued for this client."""
+        return _core.read_stats(self._stats)[2] if self._stats is not None else 0
+
+    @property
+    def bytes_sent(self) -> int:
+        """Payload bytes queued for this client (framing not counted)."""
+        return _core.read_stats(self._stats)[3] if self._stats is not None else 0
+
+    def __repr__(self) -> str:
+        state = f"closed ({self.close_reason})" if self.close_reason else "closing" if self._closed else "open"
+        return f"<ClientHandle id={self.id} pid={self.pid} uid={self.uid} {state}>"

@@ -1,0 +1,383 @@
+"""The Server: configuration, the registry of client handles, the loop's life, and the
+requests (send, close, broadcast, shutdown) that may come from any thread.
+
+Threads: one thread runs the loop (serve_forever(), or the thread start() made). Only that
+thread calls into the C server, except Core.wakeup(), which is made under self._lock while
+the server is serving. Other threads hand their requests over through self._pending.
+"""
+from __future__ import annotations
+
+import atexit
+import collections
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import types
+import weakref
+from typing import Any, Callable, Mapping, Optional, Union
+
+from ._config import ServerConfig
+from ._core import Core, send_error
+from ._errors import ClientClosedError
+from ._handle import ClientHandle, CloseReason
+
+log = logging.getLogger("pyuds")
+
+Handler = Callable[[ClientHandle, bytes], Optional[bytes]]
+PathLike = Union[str, "os.PathLike[str]"]
+
+_READY, _SERVING, _CLOSED = "ready", "serving", "closed"
+
+
+def echo(client: ClientHandle, message: bytes) -> bytes:
+    """The default handler: replies with the message itself."""
+    return message
+
+
+class Server:
+    """A Unix-domain-socket server. Bound and listening once constructed.
+
+    ``handler(client, message)`` is called once per message with the ClientHandle and the
+    payload as bytes; what it returns (bytes, or None for no reply) is sent back. A handler
+    that raises costs only its own client: the traceback is logged on the "pyuds" logger and
+    that client is closed.
+
+    ``on_connect(client)`` runs when a client connects; returning False refuses it (closed at
+    once, never in the registry). ``on_disconnect(client, reason)`` runs once for every client
+    that was admitted, with a CloseReason.
+
+    Options are the fields of ServerConfig, given either as ``config=`` or as keywords
+    (keywords win): ``Server(path, handler, framing="line", mode=0o660)``.
+    """
+
+    def __init__(
+        self,
+        path: PathLike,
+        handler: Handler | None = None,
+        *,
+        on_connect: Callable[[ClientHandle], Any] | None = None,
+        on_disconnect: Callable[[ClientHandle, CloseReason], Any] | None = None,
+        config: ServerConfig | None = None,
+        **options: Any,
+    ) -> None:
+        config = dataclasses.replace(config or ServerConfig(), **options)
+        self._path = os.fspath(path)
+        self._config = config
+        self._handler = handler if handler is not None else echo
+        self._on_connect = on_connect
+        self._on_disconnect = on_disconnect
+        self._clients: dict[int, ClientHandle] = {}
+        self._clients_view = types.MappingProxyType(self._clients)
+        self._handles: list[ClientHandle | None] = []   # by slot, for the loop
+        self._pending: collections.deque = collections.deque()  # requests from other threads
+        self._lock = threading.Lock()
+        self._state = _READY
+        self._stopping = False
+        self._loop_ident: int | None = None
+        self._started = threading.Event()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._core = Core(self._path, config)
+        log.info("listening on %s (framing %s, mode %04o)", self._path, config.framing, config.mode)
+
+    # ---- public ----
+
+    @property
+    def path(self) -> str:
+        """The socket file's path."""
+        return self._path
+
+    @property
+    def config(self) -> ServerConfig:
+        return self._config
+
+    @property
+    def clients(self) -> Mapping[int, ClientHandle]:
+        """Live, read-only mapping of client id to ClientHandle, for every connected client.
+        From another thread than the loop's, iterate over a copy: ``dict(server.clients)``."""
+        return self._clients_view
+
+    @property
+    def serving(self) -> bool:
+        return self._state == _SERVING
+
+    @property
+    def closed(self) -> bool:
+        return self._state == _CLOSED
+
+    def serve_forever(self) -> None:
+        """Serves until shutdown() is called, or SIGINT or SIGTERM arrives (when called on the
+        main thread and those signals have their default handlers), then shuts down cleanly:
+        replies owed are flushed, every client and the master socket are closed, and the
+        socket file is removed."""
+        with self._lock:
+            if self._state != _READY:
+                raise RuntimeError(f"cannot serve: the server is {self._state}")
+            self._state = _SERVING
+            self._loop_ident = threading.get_ident()
+        self._started.set()
+        restore = self._install_signal_handlers()
+        graceful = False
+        try:
+            self._core.serve(self, draining=False)
+            graceful = True
+        finally:
+            try:
+                self._teardown(graceful, restore)
+            finally:
+                self._done.set()
+
+    def start(self) -> None:
+        """Runs the server in a background thread; returns once it is serving."""
+        with self._lock:
+            if self._state != _READY or self._thread is not None:
+                raise RuntimeError(f"cannot start: the server is {self._state}")
+            self._thread = threading.Thread(target=self._run_in_thread, daemon=True,
+                                            name=f"pyuds {self._path}")
+        _running.add(self)
+        self._thread.start()
+        self._started.wait()
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stops serving: no new clients, owed replies flushed (each client bounded by
+        config.flush_timeout), every connection closed, the socket file removed. From another
+        thread it waits until that is done (at most timeout seconds); from inside a handler it
+        returns at once and the loop stops after the current batch. Calling it again is
+        harmless."""
+        with self._lock:
+            state = self._state
+            self._stopping = True
+            if state == _READY:
+                self._state = _CLOSED
+                self._core.free()
+                self._done.set()
+                self._started.set()
+                log.info("closed %s", self._path)
+                return
+            if state == _SERVING and threading.get_ident() != self._loop_ident:
+                self._core.wakeup()
+        if threading.get_ident() == self._loop_ident and not self._done.is_set():
+            return  # inside a handler: the loop ends after this batch
+        self._done.wait(timeout)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def broadcast(self, message: bytes) -> None:
+        """Sends message to every connected client. Any thread."""
+        data = self._as_bytes(message)
+        if threading.get_ident() == self._loop_ident:
+            self._broadcast_now(data)
+        else:
+            self._post("broadcast", None, data)
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        return f"<pyuds.Server {self._path!r} {self._state}, {len(self._clients)} clients>"
+
+    # ---- the loop's side: called by Core.serve() on the loop thread ----
+
+    def _connected(self, slot: int, cid: int, pid: int, uid: int, gid: int) -> None:
+        client = ClientHandle(self, slot, cid, pid, uid, gid)
+        handles = self._handles
+        if slot >= len(handles):
+            handles.extend([None] * (slot + 1 - len(handles)))
+        handles[slot] = client
+        client._stats = self._core.bind_stats(slot, cid)
+        if self._on_connect is not None:
+            try:
+                admitted = self._on_connect(client) is not False
+                reason = "rejected"
+            except Exception:
+                log.exception("on_connect raised for client %d (pid %d); closing it", cid, pid)
+                admitted, reason = False, "handler_error"
+            if not admitted:
+                client._closed = True
+                self._core.close(slot, cid, reason)
+                log.debug("client %d (pid %d, uid %d) refused", cid, pid, uid)
+                return
+        client._admitted = True
+        self._clients[cid] = client
+        log.debug("client %d connected (pid %d, uid %d, gid %d)", cid, pid, uid, gid)
+
+    def _disconnected(self, slot: int, reason_name: str, err: int, discarded: int) -> None:
+        client = self._handles[slot]
+        self._handles[slot] = None
+        assert client is not None
+        client._closed = True
+        reason = CloseReason(reason_name)
+        client.close_reason = reason
+        if reason is CloseReason.TOO_LARGE:
+            log.error("client %d sent a message larger than max_message_size (%d bytes); disconnected it",
+                      client.id, self._config.max_message_size)
+        elif reason is CloseReason.ERROR:
+            log.warning("client %d: socket error: %s", client.id, os.strerror(err) if err else "unknown")
+        if discarded:
+            log.warning("client %d: %d bytes of output given up at close (not read within %gs)",
+                        client.id, discarded, self._config.flush_timeout)
+        if not client._admitted:
+            return
+        del self._clients[client.id]
+        log.debug("client %d disconnected (%s)", client.id, reason)
+        if self._on_disconnect is not None:
+            try:
+                self._on_disconnect(client, reason)
+            except Exception:
+                log.exception("on_disconnect raised for client %d", client.id)
+
+    def _handler_failed(self, client: ClientHandle, exc: Exception) -> None:
+        log.error("handler raised on a message from client %d (pid %d); closing that client",
+                  client.id, client.pid, exc_info=exc)
+        client._closed = True
+        self._core.close(client._slot, client.id, "handler_error")
+
+    def _reply_other(self, client: ClientHandle, reply: Any) -> int:
+        """A reply that is not bytes: any bytes-like object will do; anything else is the
+        handler's error."""
+        try:
+            data = bytes(memoryview(reply))
+        except TypeError:
+            exc = TypeError(f"handler returned {type(reply).__name__}; it must return bytes or None")
+            self._handler_failed(client, exc)
+            return 0
+        return self._core.send(client._slot, client.id, data)
+
+    def _reply_failed(self, client: ClientHandle, rc: int) -> None:
+        exc = send_error(rc, client.id)
+        if isinstance(exc, ClientClosedError):
+            return  # the client vanished: nobody to reply to
+        self._handler_failed(client, exc)
+
+    def _run_pending(self) -> None:
+        pending = self._pending
+        while pending:
+            op, client, data = pending.popleft()
+            if op == "send":
+                if not client._closed:
+                    self._core.send(client._slot, client.id, data)  # framing checked already
+            elif op == "close":
+                self._core.close(client._slot, client.id, "closed")
+            else:
+                self._broadcast_now(data)
+
+    # ---- requests from any thread ----
+
+    def _send(self, client: ClientHandle, message: bytes) -> None:
+        if client._closed:
+            raise ClientClosedError(f"client {client.id} is {'disconnected' if client.close_reason else 'closed'}")
+        data = self._as_bytes(message)
+        if threading.get_ident() == self._loop_ident:
+            rc = self._core.send(client._slot, client.id, data)
+            if rc:
+                raise send_error(rc, client.id)
+        else:
+            self._post("send", client, data)
+
+    def _close(self, client: ClientHandle, reason: str) -> None:
+        if client._closed:
+            return
+        client._closed = True
+        if threading.get_ident() == self._loop_ident:
+            self._core.close(client._slot, client.id, reason)
+        else:
+            self._post("close", client, None)
+
+    def _broadcast_now(self, data: bytes) -> None:
+        send = self._core.send
+        for client in list(self._clients.values()):
+            if not client._closed:
+                rc = send(client._slot, client.id, data)
+                if rc and not isinstance(send_error(rc, client.id), ClientClosedError):
+                    raise send_error(rc, client.id)
+
+    def _as_bytes(self, message: Any) -> bytes:
+        data = message if type(message) is bytes else bytes(memoryview(message))
+        rc = self._core.check_frame(data)
+        if rc:
+            raise send_error(rc, 0)
+        return data
+
+    def _post(self, op: str, client: ClientHandle | None, data: bytes | None) -> None:
+        """Hands a request to the loop thread."""
+        with self._lock:
+            if self._state != _SERVING or self._done.is_set():
+                if client is not None:
+                    raise ClientClosedError(f"client {client.id} is disconnected (the server is {self._state})")
+                return  # a broadcast with no server running reaches nobody
+            self._pending.append((op, client, data))
+            self._core.wakeup()
+
+    # ---- life ----
+
+    def _run_in_thread(self) -> None:
+        try:
+            self.serve_forever()
+        except BaseException:
+            log.exception("the server loop for %s stopped on an error", self._path)
+        finally:
+            self._started.set()
+
+    def _teardown(self, graceful: bool, restore_signals: Callable[[], None]) -> None:
+        core = self._core
+        try:
+            if graceful:
+                self._run_pending()
+                remaining = core.shutdown()
+                log.info("shutting down %s: closing %d clients", self._path, remaining)
+                core.serve(self, draining=True)
+        finally:
+            restore_signals()  # before free(): the wakeup fd closes there
+            with self._lock:
+                self._state = _CLOSED
+                core.free()
+                self._pending.clear()
+            for client in self._clients.values():  # only after a failure: normally empty
+                client._closed = True
+            self._clients.clear()
+            _running.discard(self)
+            log.info("stopped %s", self._path)
+
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        """On the main thread: SIGINT and SIGTERM, if they have their default handlers, stop
+        the server. Returns the function that puts everything back."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous: dict[int, Any] = {}
+        for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+            if signal.getsignal(sig) is default:
+                previous[sig] = signal.signal(sig, self._on_signal)
+        # A signal delivered to another thread must still wake the poll: Python's C-level
+        # handler writes to the wakeup fd. Only take it if nobody else has.
+        old_fd = signal.set_wakeup_fd(self._core.wakeup_fd(), warn_on_full_buffer=False)
+        if old_fd != -1:
+            signal.set_wakeup_fd(old_fd)
+
+        def restore() -> None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if old_fd == -1:
+                signal.set_wakeup_fd(-1)
+
+        return restore
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        log.info("received %s: shutting down", signal.Signals(signum).name)
+        self._stopping = True
+
+
+# Servers started in a background thread are shut down cleanly at interpreter exit, so that
+# their socket files do not outlive the process.
+_running: weakref.WeakSet[Server] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_running() -> None:
+    for server in list(_running):
+        server.shutdown(timeout=server.config.flush_timeout + 1.0)
