@@ -203,8 +203,21 @@ static uds_conn *conn_new(uds_server *s, int fd)
  * slot always means one connection. */
 static void bury(uds_server *s)
 {
+    /* A connection may be finished while it is (again) on the attention list: drop it there
+     * first, so that nothing points at it once it is freed. */
+    if (s->graveyard == NULL)
+        return;
+    uds_conn *c = s->attn_head;
+    s->attn_head = s->attn_tail = NULL;
+    while (c) {
+        uds_conn *next = c->attn_next;
+        c->flags &= ~UDS_CF_ATTN;
+        if (!(c->flags & UDS_CF_FINAL))
+            attn_push(s, c);
+        c = next;
+    }
     while (s->graveyard) {
-        uds_conn *c = s->graveyard;
+        c = s->graveyard;
         s->graveyard = c->grave_next;
         s->conns[c->fd] = NULL;
         close(c->fd);
@@ -420,7 +433,9 @@ static int serve_attention(uds_server *s, uds_event *ev, int n, int cap)
     while (c) {
         uds_conn *next = c->attn_next;
         c->flags &= ~UDS_CF_ATTN;
-        if (n < cap)
+        if (c->flags & UDS_CF_FINAL)
+            ; /* finished earlier in this turn */
+        else if (n < cap)
             n = attend(s, c, ev, n, cap);
         else
             attn_push(s, c);

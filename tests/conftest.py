@@ -1,0 +1,61 @@
+"""Shared fixtures. Socket paths must fit in sun_path (107 bytes), so sockets live in a short
+temporary directory rather than pytest's deep tmp_path."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+from typing import Callable, Iterator
+
+import pytest
+
+import pyuds
+
+
+@pytest.fixture
+def sockdir() -> Iterator[str]:
+    path = tempfile.mkdtemp(prefix="pyuds-", dir="/tmp")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def sock_path(sockdir: str) -> str:
+    return os.path.join(sockdir, "s.sock")
+
+
+@pytest.fixture
+def serve(sock_path: str) -> Iterator[Callable[..., pyuds.Server]]:
+    """serve(handler=None, **options) -> a started Server on sock_path, shut down afterwards."""
+    servers: list[pyuds.Server] = []
+
+    def start(handler=None, path: str | None = None, **options) -> pyuds.Server:
+        server = pyuds.Server(path or sock_path, handler, **options)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown(timeout=10)
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.005) -> None:
+    """Waits until predicate() is true; fails the test after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+def open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+def pyuds_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("pyuds ")]
