@@ -66,7 +66,7 @@ def connect(path: str | os.PathLike[str], framing: str = "u32", *, timeout: floa
             max_message_size: int | None = None) -> Connection:
     """Connects to the server listening on path and returns a blocking Connection.
     timeout applies to the connect and to every later send and receive."""
-    encode(framing, b"x")  # validates the framing name before any socket exists
+    Decoder(framing, max_message_size)  # validates both before any socket exists
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)

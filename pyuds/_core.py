@@ -24,7 +24,14 @@ from ._errors import (
     NotASocketError,
     PathTooLongError,
 )
-from ._uds import ffi, lib
+try:
+    from ._uds import ffi, lib
+except ImportError as exc:  # e.g. imported from a source checkout that was never built
+    raise ImportError(
+        "pyuds's C extension (pyuds._uds) is not built here: install pyuds with "
+        "`pip install .` and import it from the environment you installed it into "
+        f"(imported from {__file__})"
+    ) from exc
 
 if TYPE_CHECKING:
     from ._server import Server

@@ -33,6 +33,9 @@ class Decoder:
     def __init__(self, framing: str, max_message_size: int | None = None) -> None:
         if framing not in FRAMINGS:
             raise ValueError(f"framing must be one of {', '.join(FRAMINGS)}, not {framing!r}")
+        if max_message_size is not None and (
+                not isinstance(max_message_size, int) or max_message_size < 1):
+            raise ValueError(f"max_message_size must be None or at least 1, not {max_message_size!r}")
         self.framing = framing
         self.max = max_message_size
         self._buf = bytearray()
