@@ -408,10 +408,8 @@ static int attend(uds_server *s, uds_conn *c, uds_event *ev, int n, int cap)
 {
     if (!(c->flags & UDS_CF_DEAD)) {
         n = conn_parse(s, c, ev, n, cap);
-        if (n >= cap) {
-            attn_push(s, c); /* maybe more frames: next turn */
-            return n;
-        }
+        if (n >= cap)
+            return n; /* the batch is full: serve_attention() queues it again, last */
         if ((c->flags & UDS_CF_EOF) && !(c->flags & UDS_CF_CLOSING))
             conn_close(s, c, UDS_CLOSE_PEER, 0, 1); /* a trailing partial frame is dropped */
         if (!(c->flags & UDS_CF_CLOSING))
@@ -426,21 +424,28 @@ static int attend(uds_server *s, uds_conn *c, uds_event *ev, int n, int cap)
     return finish(s, c, ev, n);
 }
 
+/* Attends the connections in order while the batch has room. The one the full batch cut
+ * short goes behind those that got no turn, so one client pipelining without pause cannot
+ * starve the others. */
 static int serve_attention(uds_server *s, uds_event *ev, int n, int cap)
 {
-    uds_conn *c = s->attn_head;
+    uds_conn *c = s->attn_head, *cut = NULL;
     s->attn_head = s->attn_tail = NULL;
     while (c) {
         uds_conn *next = c->attn_next;
         c->flags &= ~UDS_CF_ATTN;
         if (c->flags & UDS_CF_FINAL)
             ; /* finished earlier in this turn */
-        else if (n < cap)
+        else if (n < cap) {
             n = attend(s, c, ev, n, cap);
-        else
+            if (n >= cap)
+                cut = c;
+        } else
             attn_push(s, c);
         c = next;
     }
+    if (cut != NULL && !(cut->flags & UDS_CF_FINAL))
+        attn_push(s, cut);
     return n;
 }
 
