@@ -10,11 +10,14 @@
 #include "internal.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 static int make_addr(const char *path, struct sockaddr_un *sa, socklen_t *len)
@@ -53,7 +56,8 @@ static int probe(const struct sockaddr_un *sa, socklen_t len, int type)
     }
 }
 
-/* Makes way for bind(): returns 0 if path is free (absent, or a stale socket now removed). */
+/* Makes way for the listening socket: returns 0 if path is free (absent, or a stale socket
+ * now removed). */
 static int clear_stale(const struct sockaddr_un *sa, socklen_t len, const char *path)
 {
     static const int types[] = {SOCK_STREAM, SOCK_SEQPACKET, SOCK_DGRAM};
@@ -81,20 +85,77 @@ static int clear_stale(const struct sockaddr_un *sa, socklen_t len, const char *
     return rc < 0 ? rc : 0;
 }
 
+/* Binds fd under a fresh temporary name in the directory of path; writes that name, as a
+ * path, to tmp. When the temporary path would not fit in sun_path, binds through the
+ * directory's descriptor in /proc instead (the final path itself was checked to fit). */
+static int bind_temp(int fd, const char *path, char *tmp, size_t tmpsz)
+{
+    const char *slash = strrchr(path, '/');
+    size_t dirlen = slash ? (size_t)(slash - path) + 1 : 0; /* with its '/' */
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    for (unsigned attempt = 0; attempt < 16; attempt++) {
+        char name[48];
+        snprintf(name, sizeof name, ".pyuds-%x-%lx%x", (unsigned)getpid(), (unsigned long)ts.tv_nsec,
+                 attempt);
+        if (dirlen + strlen(name) >= tmpsz)
+            return -ENAMETOOLONG;
+        memcpy(tmp, path, dirlen);
+        strcpy(tmp + dirlen, name);
+
+        struct sockaddr_un sa;
+        socklen_t len;
+        int dirfd = -1, rc = make_addr(tmp, &sa, &len);
+        if (rc == -ENAMETOOLONG) {
+            char dir[4096];
+            if (dirlen >= sizeof dir)
+                return -ENAMETOOLONG;
+            memcpy(dir, path, dirlen);
+            dir[dirlen] = '\0';
+            dirfd = open(dirlen ? dir : ".", O_PATH | O_DIRECTORY | O_CLOEXEC);
+            if (dirfd < 0)
+                return -errno;
+            char via[64];
+            snprintf(via, sizeof via, "/proc/self/fd/%d/%s", dirfd, name);
+            rc = make_addr(via, &sa, &len);
+        }
+        if (rc == 0)
+            rc = bind(fd, (const struct sockaddr *)&sa, len) < 0 ? -errno : 0;
+        if (dirfd >= 0)
+            close(dirfd);
+        if (rc != -EADDRINUSE)
+            return rc; /* bound, or a real error */
+        /* that name is taken: try another */
+    }
+    return -EADDRINUSE;
+}
+
+/* Moves from to to, failing with -EEXIST rather than replacing anything at to. */
+static int rename_noreplace(const char *from, const char *to)
+{
+    if (renameat2(AT_FDCWD, from, AT_FDCWD, to, RENAME_NOREPLACE) == 0)
+        return 0;
+    if (errno != EINVAL && errno != ENOSYS)
+        return -errno;
+    /* The filesystem has no RENAME_NOREPLACE; link() never replaces either. */
+    if (link(from, to) < 0)
+        return -errno;
+    unlink(from);
+    return 0;
+}
+
 int uds_sock_listen(const char *path, unsigned mode, int backlog, int *fdp, dev_t *dev,
                     ino_t *ino)
 {
     struct sockaddr_un sa;
     socklen_t len;
     struct stat st;
+    char tmp[4096];
     int rc = make_addr(path, &sa, &len);
     if (rc < 0)
         return rc;
     if (mode > 0777 || backlog < 1)
         return -EINVAL;
-    rc = clear_stale(&sa, len, path);
-    if (rc < 0)
-        return rc;
 
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0)
@@ -103,30 +164,47 @@ int uds_sock_listen(const char *path, unsigned mode, int backlog, int *fdp, dev_
      * umask. Setting that mode before bind() means the file never exists, not even for an
      * instant, with wider permissions than asked for; the umask is process-wide, so it is left
      * alone. */
-    if (fchmod(fd, mode) < 0)
+    if (fchmod(fd, mode) < 0) {
+        rc = -errno;
         goto fail;
-    /* EADDRINUSE here: somebody created path since clear_stale() looked. */
-    if (bind(fd, (const struct sockaddr *)&sa, len) < 0)
+    }
+    /* The file appears at path only once it listens: bound and listening under a temporary
+     * name first, then renamed into place. So a client never finds path refusing connections,
+     * and no other server starting at the same moment can take it for stale and remove it. */
+    if ((rc = bind_temp(fd, path, tmp, sizeof tmp)) < 0)
         goto fail;
-    if (lstat(path, &st) < 0)
-        goto fail;
+    if (lstat(tmp, &st) < 0) {
+        rc = -errno;
+        goto fail; /* it vanished: nothing of ours to remove */
+    }
     /* The umask may have narrowed the mode; widen it to exactly what was asked for. */
-    if ((st.st_mode & 07777) != mode && chmod(path, mode) < 0)
+    if ((st.st_mode & 07777) != mode && chmod(tmp, mode) < 0) {
+        rc = -errno;
         goto fail_unlink;
-    if (listen(fd, backlog) < 0)
+    }
+    if (listen(fd, backlog) < 0) {
+        rc = -errno;
         goto fail_unlink;
+    }
+    for (int attempt = 0;; attempt++) {
+        if ((rc = clear_stale(&sa, len, path)) < 0)
+            goto fail_unlink;
+        rc = rename_noreplace(tmp, path);
+        if (rc == 0)
+            break;
+        /* -EEXIST: another server put a file there since clear_stale() looked: look again
+         * (it is live, most likely, and then the answer is -EADDRINUSE). */
+        if (rc != -EEXIST || attempt == 3)
+            goto fail_unlink;
+    }
     *fdp = fd;
     *dev = st.st_dev;
     *ino = st.st_ino;
     return 0;
 
 fail_unlink:
-    rc = -errno;
-    uds_sock_unlink_if_same(path, st.st_dev, st.st_ino);
-    close(fd);
-    return rc;
+    uds_sock_unlink_if_same(tmp, st.st_dev, st.st_ino);
 fail:
-    rc = -errno;
     close(fd);
     return rc;
 }
