@@ -15,6 +15,7 @@
 #define UDS_READ_MIN (16 * 1024)    /* free room ensured before each read */
 #define UDS_BUF_KEEP (256 * 1024)   /* an emptied buffer larger than this is given back */
 #define UDS_EPOLL_BATCH 256         /* readiness events taken per epoll_wait */
+#define UDS_LINGER_DISCARD (1024 * 1024) /* unread bytes dropped at close, at most */
 
 /* ---- byte buffer (buf.c) --------------------------------------------------------------- */
 

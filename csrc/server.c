@@ -199,6 +199,22 @@ static uds_conn *conn_new(uds_server *s, int fd)
     return c;
 }
 
+/* Closing a Unix stream socket while bytes it never read wait in its queue makes Linux report
+ * ECONNRESET to the peer instead of end-of-file, and a peer that reads its last replies and
+ * then meets a reset takes the close for a failure. So read and drop what is queued first
+ * (nginx's "lingering close"), within a bound. */
+static void discard_unread(int fd)
+{
+    char sink[16384];
+    for (size_t total = 0; total < UDS_LINGER_DISCARD;) {
+        ssize_t r = recv(fd, sink, sizeof sink, MSG_DONTWAIT);
+        if (r > 0)
+            total += (size_t)r;
+        else if (!(r < 0 && errno == EINTR))
+            return;
+    }
+}
+
 /* Frees finished connections: their descriptors close only now, so that within one batch a
  * slot always means one connection. */
 static void bury(uds_server *s)
@@ -220,6 +236,8 @@ static void bury(uds_server *s)
         c = s->graveyard;
         s->graveyard = c->grave_next;
         s->conns[c->fd] = NULL;
+        if (!(c->flags & (UDS_CF_EOF | UDS_CF_DEAD)))
+            discard_unread(c->fd);
         close(c->fd);
         uds_buf_release(&c->in);
         uds_buf_release(&c->out);

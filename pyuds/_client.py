@@ -35,7 +35,10 @@ class Connection:
             message = decoder.next()
             if message is not None:
                 return message
-            chunk = self._sock.recv(_RECV_SIZE)
+            try:
+                chunk = self._sock.recv(_RECV_SIZE)
+            except ConnectionResetError as exc:
+                raise ConnectionClosedError("the server reset the connection") from exc
             if not chunk:
                 part = f" in the middle of a message ({decoder.pending} bytes)" if decoder.pending else ""
                 raise ConnectionClosedError(f"the server closed the connection{part}")
