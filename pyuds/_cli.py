@@ -5,6 +5,7 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 from typing import Callable, Sequence
 
@@ -77,12 +78,22 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # SIGTERM or Ctrl-C must stop the server cleanly from the moment its socket file exists,
+    # which is before serve_forever() runs: catch them first, and hand them to the server as
+    # soon as there is one. (serve_forever() leaves handlers that are not the defaults alone.)
+    early: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: early.append(signum))
     try:
         server = Server(args.path, args.handler, framing=args.framing, mode=args.mode,
                         backlog=args.backlog, max_message_size=args.max_message_size)
     except (PyudsError, OSError, ValueError) as exc:
         print(f"pyuds serve: {exc}", file=sys.stderr)
         return 1
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, server._on_signal)
+    if early:
+        server._on_signal(early[0], None)  # serve_forever() then only shuts down
     server.serve_forever()
     return 0
 
@@ -97,7 +108,8 @@ def _send(args: argparse.Namespace) -> int:
                 out.write(conn.request(os.fsencode(message)) + b"\n")
                 out.flush()
     except (PyudsError, OSError) as exc:
-        print(f"pyuds send: {exc}", file=sys.stderr)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        print(f"pyuds send: {args.path}: {reason}", file=sys.stderr)
         return 1
     return 0
 

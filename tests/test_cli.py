@@ -1,0 +1,432 @@
+"""The ``pyuds`` command, run as real processes: ``pyuds serve`` and ``pyuds send`` talking to
+each other, signals, options, and the errors a user sees.
+
+Every process is bounded by a timeout and, if still running when its test ends, killed by
+its own pid."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from typing import Iterator, Sequence
+
+import pytest
+
+import pyuds
+from conftest import wait_until
+
+MODULE = [sys.executable, "-m", "pyuds"]
+SCRIPT_PATH = shutil.which("pyuds", path=os.path.dirname(sys.executable))
+SCRIPT = [SCRIPT_PATH] if SCRIPT_PATH else None
+
+START_TIMEOUT = 20.0  # interpreter start and import, on a loaded machine
+EXIT_TIMEOUT = 10.0
+RUN_TIMEOUT = 30.0
+
+LAUNCHERS = [
+    pytest.param(MODULE, id="python-m-pyuds"),
+    pytest.param(SCRIPT, id="pyuds-script",
+                 marks=pytest.mark.skipif(SCRIPT is None, reason="no pyuds console script next to python")),
+]
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+
+def is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def run(args: Sequence[str], launcher: Sequence[str] = MODULE, cwd: str | None = None) -> subprocess.CompletedProcess:
+    """Runs a pyuds command to completion (bounded); returns its result, output as text."""
+    return subprocess.run([*launcher, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=RUN_TIMEOUT, stdin=subprocess.DEVNULL)
+
+
+def send(path: str, *messages: str, framing: str | None = None, cwd: str | None = None,
+         launcher: Sequence[str] = MODULE) -> subprocess.CompletedProcess:
+    """`pyuds send [--framing F] PATH MESSAGE...`"""
+    args = ["send", path, *messages]
+    if framing is not None:
+        args[1:1] = ["--framing", framing]
+    return run(args, launcher, cwd)
+
+
+class ServeProcess:
+    """A running `pyuds serve`, its stderr going to a file that can be read at any time."""
+
+    def __init__(self, args: Sequence[str], stderr_path: str, launcher: Sequence[str] = MODULE,
+                 cwd: str | None = None) -> None:
+        self.stderr_path = stderr_path
+        with open(stderr_path, "wb") as err:
+            self.proc = subprocess.Popen([*launcher, "serve", *args], cwd=cwd, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=err)
+        self.pid = self.proc.pid
+
+    @property
+    def stderr(self) -> str:
+        with open(self.stderr_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def wait_listening(self, path: str, framing: str = "u32") -> None:
+        """Waits until the server answers a request on path: its loop runs, so its signal
+        handlers are in place. (The socket file appears at bind(), a moment before listen():
+        a connect in between is refused, so refusals are retried.)"""
+        def answers() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"pyuds serve exited with {self.proc.returncode}:\n{self.stderr}")
+            if not is_socket(path):
+                return False
+            try:
+                with pyuds.connect(path, framing, timeout=START_TIMEOUT) as conn:
+                    conn.request(b"ready")
+            except ConnectionRefusedError:
+                return False
+            return True
+
+        wait_until(answers, timeout=START_TIMEOUT, interval=0.01)
+
+    def signal(self, sig: int) -> int:
+        """Sends sig to the process (by its pid); returns its exit status."""
+        os.kill(self.pid, sig)
+        return self.proc.wait(EXIT_TIMEOUT)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+            self.proc.wait(EXIT_TIMEOUT)
+
+
+@pytest.fixture
+def spawn(tmp_path) -> Iterator:
+    """spawn(args, launcher=MODULE, cwd=None) -> a started ServeProcess, killed at the end of
+    the test if it is still running."""
+    procs: list[ServeProcess] = []
+
+    def start(args: Sequence[str], launcher: Sequence[str] = MODULE, cwd: str | None = None) -> ServeProcess:
+        p = ServeProcess(args, str(tmp_path / f"serve{len(procs)}.stderr"), launcher, cwd)
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        p.kill()
+
+
+@contextlib.contextmanager
+def umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def assert_clean_error(stderr: str, prefix: str) -> None:
+    """A user-facing error: one message from pyuds, no Python traceback."""
+    assert prefix in stderr, stderr
+    assert "Traceback" not in stderr, stderr
+
+
+# ---- serve and send ---------------------------------------------------------------------------
+
+
+class TestServeAndSend:
+    @pytest.mark.parametrize("launcher", LAUNCHERS)
+    def test_round_trip_then_sigterm(self, spawn, sock_path, launcher):
+        """serve logs "listening on PATH"; send prints each reply on its own line and exits 0;
+        SIGTERM makes serve exit 0 and remove its socket file."""
+        server = spawn([sock_path], launcher)
+        server.wait_listening(sock_path)
+
+        result = send(sock_path, "hello", "world", launcher=launcher)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "hello\nworld\n"
+        assert result.stderr == ""
+        assert f"listening on {sock_path}" in server.stderr
+
+        assert server.signal(signal.SIGTERM) == 0
+        assert not os.path.lexists(sock_path)
+        assert "SIGTERM" in server.stderr
+        assert "Traceback" not in server.stderr
+
+    def test_sigint_stops_cleanly(self, spawn, sock_path):
+        """SIGINT (Ctrl-C) does the same as SIGTERM: exit 0, socket file gone, no traceback."""
+        server = spawn([sock_path])
+        server.wait_listening(sock_path)
+        assert send(sock_path, "ping").stdout == "ping\n"
+
+        assert server.signal(signal.SIGINT) == 0
+        assert not os.path.lexists(sock_path)
+        assert "Traceback" not in server.stderr
+        assert "KeyboardInterrupt" not in server.stderr
+
+    def test_sigterm_with_a_client_connected(self, spawn, sock_path):
+        """A client still connected when SIGTERM arrives sees the connection end; the
+        server still exits 0 promptly."""
+        server = spawn([sock_path])
+        server.wait_listening(sock_path)
+        with pyuds.connect(sock_path, timeout=EXIT_TIMEOUT) as conn:
+            assert conn.request(b"before") == b"before"
+            t0 = time.monotonic()
+            assert server.signal(signal.SIGTERM) == 0
+            assert time.monotonic() - t0 < 5.0
+            with pytest.raises(pyuds.ConnectionClosedError):
+                conn.recv()
+        assert not os.path.lexists(sock_path)
+
+    def test_many_messages_one_send(self, spawn, sock_path):
+        """send keeps one connection for all its messages, replies in order."""
+        server = spawn([sock_path])
+        server.wait_listening(sock_path)
+        words = [f"m{i}" for i in range(50)]
+        result = send(sock_path, *words)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == words
+        assert server.signal(signal.SIGTERM) == 0
+
+    @pytest.mark.parametrize("framing", ["line", "raw", "u32"])
+    def test_framing(self, spawn, sock_path, framing):
+        """--framing on both sides: the round trip works in each framing."""
+        server = spawn(["--framing", framing, sock_path])
+        server.wait_listening(sock_path, framing)
+        result = send(sock_path, "hello", "world", framing=framing)
+        assert result.returncode == 0, result.stderr + server.stderr
+        assert result.stdout == "hello\nworld\n"
+        assert f"framing {framing}" in server.stderr
+        assert server.signal(signal.SIGTERM) == 0
+        assert not os.path.lexists(sock_path)
+
+    def test_line_framing_seen_by_a_plain_client(self, spawn, sock_path):
+        """A line server answers a plain socket client speaking newline-ended lines."""
+        server = spawn(["--framing", "line", sock_path])
+        server.wait_listening(sock_path, "line")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(EXIT_TIMEOUT)
+            s.connect(sock_path)
+            s.sendall(b"one\ntwo\n")
+            data = b""
+            while data.count(b"\n") < 2:
+                chunk = s.recv(100)
+                assert chunk, f"EOF after {data!r}"
+                data += chunk
+        assert data == b"one\ntwo\n"
+        assert server.signal(signal.SIGTERM) == 0
+
+
+# ---- options ------------------------------------------------------------------------------------
+
+
+class TestServeOptions:
+    @pytest.mark.parametrize("mode_arg, expected", [("0660", 0o660), ("660", 0o660), ("0600", 0o600),
+                                                     ("0640", 0o640), ("0666", 0o666)])
+    def test_mode(self, spawn, sock_path, mode_arg, expected):
+        """--mode gives the socket file exactly that mode, even under a strict umask."""
+        with umask(0o077):  # inherited by the child
+            server = spawn(["--mode", mode_arg, sock_path])
+        server.wait_listening(sock_path)
+        assert stat.S_IMODE(os.lstat(sock_path).st_mode) == expected
+        assert f"mode {expected:04o}" in server.stderr
+        assert server.signal(signal.SIGTERM) == 0
+
+    def test_default_mode_is_0600(self, spawn, sock_path):
+        with umask(0o000):
+            server = spawn([sock_path])
+        server.wait_listening(sock_path)
+        assert stat.S_IMODE(os.lstat(sock_path).st_mode) == 0o600
+        assert server.signal(signal.SIGTERM) == 0
+
+    @pytest.mark.parametrize("spec", ["upper:handle", "upper:Handlers.shout"])
+    def test_handler_from_a_module_in_cwd(self, spawn, sockdir, tmp_path, spec):
+        """--handler MODULE:FUNCTION imports a module from the current directory (dotted
+        attributes work too); send gets that handler's replies."""
+        (tmp_path / "upper.py").write_text(
+            "def handle(client, message):\n"
+            "    return message.upper()\n"
+            "\n"
+            "class Handlers:\n"
+            "    @staticmethod\n"
+            "    def shout(client, message):\n"
+            "        return message.upper() + b'!'\n"
+        )
+        path = os.path.join(sockdir, "h.sock")
+        server = spawn(["--handler", spec, path], cwd=str(tmp_path))
+        server.wait_listening(path)
+        result = send(path, "hello", "world")
+        assert result.returncode == 0, result.stderr + server.stderr
+        bang = "!" if "shout" in spec else ""
+        assert result.stdout == f"HELLO{bang}\nWORLD{bang}\n"
+        assert server.signal(signal.SIGTERM) == 0
+
+    def test_default_path_is_pyuds_sock_in_cwd(self, spawn, sockdir):
+        """With no PATH, serve listens on ./pyuds.sock; send reaches it by that relative
+        path; the file is removed at exit."""
+        path = os.path.join(sockdir, "pyuds.sock")
+        server = spawn([], cwd=sockdir)
+        server.wait_listening(path)
+        result = send("pyuds.sock", "here", cwd=sockdir)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "here\n"
+        assert "listening on ./pyuds.sock" in server.stderr
+        assert server.signal(signal.SIGTERM) == 0
+        assert not os.path.lexists(path)
+        assert os.listdir(sockdir) == []
+
+    def test_verbose_logs_clients(self, spawn, sock_path):
+        """-v logs each client's connect and disconnect."""
+        server = spawn(["-v", sock_path])
+        server.wait_listening(sock_path)
+        assert send(sock_path, "x").returncode == 0
+        wait_until(lambda: "disconnected" in server.stderr, timeout=EXIT_TIMEOUT)
+        assert "connected (pid" in server.stderr
+        assert server.signal(signal.SIGTERM) == 0
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+
+class TestErrors:
+    def test_serve_on_a_regular_file(self, sockdir):
+        """serve on a path that is a regular file: non-zero exit, a message naming the
+        problem and the path, and the file untouched."""
+        path = os.path.join(sockdir, "data.txt")
+        with open(path, "w") as f:
+            f.write("keep me\n")
+        result = run(["serve", path])
+        assert result.returncode != 0
+        assert_clean_error(result.stderr, "pyuds serve:")
+        assert "regular file" in result.stderr
+        assert path in result.stderr
+        with open(path) as f:
+            assert f.read() == "keep me\n"
+
+    def test_serve_on_a_directory(self, sockdir):
+        path = os.path.join(sockdir, "d")
+        os.mkdir(path)
+        result = run(["serve", path])
+        assert result.returncode != 0
+        assert_clean_error(result.stderr, "pyuds serve:")
+        assert "directory" in result.stderr
+        assert os.path.isdir(path)
+
+    def test_serve_where_a_server_already_listens(self, spawn, sock_path):
+        """A second serve on a live server's path fails with a clear message; the first keeps
+        serving."""
+        first = spawn([sock_path])
+        first.wait_listening(sock_path)
+        result = run(["serve", sock_path])
+        assert result.returncode != 0
+        assert_clean_error(result.stderr, "pyuds serve:")
+        assert "already listening" in result.stderr
+        assert send(sock_path, "still").stdout == "still\n"
+        assert first.signal(signal.SIGTERM) == 0
+
+    def test_serve_path_too_long(self, sockdir):
+        path = os.path.join(sockdir, "x" * 120)
+        result = run(["serve", path])
+        assert result.returncode != 0
+        assert_clean_error(result.stderr, "pyuds serve:")
+        assert "107" in result.stderr
+        assert os.listdir(sockdir) == []
+
+    def test_send_to_missing_socket(self, sockdir):
+        """send to a path where nothing exists: non-zero exit and a message, nothing printed."""
+        path = os.path.join(sockdir, "missing.sock")
+        result = send(path, "hello")
+        assert result.returncode != 0
+        assert result.stdout == ""
+        assert_clean_error(result.stderr, "pyuds send:")
+        assert "No such file" in result.stderr
+
+    def test_send_to_stale_socket(self, sockdir):
+        """send to a socket file nobody listens on: non-zero exit, connection refused."""
+        path = os.path.join(sockdir, "stale.sock")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(path)
+        s.close()
+        result = send(path, "hello")
+        assert result.returncode != 0
+        assert_clean_error(result.stderr, "pyuds send:")
+        assert "refused" in result.stderr.lower()
+
+    @pytest.mark.parametrize("spec", ["nocolon", ":handle", "upper:", "no_such_module_pyuds:handle",
+                                      "os:no_such_function", "os:sep"])
+    def test_bad_handler_spec_is_a_usage_error(self, sockdir, spec):
+        """A --handler that is malformed, not importable, missing or not callable: exit 2
+        with argparse's usage message, and no socket file."""
+        path = os.path.join(sockdir, "s.sock")
+        result = run(["serve", "--handler", spec, path], cwd=sockdir)
+        assert result.returncode == 2, result.stderr
+        assert "usage:" in result.stderr
+        assert "--handler" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert not os.path.lexists(path)
+
+    @pytest.mark.parametrize("args", [["serve", "--mode", "rw-rw----"], ["serve", "--mode", "1777"],
+                                      ["serve", "--framing", "json"], ["send"], ["send", "/tmp/x.sock"],
+                                      ["bogus"], []])
+    def test_bad_arguments_are_usage_errors(self, args):
+        result = run(args)
+        assert result.returncode == 2, result.stderr
+        assert "usage:" in result.stderr
+        assert "Traceback" not in result.stderr
+
+    def test_help(self):
+        result = run(["--help"])
+        assert result.returncode == 0
+        assert "serve" in result.stdout and "send" in result.stdout
+
+
+# ---- a signal at the earliest moment ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_as_soon_as_the_socket_exists(sock_path, sig):
+    """A supervisor that stops `pyuds serve` as soon as its socket file exists (the natural
+    readiness sign) should still get a clean exit and no leftover file.
+
+    Deterministic reproduction: the child's stderr is a pipe we filled beforehand, so the
+    child blocks writing its "listening on" log line, which comes after bind() and before
+    serve_forever() installs the signal handlers. Without the pipe trick the same happens by
+    chance (most of the time, on the machine this was written on)."""
+    rd, wr = os.pipe()
+    os.set_blocking(wr, False)
+    filled = 0
+    try:
+        while True:
+            filled += os.write(wr, b"x" * 4096)
+    except BlockingIOError:
+        pass
+    os.set_blocking(wr, True)
+    proc = subprocess.Popen([*MODULE, "serve", sock_path], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=wr)
+    os.close(wr)
+    try:
+        wait_until(lambda: is_socket(sock_path) or proc.poll() is not None, timeout=START_TIMEOUT)
+        time.sleep(0.2)  # well past bind(): the child now waits on its stderr
+        os.kill(proc.pid, sig)
+        # Drain the pipe so that a fixed pyuds could log and finish its shutdown.
+        os.set_blocking(rd, False)
+        deadline = time.monotonic() + EXIT_TIMEOUT
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                os.read(rd, 65536)
+            except BlockingIOError:
+                time.sleep(0.01)
+        status = proc.wait(EXIT_TIMEOUT)
+        leftover = os.path.lexists(sock_path)
+        assert (status, leftover) == (0, False), f"exit status {status}, socket file left behind: {leftover}"
+    finally:
+        os.close(rd)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(EXIT_TIMEOUT)
