@@ -152,6 +152,9 @@ class Core:
     def wakeup_fd(self) -> int:
         return lib.uds_wakeup_fd(self._srv)
 
+    def is_open(self) -> bool:
+        return self._srv is not None
+
     def free(self) -> None:
         """Closes everything (no events), removes the socket file if it is still ours."""
         if self._srv is not None:

@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import types
+import warnings
 import weakref
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -80,6 +81,9 @@ class Server:
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
         self._core = Core(self._path, config)
+        # A server dropped without shutdown() still closes its sockets and removes its file
+        # when collected, with a ResourceWarning, as an unclosed socket does.
+        weakref.finalize(self, _collect, self._core, self._path)
         log.info("listening on %s (framing %s, mode %04o)", self._path, config.framing, config.mode)
 
     # ---- public ----
@@ -370,6 +374,13 @@ class Server:
     def _on_signal(self, signum: int, frame: Any) -> None:
         log.info("received %s: shutting down", signal.Signals(signum).name)
         self._stopping = True
+
+
+def _collect(core: Core, path: str) -> None:
+    if core.is_open():
+        warnings.warn(f"unclosed pyuds.Server {path!r}: call shutdown() or use it as a context manager",
+                      ResourceWarning, stacklevel=1)
+        core.free()
 
 
 # Servers started in a background thread are shut down cleanly at interpreter exit, so that

@@ -746,3 +746,18 @@ def test_simultaneous_starts_have_one_winner(sock_path):
                 os.unlink(sock_path)
         if time.monotonic() > deadline:
             break
+
+
+def test_dropped_server_is_cleaned_up_with_a_warning(sock_path):
+    """A Server dropped without shutdown() closes its descriptors and removes its socket file
+    when collected, with a ResourceWarning (as an unclosed socket does)."""
+    import gc
+
+    before = open_fds()
+    server = pyuds.Server(sock_path)
+    assert os.path.exists(sock_path)
+    with pytest.warns(ResourceWarning, match="unclosed pyuds.Server"):
+        del server
+        gc.collect()
+    assert not os.path.lexists(sock_path)
+    assert open_fds() == before
