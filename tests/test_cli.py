@@ -22,6 +22,10 @@ import pyuds
 from conftest import wait_until
 
 MODULE = [sys.executable, "-m", "pyuds"]
+# Child processes never start in the repository root: `python -m` puts its working directory
+# first on sys.path, where the source tree's pyuds/ (no compiled extension) would shadow the
+# installed package.
+NEUTRAL_CWD = os.path.dirname(os.path.abspath(__file__))
 SCRIPT_PATH = shutil.which("pyuds", path=os.path.dirname(sys.executable))
 SCRIPT = [SCRIPT_PATH] if SCRIPT_PATH else None
 
@@ -48,7 +52,7 @@ def is_socket(path: str) -> bool:
 
 def run(args: Sequence[str], launcher: Sequence[str] = MODULE, cwd: str | None = None) -> subprocess.CompletedProcess:
     """Runs a pyuds command to completion (bounded); returns its result, output as text."""
-    return subprocess.run([*launcher, *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([*launcher, *args], cwd=cwd or NEUTRAL_CWD, capture_output=True, text=True,
                           timeout=RUN_TIMEOUT, stdin=subprocess.DEVNULL)
 
 
@@ -68,7 +72,7 @@ class ServeProcess:
                  cwd: str | None = None) -> None:
         self.stderr_path = stderr_path
         with open(stderr_path, "wb") as err:
-            self.proc = subprocess.Popen([*launcher, "serve", *args], cwd=cwd, stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen([*launcher, "serve", *args], cwd=cwd or NEUTRAL_CWD, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=err)
         self.pid = self.proc.pid
 
@@ -407,7 +411,7 @@ def test_signal_as_soon_as_the_socket_exists(sock_path, sig):
     except BlockingIOError:
         pass
     os.set_blocking(wr, True)
-    proc = subprocess.Popen([*MODULE, "serve", sock_path], stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen([*MODULE, "serve", sock_path], cwd=NEUTRAL_CWD, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=wr)
     os.close(wr)
     try:
