@@ -2,7 +2,10 @@
 temporary directory rather than pytest's deep tmp_path."""
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import stat
 import shutil
 import tempfile
 import threading
@@ -59,3 +62,30 @@ def open_fds() -> set[int]:
 
 def pyuds_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("pyuds ")]
+
+
+def is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+@contextlib.contextmanager
+def umask(mask: int) -> Iterator[None]:
+    """Sets the process umask for the block (tests run one at a time)."""
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """Reads n bytes; fails if the peer closes first."""
+    got = bytearray()
+    while len(got) < n:
+        chunk = sock.recv(n - len(got))
+        assert chunk, f"the server closed the connection after {len(got)} of {n} bytes"
+        got += chunk
+    return bytes(got)

@@ -5,7 +5,6 @@ Every process is bounded by a timeout and, if still running when its test ends, 
 its own pid."""
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -19,7 +18,7 @@ from typing import Iterator, Sequence
 import pytest
 
 import pyuds
-from conftest import wait_until
+from conftest import is_socket, umask, wait_until
 
 MODULE = [sys.executable, "-m", "pyuds"]
 # Child processes never start in the repository root: `python -m` puts its working directory
@@ -42,12 +41,6 @@ LAUNCHERS = [
 
 # ---- helpers ----------------------------------------------------------------------------------
 
-
-def is_socket(path: str) -> bool:
-    try:
-        return stat.S_ISSOCK(os.lstat(path).st_mode)
-    except FileNotFoundError:
-        return False
 
 
 def run(args: Sequence[str], launcher: Sequence[str] = MODULE, cwd: str | None = None) -> subprocess.CompletedProcess:
@@ -125,14 +118,6 @@ def spawn(tmp_path) -> Iterator:
     for p in procs:
         p.kill()
 
-
-@contextlib.contextmanager
-def umask(mask: int) -> Iterator[None]:
-    old = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 def assert_clean_error(stderr: str, prefix: str) -> None:

@@ -30,7 +30,7 @@ from pyuds import CloseReason, ConnectionClosedError, FramingError
 from pyuds._core import decode_all
 from pyuds._framing import Decoder, encode
 
-from conftest import wait_until
+from conftest import recv_exactly, wait_until
 
 DEFAULT_MAX = 16 * 1024 * 1024
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -500,11 +500,7 @@ def test_e2e_raw_sent_byte_by_byte(serve, sock_path):
     data = b"raw \x00\n\r\xff bytes, one at a time"
     with raw_client(sock_path) as sock:
         send_slowly(sock, data)
-        got = b""
-        while len(got) < len(data):
-            chunk = sock.recv(1000)
-            assert chunk, "server closed the connection"
-            got += chunk
+        got = recv_exactly(sock, len(data))
     assert got == data
     assert b"".join(seen) == data
     assert all(seen)
@@ -635,11 +631,7 @@ def test_e2e_raw_chunk_longer_than_max_is_cut(serve, sock_path):
     data = b"0123456789abcdefghij"
     with raw_client(sock_path) as sock:
         sock.sendall(data)
-        got = b""
-        while len(got) < len(data):
-            chunk = sock.recv(1000)
-            assert chunk, "server closed the connection"
-            got += chunk
+        got = recv_exactly(sock, len(data))
     assert got == data
     assert b"".join(seen) == data
     assert all(1 <= len(m) <= 4 for m in seen)
