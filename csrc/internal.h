@@ -9,13 +9,21 @@
 
 #include <sys/stat.h>
 
-/* Bounded work per readiness, so one busy client cannot starve the rest. */
-#define UDS_ACCEPT_BUDGET 64        /* accepts per master-socket readiness */
-#define UDS_READ_BUDGET (256 * 1024) /* bytes read from one connection per readiness */
-#define UDS_READ_MIN (16 * 1024)    /* free room ensured before each read */
-#define UDS_BUF_KEEP (256 * 1024)   /* an emptied buffer larger than this is given back */
-#define UDS_EPOLL_BATCH 256         /* readiness events taken per epoll_wait */
+/* Bounded work per readiness and per turn, so one busy client cannot starve the rest. */
+#define UDS_ACCEPT_BUDGET 64          /* accepts per master-socket readiness */
+#define UDS_READ_CHUNK (64 * 1024)    /* bytes asked for by one read */
+#define UDS_READ_BUDGET (256 * 1024)  /* bytes read from one connection per readiness (a large
+                                       * u32 frame in progress is read in up to this much) */
+#define UDS_CONN_MSGS_PER_TURN 128    /* messages one connection delivers per turn */
+#define UDS_BUF_KEEP (64 * 1024)      /* an emptied buffer larger than this is given back */
+#define UDS_EPOLL_BATCH 256           /* readiness events taken per epoll_wait */
 #define UDS_LINGER_DISCARD (1024 * 1024) /* unread bytes dropped at close, at most */
+#define UDS_HIGH_WATER_MAX (1024 * 1024) /* output high-water mark, at most */
+#define UDS_ACCEPT_BACKOFF_MIN 50     /* ms before accepting again after running out of fds */
+#define UDS_ACCEPT_BACKOFF_MAX 500    /* ... doubling up to this */
+
+/* Counters may be read by another thread: store them whole. */
+#define UDS_COUNT(field, delta) __atomic_store_n(&(field), (field) + (delta), __ATOMIC_RELAXED)
 
 /* ---- byte buffer (buf.c) --------------------------------------------------------------- */
 
@@ -61,6 +69,27 @@ int uds_poller_del(int ep, int fd);
  * 0 on timeout or when a signal interrupted the wait, or -errno. */
 int uds_poller_wait(int ep, uds_ready *out, int max, int timeout_ms);
 
+/* ---- deadline lists (timers.c) ------------------------------------------------------------ */
+
+/* A list ordered by deadline without sorting: every node of a list gets the same timeout, so
+ * appending keeps the order, and expiry looks only at the head. O(1) everything. */
+typedef struct uds_tnode {
+    struct uds_tnode *prev, *next;
+    uint64_t deadline_ms; /* monotonic */
+    int linked;           /* on its list */
+} uds_tnode;
+
+typedef struct uds_tlist {
+    uds_tnode *head, *tail;
+} uds_tlist;
+
+/* (Re)places n at the tail with the given deadline (not earlier than the others'). */
+void uds_tlist_append(uds_tlist *l, uds_tnode *n, uint64_t deadline_ms);
+/* Takes n off the list; a no-op if it is not on it. */
+void uds_tlist_remove(uds_tlist *l, uds_tnode *n);
+/* Milliseconds until the head's deadline (0 if due), or -1 if the list is empty. */
+int64_t uds_tlist_due_in(const uds_tlist *l, uint64_t now_ms);
+
 /* ---- socket helpers (sock.c) --------------------------------------------------------------- */
 
 /* The master socket's life: see uds_server_new() for the contract. On success sets *fd and
@@ -78,16 +107,17 @@ int uds_sock_peercred(int fd, int32_t *pid, uint32_t *uid, uint32_t *gid);
 /* ---- server and connections (server.c) ------------------------------------------------------ */
 
 /* Connection flags. */
-#define UDS_CF_NO_READ 0x01u  /* reading stopped: EOF, closing or shutting down */
-#define UDS_CF_EOF 0x02u      /* the peer closed its writing end */
-#define UDS_CF_CLOSING 0x04u  /* close once drained; reason is set */
-#define UDS_CF_NO_SEND 0x08u  /* the application closed it: refuse further sends */
-#define UDS_CF_DEAD 0x10u     /* the socket failed: close without flushing */
-#define UDS_CF_FINAL 0x20u    /* its CLOSED event was emitted; freed at the next turn */
-#define UDS_CF_ATTN 0x40u     /* on the attention list */
-#define UDS_CF_DIRTY 0x80u    /* on the dirty list */
-#define UDS_CF_LINGER 0x100u  /* on the linger list */
+#define UDS_CF_NO_READ 0x01u   /* reading stopped for good: EOF, closing or shutting down */
+#define UDS_CF_EOF 0x02u       /* the peer closed its writing end */
+#define UDS_CF_CLOSING 0x04u   /* close once drained; reason is set */
+#define UDS_CF_DEAD 0x10u      /* the socket failed: close without flushing */
+#define UDS_CF_FINAL 0x20u     /* its CLOSED event was emitted; freed at the next turn */
+#define UDS_CF_ATTN 0x40u      /* on the attention list */
+#define UDS_CF_DIRTY 0x80u     /* on the dirty list */
 #define UDS_CF_WANT_OUT 0x200u /* EPOLLOUT registered: output waits for room */
+#define UDS_CF_POLLED 0x400u   /* registered with epoll */
+#define UDS_CF_PAUSED 0x800u   /* output at the high-water mark: no reading, no delivering */
+#define UDS_CF_FRAMES 0x1000u  /* complete frames may wait in in: read no more until delivered */
 
 typedef struct uds_conn uds_conn;
 struct uds_conn {
@@ -98,15 +128,16 @@ struct uds_conn {
     uds_buf out;            /* framed bytes waiting to be written */
     size_t scan;            /* line framing: bytes of in known to hold no '\n' */
     uint64_t msg_turn;      /* the turn that last handed out a pointer into in */
-    uint64_t deadline_ms;   /* closing: give up flushing at this time (monotonic) */
+    unsigned turn_msgs;     /* messages delivered in msg_turn */
     int reason;             /* closing: UDS_CLOSE_* */
     int err;                /* closing with UDS_CLOSE_ERROR: the errno */
     uds_stats *stats;       /* where the counters go: own_stats or the caller's */
     uds_stats own_stats;    /* counters until uds_conn_set_stats() */
+    uds_tnode linger;       /* closing: the flush deadline */
+    uds_tnode idle;         /* idle timeout, renewed by traffic */
+    uds_tnode frame;        /* frame timeout, while a frame is incomplete */
     uds_conn *attn_next;    /* attention list: has work to do before the next wait */
     uds_conn *dirty_next;   /* dirty list: output queued since the last flush */
-    uds_conn *linger_prev;  /* linger list (doubly linked, ordered by deadline) */
-    uds_conn *linger_next;
     uds_conn *grave_next;   /* graveyard: finished, freed at the start of the next turn */
 };
 
@@ -120,15 +151,42 @@ struct uds_server {
     int wake_rd, wake_wr;   /* the wakeup pipe */
     int shutting_down;      /* uds_shutdown() was called */
     uint64_t turn;          /* uds_poll() calls so far */
+    uint64_t now_ms;        /* the clock, read once per turn */
     uint64_t next_id;       /* id of the next accepted connection */
     int live;               /* connections not yet reported closed */
+    size_t high_water;      /* output at which reading pauses */
+    int accept_paused;      /* out of descriptors: the master socket is out of epoll */
+    uint64_t accept_retry_ms; /* when to try accepting again */
+    int accept_backoff_ms;  /* the next pause's length */
     uds_conn **conns;       /* indexed by fd */
     int nconns;             /* length of conns */
     uds_conn *attn_head, *attn_tail;
     uds_conn *dirty_head;
-    uds_conn *linger_head, *linger_tail;
     uds_conn *graveyard;
+    uds_tlist linger;       /* closing connections by flush deadline */
+    uds_tlist idle;         /* connections by idle deadline */
+    uds_tlist frames;       /* connections with an incomplete frame, by frame deadline */
+    uds_server_stats stats;
     uds_ready ready[UDS_EPOLL_BATCH]; /* what epoll_wait reported */
 };
+
+/* ---- connections (conn.c): used by the loop in server.c -------------------------------------- */
+
+uds_conn *uds_conn_new(uds_server *s, int fd);
+/* Frees finished connections (closing their descriptors) at the start of a turn. */
+void uds_conn_bury(uds_server *s);
+void uds_conn_read(uds_server *s, uds_conn *c);
+void uds_conn_flush(uds_server *s, uds_conn *c);
+/* Stops reading; closes once nothing more is owed. keep_input: frames already received are
+ * still delivered (shutdown); otherwise dropped. */
+void uds_conn_close(uds_server *s, uds_conn *c, int reason, int err, int keep_input);
+/* The socket is broken (or the connection must go now): close without flushing. */
+void uds_conn_fail(uds_server *s, uds_conn *c, int reason, int err);
+/* Delivers c's frames as events and finishes it when nothing more is owed: returns n. */
+int uds_conn_attend(uds_server *s, uds_conn *c, uds_event *ev, int n, int cap);
+/* Queues a framed message (see uds_send). */
+int uds_conn_send(uds_server *s, uds_conn *c, const char *data, size_t len);
+void uds_conn_attn_push(uds_server *s, uds_conn *c);
+void uds_conn_dirty_push(uds_server *s, uds_conn *c);
 
 #endif /* UDS_INTERNAL_H */

@@ -1,18 +1,11 @@
 /*
- * server.c - the loop: accepts clients, reads and cuts frames, queues and flushes replies, and
- * takes each connection from accept to its CLOSED event.
+ * server.c - the loop: accepts clients, runs each turn (flush, timers, attention, wait,
+ * readiness), and the API the caller drives it with. What happens to one connection is in
+ * conn.c.
  *
- * Rules this file keeps:
- * - A MESSAGE event points into its connection's input buffer. That buffer is neither moved nor
- *   freed until the next uds_poll(): a connection that handed out a pointer in this turn is not
- *   read again in this turn (level-triggered epoll reports it again), and a finished connection
- *   goes to the graveyard, freed (and its descriptor closed) at the start of the next turn. So
- *   the caller may read every event of a batch, and a slot is never reused within one.
- * - Replies queued between two polls leave at the start of the next one: one send() per
- *   connection per turn, however many replies it holds.
- * - A connection is finished only when nothing more is owed to it: every complete frame it sent
- *   was delivered, the turn that delivered the last one is over (its replies are queued), and
- *   its output is drained or its flush deadline has passed.
+ * A turn, in uds_poll(): free what the last batch finished with; flush the replies queued
+ * since (one send() per connection); expire deadlines; deliver frames already buffered; wait
+ * for readiness (not at all if events are ready); accept, read, write; deliver again.
  */
 #define _GNU_SOURCE
 #include "internal.h"
@@ -20,78 +13,23 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
-/* Counters may be read by another thread: store them whole. */
-#define COUNT(field, delta) __atomic_store_n(&(field), (field) + (delta), __ATOMIC_RELAXED)
+#define CONN_OF(node, field) ((uds_conn *)((char *)(node) - offsetof(uds_conn, field)))
 
-#define UDS_CF_POLLED 0x400u /* registered with epoll */
-
-static uint64_t now_ms(void)
+static void clock_now(uds_server *s)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+    uint64_t now = (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+    if (now > s->now_ms)
+        s->now_ms = now;
 }
-
-/* ---- lists ----------------------------------------------------------------------------------- */
-
-static void attn_push(uds_server *s, uds_conn *c)
-{
-    if (c->flags & UDS_CF_ATTN)
-        return;
-    c->flags |= UDS_CF_ATTN;
-    c->attn_next = NULL;
-    if (s->attn_tail)
-        s->attn_tail->attn_next = c;
-    else
-        s->attn_head = c;
-    s->attn_tail = c;
-}
-
-static void dirty_push(uds_server *s, uds_conn *c)
-{
-    if (c->flags & (UDS_CF_DIRTY | UDS_CF_WANT_OUT))
-        return; /* already due to flush, or waiting for EPOLLOUT */
-    c->flags |= UDS_CF_DIRTY;
-    c->dirty_next = s->dirty_head;
-    s->dirty_head = c;
-}
-
-/* The flush timeout is the same for every connection, so appending keeps the list ordered by
- * deadline: expiry looks only at the head. */
-static void linger_push(uds_server *s, uds_conn *c)
-{
-    c->flags |= UDS_CF_LINGER;
-    c->linger_next = NULL;
-    c->linger_prev = s->linger_tail;
-    if (s->linger_tail)
-        s->linger_tail->linger_next = c;
-    else
-        s->linger_head = c;
-    s->linger_tail = c;
-}
-
-static void linger_remove(uds_server *s, uds_conn *c)
-{
-    if (!(c->flags & UDS_CF_LINGER))
-        return;
-    c->flags &= ~UDS_CF_LINGER;
-    if (c->linger_prev)
-        c->linger_prev->linger_next = c->linger_next;
-    else
-        s->linger_head = c->linger_next;
-    if (c->linger_next)
-        c->linger_next->linger_prev = c->linger_prev;
-    else
-        s->linger_tail = c->linger_prev;
-}
-
-/* ---- connection state ------------------------------------------------------------------------ */
 
 static uds_conn *conn_get(const uds_server *s, int slot, uint64_t id)
 {
@@ -103,239 +41,33 @@ static uds_conn *conn_get(const uds_server *s, int slot, uint64_t id)
     return c;
 }
 
-static void conn_fail(uds_server *s, uds_conn *c, int reason, int err);
+/* ---- accepting ------------------------------------------------------------------------------- */
 
-/* Registers with epoll what the connection waits for. A connection that waits for nothing is
- * taken out of epoll altogether: a hang-up would otherwise be reported at every turn. */
-static void update_interest(uds_server *s, uds_conn *c)
+/* Out of descriptors (or memory), accept() fails while the master socket stays readable, so a
+ * level-triggered loop would spin. libuv's answer is a spare descriptor, freed to accept and
+ * at once close the waiting clients; here accepting pauses instead: the master socket leaves
+ * epoll, waiting clients stay queued in the kernel's backlog rather than being turned away,
+ * and accepting resumes when a connection closes or after a back-off (50 ms doubling to
+ * 500 ms), whichever comes first. */
+static void pause_accepting(uds_server *s)
 {
-    unsigned ev = ((c->flags & UDS_CF_NO_READ) ? 0u : UDS_POLL_IN) |
-                  ((c->flags & UDS_CF_WANT_OUT) ? UDS_POLL_OUT : 0u);
-    int rc = 0;
-    if (ev == 0) {
-        if (c->flags & UDS_CF_POLLED) {
-            rc = uds_poller_del(s->ep, c->fd);
-            c->flags &= ~UDS_CF_POLLED;
-        }
-    } else if (c->flags & UDS_CF_POLLED) {
-        rc = uds_poller_mod(s->ep, c->fd, ev);
-    } else {
-        rc = uds_poller_add(s->ep, c->fd, ev);
-        c->flags |= UDS_CF_POLLED;
-    }
-    if (rc < 0 && !(c->flags & UDS_CF_DEAD))
-        conn_fail(s, c, UDS_CLOSE_ERROR, -rc);
-}
-
-static void set_want_out(uds_server *s, uds_conn *c, int on)
-{
-    if (!!(c->flags & UDS_CF_WANT_OUT) == on)
+    if (s->accept_paused)
         return;
-    c->flags ^= UDS_CF_WANT_OUT;
-    update_interest(s, c);
+    uds_poller_del(s->ep, s->listen_fd);
+    s->accept_paused = 1;
+    s->accept_retry_ms = s->now_ms + (uint64_t)s->accept_backoff_ms;
+    s->accept_backoff_ms *= 2;
+    if (s->accept_backoff_ms > UDS_ACCEPT_BACKOFF_MAX)
+        s->accept_backoff_ms = UDS_ACCEPT_BACKOFF_MAX;
+    UDS_COUNT(s->stats.accept_pauses, 1);
 }
 
-/* The socket is broken: close without flushing, at the next attention pass. */
-static void conn_fail(uds_server *s, uds_conn *c, int reason, int err)
+static void resume_accepting(uds_server *s)
 {
-    if (c->flags & UDS_CF_DEAD)
+    if (!s->accept_paused || s->listen_fd < 0 || s->now_ms < s->accept_retry_ms)
         return;
-    if (!(c->flags & UDS_CF_CLOSING)) {
-        c->reason = reason;
-        c->err = err;
-    }
-    c->flags |= UDS_CF_DEAD | UDS_CF_NO_READ;
-    c->flags &= ~UDS_CF_WANT_OUT;
-    update_interest(s, c);
-    attn_push(s, c);
-}
-
-/* Stops reading and arranges for the connection to close once nothing more is owed to it.
- * keep_input: frames already received are still delivered (shutdown); otherwise dropped. */
-static void conn_close(uds_server *s, uds_conn *c, int reason, int err, int keep_input)
-{
-    if (!keep_input) {
-        /* Pointers already handed out stay valid: the bytes are not moved, only skipped. */
-        c->in.start = c->in.end;
-        c->scan = 0;
-    }
-    if (c->flags & UDS_CF_CLOSING)
-        return;
-    c->flags |= UDS_CF_CLOSING | UDS_CF_NO_READ;
-    c->reason = reason;
-    c->err = err;
-    c->deadline_ms = now_ms() + (uint64_t)s->cfg.flush_timeout_ms;
-    linger_push(s, c);
-    update_interest(s, c);
-    attn_push(s, c);
-}
-
-static uds_conn *conn_new(uds_server *s, int fd)
-{
-    if (fd >= s->nconns) {
-        int n = s->nconns ? s->nconns : 64;
-        while (n <= fd)
-            n *= 2;
-        uds_conn **t = realloc(s->conns, (size_t)n * sizeof *t);
-        if (t == NULL)
-            return NULL;
-        memset(t + s->nconns, 0, (size_t)(n - s->nconns) * sizeof *t);
-        s->conns = t;
-        s->nconns = n;
-    }
-    uds_conn *c = calloc(1, sizeof *c);
-    if (c == NULL)
-        return NULL;
-    c->fd = fd;
-    c->id = s->next_id++;
-    c->stats = &c->own_stats;
-    if (uds_poller_add(s->ep, fd, UDS_POLL_IN) < 0) {
-        free(c);
-        return NULL;
-    }
-    c->flags = UDS_CF_POLLED;
-    s->conns[fd] = c;
-    s->live++;
-    return c;
-}
-
-/* Closing a Unix stream socket while bytes it never read wait in its queue makes Linux report
- * ECONNRESET to the peer instead of end-of-file, and a peer that reads its last replies and
- * then meets a reset takes the close for a failure. So read and drop what is queued first
- * (nginx's "lingering close"), within a bound. */
-static void discard_unread(int fd)
-{
-    char sink[16384];
-    for (size_t total = 0; total < UDS_LINGER_DISCARD;) {
-        ssize_t r = recv(fd, sink, sizeof sink, MSG_DONTWAIT);
-        if (r > 0)
-            total += (size_t)r;
-        else if (!(r < 0 && errno == EINTR))
-            return;
-    }
-}
-
-/* Frees finished connections: their descriptors close only now, so that within one batch a
- * slot always means one connection. */
-static void bury(uds_server *s)
-{
-    /* A connection may be finished while it is (again) on the attention list: drop it there
-     * first, so that nothing points at it once it is freed. */
-    if (s->graveyard == NULL)
-        return;
-    uds_conn *c = s->attn_head;
-    s->attn_head = s->attn_tail = NULL;
-    while (c) {
-        uds_conn *next = c->attn_next;
-        c->flags &= ~UDS_CF_ATTN;
-        if (!(c->flags & UDS_CF_FINAL))
-            attn_push(s, c);
-        c = next;
-    }
-    while (s->graveyard) {
-        c = s->graveyard;
-        s->graveyard = c->grave_next;
-        s->conns[c->fd] = NULL;
-        if (!(c->flags & (UDS_CF_EOF | UDS_CF_DEAD)))
-            discard_unread(c->fd);
-        close(c->fd);
-        uds_buf_release(&c->in);
-        uds_buf_release(&c->out);
-        free(c);
-    }
-}
-
-/* ---- I/O ------------------------------------------------------------------------------------- */
-
-static void conn_read(uds_server *s, uds_conn *c)
-{
-    if (c->flags & UDS_CF_NO_READ)
-        return;
-    if (c->msg_turn == s->turn)
-        return; /* its buffer must not move in this turn; epoll reports it again */
-    uds_buf *b = &c->in;
-    if (b->start == b->end) {
-        b->start = b->end = 0;
-        if (b->cap > UDS_BUF_KEEP)
-            uds_buf_release(b); /* a big message is over: don't keep its room */
-    }
-    size_t budget = UDS_READ_BUDGET;
-    while (budget > 0) {
-        if (uds_buf_reserve(b, UDS_READ_MIN) < 0) {
-            conn_fail(s, c, UDS_CLOSE_ERROR, ENOMEM);
-            return;
-        }
-        size_t room = b->cap - b->end;
-        if (room > budget)
-            room = budget;
-        ssize_t r = recv(c->fd, b->data + b->end, room, 0);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN)
-                break;
-            conn_fail(s, c, errno == ECONNRESET ? UDS_CLOSE_PEER : UDS_CLOSE_ERROR, errno);
-            return;
-        }
-        if (r == 0) {
-            /* The peer shut its writing end. It may still read: deliver what it sent, send the
-             * replies, then close (see attend()). */
-            c->flags |= UDS_CF_EOF | UDS_CF_NO_READ;
-            update_interest(s, c);
-            break;
-        }
-        b->end += (size_t)r;
-        budget -= (size_t)r;
-        if ((size_t)r < room)
-            break; /* drained for now */
-    }
-    attn_push(s, c);
-}
-
-/* One send() of everything queued. What does not fit waits for EPOLLOUT. */
-static void conn_flush(uds_server *s, uds_conn *c)
-{
-    uds_buf *b = &c->out;
-    size_t len = uds_buf_len(b);
-    if (len == 0 || (c->flags & UDS_CF_DEAD))
-        return;
-    ssize_t w;
-    do
-        w = send(c->fd, b->data + b->start, len, MSG_NOSIGNAL | MSG_DONTWAIT);
-    while (w < 0 && errno == EINTR);
-    if (w < 0) {
-        if (errno == EAGAIN) {
-            set_want_out(s, c, 1);
-            return;
-        }
-        conn_fail(s, c, (errno == EPIPE || errno == ECONNRESET) ? UDS_CLOSE_PEER : UDS_CLOSE_ERROR,
-                  errno);
-        return;
-    }
-    b->start += (size_t)w;
-    if (b->start < b->end) {
-        set_want_out(s, c, 1);
-        return;
-    }
-    b->start = b->end = 0;
-    if (b->cap > UDS_BUF_KEEP)
-        uds_buf_release(b);
-    set_want_out(s, c, 0);
-    if (c->flags & UDS_CF_CLOSING)
-        attn_push(s, c); /* drained: it may be finished now */
-}
-
-static void flush_dirty(uds_server *s)
-{
-    uds_conn *c = s->dirty_head;
-    s->dirty_head = NULL;
-    while (c) {
-        uds_conn *next = c->dirty_next;
-        c->flags &= ~UDS_CF_DIRTY;
-        if (!(c->flags & UDS_CF_WANT_OUT))
-            conn_flush(s, c);
-        c = next;
-    }
+    if (uds_poller_add(s->ep, s->listen_fd, UDS_POLL_IN) == 0)
+        s->accept_paused = 0;
 }
 
 static int accept_some(uds_server *s, uds_event *ev, int n, int cap)
@@ -345,9 +77,17 @@ static int accept_some(uds_server *s, uds_event *ev, int n, int cap)
         if (fd < 0) {
             if (errno == EINTR || errno == ECONNABORTED)
                 continue;
-            break; /* EAGAIN: none left. Out of descriptors or memory: retry at the next turn. */
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
+                pause_accepting(s);
+            return n; /* EAGAIN: none left */
         }
-        uds_conn *c = conn_new(s, fd);
+        s->accept_backoff_ms = UDS_ACCEPT_BACKOFF_MIN;
+        if (s->cfg.max_connections > 0 && s->live >= s->cfg.max_connections) {
+            close(fd); /* over the cap: established clients come first */
+            UDS_COUNT(s->stats.closed[UDS_CLOSE_REJECTED], 1);
+            continue;
+        }
+        uds_conn *c = uds_conn_new(s, fd);
         if (c == NULL) {
             close(fd);
             continue;
@@ -363,83 +103,38 @@ static int accept_some(uds_server *s, uds_event *ev, int n, int cap)
             e->pid = -1;
             e->uid = e->gid = (uint32_t)-1;
         }
+        UDS_COUNT(s->stats.accepted, 1);
     }
     return n;
 }
 
-/* ---- attention: delivering frames and finishing connections ---------------------------------- */
+/* ---- a turn ---------------------------------------------------------------------------------- */
 
-static int conn_parse(uds_server *s, uds_conn *c, uds_event *ev, int n, int cap)
+static void flush_dirty(uds_server *s)
 {
-    uds_buf *b = &c->in;
-    while (n < cap && b->start < b->end) {
-        size_t off = 0, plen = 0;
-        ssize_t r = uds_frame_next(s->cfg.framing, b->data + b->start, b->end - b->start,
-                                   s->cfg.max_message, &c->scan, &off, &plen);
-        if (r == 0)
-            break;
-        if (r < 0) {
-            /* Replies owed for the frames before this one still go out. */
-            conn_close(s, c, UDS_CLOSE_TOO_LARGE, 0, 0);
-            break;
-        }
-        uds_event *e = &ev[n++];
-        e->type = UDS_EV_MESSAGE;
-        e->slot = c->fd;
-        e->id = c->id;
-        e->data = b->data + b->start + off;
-        e->len = plen;
-        b->start += (size_t)r;
-        c->scan = 0;
-        c->msg_turn = s->turn;
-        COUNT(c->stats->msgs_in, 1);
-        COUNT(c->stats->bytes_in, plen);
+    uds_conn *c = s->dirty_head;
+    s->dirty_head = NULL;
+    while (c) {
+        uds_conn *next = c->dirty_next;
+        c->flags &= ~UDS_CF_DIRTY;
+        if (!(c->flags & UDS_CF_WANT_OUT))
+            uds_conn_flush(s, c);
+        c = next;
     }
-    if (b->start == b->end)
-        b->start = b->end = 0; /* indexes only: the bytes stay where they are */
-    return n;
 }
 
-static int finish(uds_server *s, uds_conn *c, uds_event *ev, int n)
+static void expire(uds_server *s)
 {
-    uds_event *e = &ev[n++];
-    e->type = UDS_EV_CLOSED;
-    e->slot = c->fd;
-    e->id = c->id;
-    e->data = NULL;
-    e->len = uds_buf_len(&c->out);
-    e->reason = c->reason;
-    e->err = c->err;
-    e->pid = 0;
-    e->uid = e->gid = 0;
-    c->flags |= UDS_CF_FINAL | UDS_CF_NO_READ;
-    c->flags &= ~UDS_CF_WANT_OUT;
-    update_interest(s, c);
-    linger_remove(s, c);
-    c->grave_next = s->graveyard;
-    s->graveyard = c;
-    s->live--;
-    return n;
-}
-
-static int attend(uds_server *s, uds_conn *c, uds_event *ev, int n, int cap)
-{
-    if (!(c->flags & UDS_CF_DEAD)) {
-        n = conn_parse(s, c, ev, n, cap);
-        if (n >= cap)
-            return n; /* the batch is full: serve_attention() queues it again, last */
-        if ((c->flags & UDS_CF_EOF) && !(c->flags & UDS_CF_CLOSING))
-            conn_close(s, c, UDS_CLOSE_PEER, 0, 1); /* a trailing partial frame is dropped */
-        if (!(c->flags & UDS_CF_CLOSING))
-            return n;
-        if (c->msg_turn == s->turn) {
-            attn_push(s, c); /* the replies to this turn's messages are not queued yet */
-            return n;
-        }
-        if (uds_buf_len(&c->out) > 0)
-            return n; /* EPOLLOUT or the flush deadline comes back to it */
+    uds_tnode *t;
+    while ((t = s->linger.head) != NULL && t->deadline_ms <= s->now_ms) {
+        uds_conn *c = CONN_OF(t, linger);
+        uds_tlist_remove(&s->linger, t);
+        uds_conn_fail(s, c, c->reason, c->err); /* what is still queued is given up */
     }
-    return finish(s, c, ev, n);
+    while ((t = s->idle.head) != NULL && t->deadline_ms <= s->now_ms)
+        uds_conn_close(s, CONN_OF(t, idle), UDS_CLOSE_IDLE_TIMEOUT, 0, 0);
+    while ((t = s->frames.head) != NULL && t->deadline_ms <= s->now_ms)
+        uds_conn_close(s, CONN_OF(t, frame), UDS_CLOSE_FRAME_TIMEOUT, 0, 0);
 }
 
 /* Attends the connections in order while the batch has room. The one the full batch cut
@@ -455,38 +150,34 @@ static int serve_attention(uds_server *s, uds_event *ev, int n, int cap)
         if (c->flags & UDS_CF_FINAL)
             ; /* finished earlier in this turn */
         else if (n < cap) {
-            n = attend(s, c, ev, n, cap);
+            n = uds_conn_attend(s, c, ev, n, cap);
             if (n >= cap)
                 cut = c;
         } else
-            attn_push(s, c);
+            uds_conn_attn_push(s, c);
         c = next;
     }
     if (cut != NULL && !(cut->flags & UDS_CF_FINAL))
-        attn_push(s, cut);
+        uds_conn_attn_push(s, cut);
     return n;
 }
 
-static void expire_linger(uds_server *s, uint64_t now)
+static int64_t sooner(int64_t a, int64_t b)
 {
-    while (s->linger_head && s->linger_head->deadline_ms <= now) {
-        uds_conn *c = s->linger_head;
-        linger_remove(s, c);
-        conn_fail(s, c, c->reason, c->err); /* what is still queued is given up */
-    }
+    return a < 0 ? b : (b < 0 || a < b) ? a : b;
 }
 
-static int wait_timeout(const uds_server *s, int timeout_ms, uint64_t now)
+static int wait_timeout(const uds_server *s, int timeout_ms)
 {
     if (s->attn_head)
         return 0;
-    if (s->linger_head == NULL)
-        return timeout_ms;
-    uint64_t d = s->linger_head->deadline_ms;
-    uint64_t left = d > now ? d - now : 0;
-    if (left > INT_MAX)
-        left = INT_MAX;
-    return (timeout_ms < 0 || (int)left < timeout_ms) ? (int)left : timeout_ms;
+    int64_t t = timeout_ms < 0 ? -1 : timeout_ms;
+    t = sooner(t, uds_tlist_due_in(&s->linger, s->now_ms));
+    t = sooner(t, uds_tlist_due_in(&s->idle, s->now_ms));
+    t = sooner(t, uds_tlist_due_in(&s->frames, s->now_ms));
+    if (s->accept_paused)
+        t = sooner(t, s->accept_retry_ms > s->now_ms ? (int64_t)(s->accept_retry_ms - s->now_ms) : 0);
+    return t > INT_MAX ? INT_MAX : (int)t;
 }
 
 static void drain_wakeups(uds_server *s)
@@ -505,17 +196,19 @@ int uds_poll(uds_server *s, uds_event *ev, int cap, int timeout_ms)
     if (cap < 1)
         return -EINVAL;
     s->turn++;
-    bury(s);
+    clock_now(s);
+    uds_conn_bury(s);
     flush_dirty(s);
-    uint64_t now = now_ms();
-    expire_linger(s, now);
+    expire(s);
+    resume_accepting(s);
     int n = serve_attention(s, ev, 0, cap);
     if (n >= cap)
         return n;
 
-    int k = uds_poller_wait(s->ep, s->ready, cap - n, n > 0 ? 0 : wait_timeout(s, timeout_ms, now));
+    int k = uds_poller_wait(s->ep, s->ready, cap - n, n > 0 ? 0 : wait_timeout(s, timeout_ms));
     if (k < 0)
         return n > 0 ? n : k;
+    clock_now(s); /* the wait may have been long: reads below renew deadlines from now */
     for (int i = 0; i < k; i++) {
         int fd = s->ready[i].fd;
         unsigned what = s->ready[i].events;
@@ -526,9 +219,9 @@ int uds_poll(uds_server *s, uds_event *ev, int cap, int timeout_ms)
         } else if (fd >= 0 && fd < s->nconns && s->conns[fd] != NULL) {
             uds_conn *c = s->conns[fd];
             if ((what & (UDS_POLL_OUT | UDS_POLL_HUP)) && (c->flags & UDS_CF_WANT_OUT))
-                conn_flush(s, c);
+                uds_conn_flush(s, c);
             if (what & (UDS_POLL_IN | UDS_POLL_HUP))
-                conn_read(s, c);
+                uds_conn_read(s, c);
         }
     }
     return serve_attention(s, ev, n, cap);
@@ -541,28 +234,7 @@ int uds_send(uds_server *s, int slot, uint64_t id, const char *data, size_t len)
     uds_conn *c = conn_get(s, slot, id);
     if (c == NULL || (c->flags & UDS_CF_DEAD))
         return -ENOTCONN;
-    unsigned char hdr[4];
-    int trailer;
-    int h = uds_frame_header(s->cfg.framing, len, hdr, &trailer);
-    if (h < 0)
-        return h;
-    int rc = uds_frame_check(s->cfg.framing, data, len);
-    if (rc < 0)
-        return rc;
-    uds_buf *b = &c->out;
-    if (len > SIZE_MAX - 8 || (rc = uds_buf_reserve(b, (size_t)h + len + (size_t)trailer)) < 0)
-        return rc < 0 ? rc : -ENOMEM;
-    memcpy(b->data + b->end, hdr, (size_t)h);
-    b->end += (size_t)h;
-    if (len > 0)
-        memcpy(b->data + b->end, data, len);
-    b->end += len;
-    if (trailer)
-        b->data[b->end++] = '\n';
-    COUNT(c->stats->msgs_out, 1);
-    COUNT(c->stats->bytes_out, len);
-    dirty_push(s, c);
-    return 0;
+    return uds_conn_send(s, c, data, len);
 }
 
 int uds_close(uds_server *s, int slot, uint64_t id, int reason)
@@ -570,7 +242,8 @@ int uds_close(uds_server *s, int slot, uint64_t id, int reason)
     uds_conn *c = conn_get(s, slot, id);
     if (c == NULL)
         return -ENOTCONN;
-    conn_close(s, c, reason, 0, 0);
+    clock_now(s);
+    uds_conn_close(s, c, reason, 0, 0);
     return 0;
 }
 
@@ -594,7 +267,8 @@ static void close_master(uds_server *s)
      * other server takes the file for stale and replaces it, so the inode check cannot race
      * with it. */
     uds_sock_unlink_if_same(s->path, s->file_dev, s->file_ino);
-    uds_poller_del(s->ep, s->listen_fd);
+    if (!s->accept_paused)
+        uds_poller_del(s->ep, s->listen_fd);
     close(s->listen_fd);
     s->listen_fd = -1;
 }
@@ -604,16 +278,25 @@ int uds_shutdown(uds_server *s)
     if (!s->shutting_down) {
         s->shutting_down = 1;
         close_master(s);
+        clock_now(s);
         for (int i = 0; i < s->nconns; i++) {
             uds_conn *c = s->conns[i];
             if (c != NULL && !(c->flags & UDS_CF_FINAL))
-                conn_close(s, c, UDS_CLOSE_SHUTDOWN, 0, 1);
+                uds_conn_close(s, c, UDS_CLOSE_SHUTDOWN, 0, 1);
         }
     }
     return s->live;
 }
 
 int uds_live(const uds_server *s) { return s->live; }
+
+void uds_server_stats_get(const uds_server *s, uds_server_stats *out)
+{
+    const uint64_t *from = (const uint64_t *)&s->stats;
+    uint64_t *to = (uint64_t *)out;
+    for (size_t i = 0; i < sizeof *out / sizeof(uint64_t); i++)
+        to[i] = __atomic_load_n(&from[i], __ATOMIC_RELAXED);
+}
 
 int uds_wakeup(uds_server *s)
 {
@@ -632,7 +315,8 @@ int uds_listen_fd(const uds_server *s) { return s->listen_fd; }
 int uds_server_new(uds_server **out, const char *path, const uds_config *cfg)
 {
     if (uds_frame_check(cfg->framing, "", 0) < 0 || cfg->max_message < 1 ||
-        cfg->max_message > 0xFFFFFFFFu || cfg->flush_timeout_ms < 0)
+        cfg->max_message > 0xFFFFFFFFu || cfg->flush_timeout_ms < 0 || cfg->max_connections < 0 ||
+        cfg->idle_timeout_ms < 0 || cfg->frame_timeout_ms < 0)
         return -EINVAL;
     if (strlen(path) >= sizeof ((uds_server *)0)->path)
         return -ENAMETOOLONG;
@@ -642,6 +326,10 @@ int uds_server_new(uds_server **out, const char *path, const uds_config *cfg)
     s->cfg = *cfg;
     s->listen_fd = s->ep = s->wake_rd = s->wake_wr = -1;
     s->next_id = 1;
+    s->accept_backoff_ms = UDS_ACCEPT_BACKOFF_MIN;
+    s->high_water = UDS_HIGH_WATER_MAX;
+    if (cfg->max_output > 0 && cfg->max_output / 2 < s->high_water)
+        s->high_water = cfg->max_output / 2 > 0 ? cfg->max_output / 2 : 1;
     strcpy(s->path, path);
 
     int rc, pipefd[2];
@@ -675,7 +363,7 @@ void uds_server_free(uds_server *s)
     if (s == NULL)
         return;
     close_master(s);
-    bury(s);
+    uds_conn_bury(s);
     for (int i = 0; i < s->nconns; i++) {
         uds_conn *c = s->conns[i];
         if (c == NULL)

@@ -39,6 +39,10 @@
 #define UDS_CLOSE_LOCAL 5         /* the application closed it */
 #define UDS_CLOSE_REJECTED 6      /* the application refused it when it connected */
 #define UDS_CLOSE_HANDLER_ERROR 7 /* the application's handler failed on its message */
+#define UDS_CLOSE_IDLE_TIMEOUT 8  /* nothing received or sent for idle_timeout_ms */
+#define UDS_CLOSE_FRAME_TIMEOUT 9 /* a frame took longer than frame_timeout_ms to arrive */
+#define UDS_CLOSE_SLOW_CONSUMER 10 /* its unsent output would exceed max_output */
+#define UDS_CLOSE_REASONS 16      /* length of uds_server_stats.closed */
 
 /* Framing helpers. */
 
@@ -76,6 +80,13 @@ typedef struct uds_config {
     int backlog;          /* listen() backlog */
     unsigned int mode;    /* permission bits of the socket file, <= 0777 */
     int flush_timeout_ms; /* how long a closing connection may take to drain its output */
+    int max_connections;  /* live connections at most; more are closed as accepted; 0: no cap */
+    size_t max_output;    /* unsent output per connection at most; 0: no cap. Reading from a
+                           * connection pauses while its output is at or above the high-water
+                           * mark, min(max_output / 2, 1 MiB), and resumes below half of it */
+    int idle_timeout_ms;  /* close a connection that received and sent nothing this long; 0: never */
+    int frame_timeout_ms; /* close a connection whose frame, once begun, is not complete this
+                           * long afterwards (time spent paused does not count); 0: never */
 } uds_config;
 
 /* One event of a batch. Pointers stay valid until the next uds_poll() on the same server. */
@@ -101,6 +112,19 @@ typedef struct uds_stats {
     uint64_t bytes_out;
 } uds_stats;
 
+/* Counters of a whole server. The core writes them with relaxed atomic stores. */
+typedef struct uds_server_stats {
+    uint64_t accepted;      /* connections handed to the caller (CONNECTED events) */
+    uint64_t current;       /* connections live now */
+    uint64_t msgs_in;       /* messages delivered, and their payload bytes */
+    uint64_t bytes_in;
+    uint64_t msgs_out;      /* messages queued for sending, and their payload bytes */
+    uint64_t bytes_out;
+    uint64_t accept_pauses; /* times accepting paused because descriptors ran out */
+    uint64_t closed[16];    /* connections closed, by reason: closed[UDS_CLOSE_*]; connections
+                             * closed at accept for max_connections count as REJECTED */
+} uds_server_stats;
+
 /* Creates the master socket and binds it to path, then listens.
  * An existing path is replaced only if it is a socket nobody answers on (connect refused);
  * the socket file is created with at most cfg->mode (never a wider mode, not even for an
@@ -123,13 +147,15 @@ void uds_server_free(uds_server *s);
 int uds_poll(uds_server *s, uds_event *ev, int cap, int timeout_ms);
 
 /* Queues payload as one framed message to connection (slot, id); it leaves at the next
- * uds_poll(). Returns 0; -ENOTCONN if that connection is closed or closing at the
- * application's request; -EINVAL / -EMSGSIZE as uds_frame_check(); -ENOMEM. */
+ * uds_poll(). Returns 0; -ENOTCONN if that connection is finished or its socket failed;
+ * -ENOBUFS if its unsent output would exceed max_output even after a write attempt: the
+ * connection is then closed (UDS_CLOSE_SLOW_CONSUMER); -EINVAL / -EMSGSIZE as
+ * uds_frame_check(); -ENOMEM. */
 int uds_send(uds_server *s, int slot, uint64_t id, const char *data, size_t len);
 
 /* Closes connection (slot, id): nothing more is read or delivered from it, what is queued for
- * it is flushed (bounded by flush_timeout_ms), then a CLOSED event carries reason.
- * Returns 0; -ENOTCONN if that connection is already closed or closing. */
+ * it is flushed (bounded by flush_timeout_ms), then a CLOSED event carries reason (the first
+ * reason given, if it was already closing). Returns 0; -ENOTCONN if it is already finished. */
 int uds_close(uds_server *s, int slot, uint64_t id, int reason);
 
 /* Points the connection's counters at *stats (copying the counts so far); the core writes
@@ -145,6 +171,9 @@ int uds_shutdown(uds_server *s);
 
 /* Connections accepted and not yet reported closed. */
 int uds_live(const uds_server *s);
+
+/* Copies the server's counters to *out. Safe from any thread while s exists. */
+void uds_server_stats_get(const uds_server *s, uds_server_stats *out);
 
 /* Makes a uds_poll() in progress (or the next one) return. Thread-safe and
  * async-signal-safe. Returns 0 or -errno. */

@@ -61,7 +61,19 @@ def _parser() -> argparse.ArgumentParser:
                        help="socket file permissions, octal (default: 0600)")
     serve.add_argument("--backlog", type=int, default=ServerConfig.backlog)
     serve.add_argument("--max-message-size", type=int, default=ServerConfig.max_message_size, metavar="BYTES",
-                       help="longest message accepted; a client sending a longer one is disconnected")
+                       help="longest message accepted; a client sending a longer one is disconnected "
+                            "(default: 16 MiB)")
+    serve.add_argument("--max-connections", type=int, default=None, metavar="N",
+                       help="clients at once; more are accepted and closed at once "
+                            "(default: the file-descriptor limit minus 64)")
+    serve.add_argument("--max-output-buffer", type=int, default=ServerConfig.max_output_buffer, metavar="BYTES",
+                       help="unsent output per client; reading from a client pauses at min(half of it, "
+                            "1 MiB), and a client that would pass it is disconnected (default: 64 MiB)")
+    serve.add_argument("--idle-timeout", type=float, default=None, metavar="SECONDS",
+                       help="close clients idle this long (default: never)")
+    serve.add_argument("--frame-timeout", type=float, default=ServerConfig.frame_timeout, metavar="SECONDS",
+                       help="close a client that begins a message and does not finish it in time "
+                            "(default: 30)")
     serve.add_argument("-v", "--verbose", action="store_true", help="log every client's connect and disconnect")
 
     send = sub.add_parser("send", help="send messages to a server and print each reply",
@@ -86,7 +98,9 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda signum, frame: early.append(signum))
     try:
         server = Server(args.path, args.handler, framing=args.framing, mode=args.mode,
-                        backlog=args.backlog, max_message_size=args.max_message_size)
+                        backlog=args.backlog, max_message_size=args.max_message_size,
+                        max_connections=args.max_connections, max_output_buffer=args.max_output_buffer,
+                        idle_timeout=args.idle_timeout, frame_timeout=args.frame_timeout)
     except (PyudsError, OSError, ValueError) as exc:
         print(f"pyuds serve: {exc}", file=sys.stderr)
         return 1

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import resource
 import socket
+from typing import Optional
 
 FRAMINGS = ("u32", "line", "raw")
 MAX_U32 = 0xFFFFFFFF
+FD_RESERVE = 64  # descriptors kept for the server itself and the application by default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +22,18 @@ class ServerConfig:
     backlog: how many connections may wait to be accepted.
     max_message_size: longest payload accepted from a client, in bytes. A client that sends a
         longer one is disconnected (the error is logged); its other messages are unaffected.
+    max_connections: clients connected at once, at most; a connection over it is accepted and
+        closed at once (counted as rejected), established clients are unaffected. None: the
+        process's file-descriptor limit minus FD_RESERVE.
+    max_output_buffer: unsent output per client, in bytes, at most. Reading from a client
+        pauses while its unsent output is at or above min(max_output_buffer / 2, 1 MiB) (its
+        pipeline waits; the kernel holds what it sends) and resumes below half of that; a
+        message that would take it past max_output_buffer disconnects it as a slow consumer.
+        So it must exceed the largest message you send.
+    idle_timeout: seconds without traffic either way after which a client is closed; None:
+        never.
+    frame_timeout: seconds a client may take to complete a frame it has begun (time the
+        server spends not reading it does not count); None: no limit.
     flush_timeout: seconds a closing client (and every client at shutdown) may take to receive
         the replies still owed to it before they are given up.
     batch_size: events taken from the C loop per turn.
@@ -28,6 +43,10 @@ class ServerConfig:
     mode: int = 0o600
     backlog: int = socket.SOMAXCONN
     max_message_size: int = 16 * 1024 * 1024
+    max_connections: Optional[int] = None
+    max_output_buffer: int = 64 * 1024 * 1024
+    idle_timeout: Optional[float] = None
+    frame_timeout: Optional[float] = 30.0
     flush_timeout: float = 5.0
     batch_size: int = 1024
 
@@ -37,9 +56,31 @@ class ServerConfig:
         _check_int("mode", self.mode, 0, 0o777)
         _check_int("backlog", self.backlog, 1, 2**31 - 1)
         _check_int("max_message_size", self.max_message_size, 1, MAX_U32)
+        if self.max_connections is not None:
+            _check_int("max_connections", self.max_connections, 1, 2**31 - 1)
+        _check_int("max_output_buffer", self.max_output_buffer, 2, 2**62)
         _check_int("batch_size", self.batch_size, 1, 1 << 20)
-        if not isinstance(self.flush_timeout, (int, float)) or not 0 <= self.flush_timeout <= 86400:
-            raise ValueError(f"flush_timeout must be between 0 and 86400 seconds, not {self.flush_timeout!r}")
+        _check_seconds("flush_timeout", self.flush_timeout)
+        for name in ("idle_timeout", "frame_timeout"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_seconds(name, value)
+                if value == 0:
+                    raise ValueError(f"{name} must be positive, or None for no limit")
+
+    def connection_limit(self) -> int:
+        """max_connections, or the default it stands for."""
+        if self.max_connections is not None:
+            return self.max_connections
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return 2**31 - 1
+        return max(1, soft - FD_RESERVE)
+
+
+def _check_seconds(name: str, value: object) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 2_000_000:
+        raise ValueError(f"{name} must be a number of seconds between 0 and 2000000, not {value!r}")
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> None:

@@ -51,6 +51,9 @@ REASON_NAMES = {
     lib.UDS_CLOSE_LOCAL: "closed",
     lib.UDS_CLOSE_REJECTED: "rejected",
     lib.UDS_CLOSE_HANDLER_ERROR: "handler_error",
+    lib.UDS_CLOSE_IDLE_TIMEOUT: "idle_timeout",
+    lib.UDS_CLOSE_FRAME_TIMEOUT: "frame_timeout",
+    lib.UDS_CLOSE_SLOW_CONSUMER: "slow_consumer",
 }
 REASON_CODES = {name: code for code, name in REASON_NAMES.items()}
 
@@ -68,6 +71,9 @@ def send_error(rc: int, client_id: int) -> Exception:
     """The exception for a failed uds_send() / uds_frame_check()."""
     if rc == -errno.ENOTCONN:
         return ClientClosedError(f"client {client_id} is disconnected")
+    if rc == -errno.ENOBUFS:
+        return ClientClosedError(f"client {client_id} was disconnected as a slow consumer: its unsent "
+                                 "output would have passed max_output_buffer")
     if rc == -errno.EINVAL:
         return FramingError("a line-framed message cannot contain b'\\n' (the peer would see two messages)")
     if rc == -errno.EMSGSIZE:
@@ -95,6 +101,13 @@ def _listen_error(err: int, path: str) -> OSError:
     return OSError(err, os.strerror(err), path)
 
 
+def _ms(seconds: float | None) -> int:
+    """Seconds as whole milliseconds for C (0: none), rounded up so a limit never shrinks to 0."""
+    if seconds is None:
+        return 0
+    return min(2**31 - 1, max(1, int(-(-seconds * 1000 // 1)))) if seconds > 0 else 0
+
+
 class Core:
     """One C server, its event batch and the loop that dispatches it."""
 
@@ -109,7 +122,11 @@ class Core:
         cfg.max_message = config.max_message_size
         cfg.backlog = config.backlog
         cfg.mode = config.mode
-        cfg.flush_timeout_ms = int(config.flush_timeout * 1000)
+        cfg.flush_timeout_ms = _ms(config.flush_timeout)
+        cfg.max_connections = config.connection_limit()
+        cfg.max_output = config.max_output_buffer
+        cfg.idle_timeout_ms = _ms(config.idle_timeout)
+        cfg.frame_timeout_ms = _ms(config.frame_timeout)
         out = ffi.new("uds_server **")
         rc = lib.uds_server_new(out, raw_path, cfg)
         if rc < 0:
@@ -144,6 +161,21 @@ class Core:
 
     def live(self) -> int:
         return lib.uds_live(self._srv)
+
+    def stats(self) -> dict[str, Any]:
+        """The C server's counters (any thread, while the server exists)."""
+        st = ffi.new("uds_server_stats *")
+        lib.uds_server_stats_get(self._srv, st)
+        return {
+            "accepted": st.accepted,
+            "current": st.current,
+            "messages_in": st.msgs_in,
+            "bytes_in": st.bytes_in,
+            "messages_out": st.msgs_out,
+            "bytes_out": st.bytes_out,
+            "accept_pauses": st.accept_pauses,
+            "closed": {name: st.closed[code] for code, name in REASON_NAMES.items()},
+        }
 
     def wakeup(self) -> None:
         """Makes the loop's current or next poll return. Any thread."""

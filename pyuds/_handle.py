@@ -21,6 +21,9 @@ class CloseReason(str, enum.Enum):
     CLOSED = "closed"                #: the application called close()
     REJECTED = "rejected"            #: on_connect refused it
     HANDLER_ERROR = "handler_error"  #: a handler (or on_connect) raised on its behalf
+    IDLE_TIMEOUT = "idle_timeout"    #: no traffic for idle_timeout seconds
+    FRAME_TIMEOUT = "frame_timeout"  #: it began a frame and did not finish it in frame_timeout
+    SLOW_CONSUMER = "slow_consumer"  #: its unsent output would have passed max_output_buffer
 
     def __str__(self) -> str:
         return self.value

@@ -80,6 +80,8 @@ class Server:
         self._started = threading.Event()
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
+        self._handler_errors = 0
+        self._final_stats: dict[str, Any] | None = None
         self._core = Core(self._path, config)
         # A server dropped without shutdown() still closes its sockets and removes its file
         # when collected, with a ResourceWarning, as an unclosed socket does.
@@ -155,6 +157,7 @@ class Server:
             self._stopping = True
             if state == _READY:
                 self._state = _CLOSED
+                self._final_stats = self._core.stats()
                 self._core.free()
                 self._done.set()
                 self._started.set()
@@ -168,6 +171,28 @@ class Server:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since the server was made (any thread, also after shutdown):
+        connections_accepted / _rejected / _current, messages_in / _out and bytes_in / _out
+        (payload bytes), handler_errors, accept_pauses (times accepting paused because file
+        descriptors ran out), and closed: how many connections ended for each CloseReason.
+        A connection refused by on_connect counts as accepted and as rejected; one closed at
+        accept because of max_connections only as rejected."""
+        with self._lock:
+            core = self._final_stats if self._final_stats is not None else self._core.stats()
+        return {
+            "connections_accepted": core["accepted"],
+            "connections_rejected": core["closed"]["rejected"],
+            "connections_current": core["current"],
+            "messages_in": core["messages_in"],
+            "bytes_in": core["bytes_in"],
+            "messages_out": core["messages_out"],
+            "bytes_out": core["bytes_out"],
+            "handler_errors": self._handler_errors,
+            "accept_pauses": core["accept_pauses"],
+            "closed": dict(core["closed"]),
+        }
 
     def broadcast(self, message: bytes) -> None:
         """Sends message to every connected client. Any thread."""
@@ -223,6 +248,14 @@ class Server:
                       client.id, self._config.max_message_size)
         elif reason is CloseReason.ERROR:
             log.warning("client %d: socket error: %s", client.id, os.strerror(err) if err else "unknown")
+        elif reason is CloseReason.SLOW_CONSUMER:
+            log.warning("client %d disconnected: it does not read, and its unsent output would have "
+                        "passed max_output_buffer (%d bytes)", client.id, self._config.max_output_buffer)
+        elif reason is CloseReason.FRAME_TIMEOUT:
+            log.warning("client %d disconnected: it began a message and did not finish it within %gs",
+                        client.id, self._config.frame_timeout)
+        elif reason is CloseReason.IDLE_TIMEOUT:
+            log.debug("client %d closed after %gs idle", client.id, self._config.idle_timeout)
         if discarded:
             log.warning("client %d: %d bytes of output given up at close (not read within %gs)",
                         client.id, discarded, self._config.flush_timeout)
@@ -237,6 +270,7 @@ class Server:
                 log.exception("on_disconnect raised for client %d", client.id)
 
     def _handler_failed(self, client: ClientHandle, exc: Exception) -> None:
+        self._handler_errors += 1
         log.error("handler raised on a message from client %d (pid %d); closing that client",
                   client.id, client.pid, exc_info=exc)
         client._closed = True
@@ -340,6 +374,8 @@ class Server:
             restore_signals()  # before free(): the wakeup fd closes there
             with self._lock:
                 self._state = _CLOSED
+                if core.is_open():
+                    self._final_stats = core.stats()
                 core.free()
                 self._pending.clear()
             for client in self._clients.values():  # only after a failure: normally empty

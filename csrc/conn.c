@@ -1,0 +1,481 @@
+/*
+ * conn.c - one connection's life: reading and cutting frames, queueing and flushing output,
+ * backpressure, timeouts, closing. The loop that drives connections is in server.c.
+ *
+ * Rules this file keeps:
+ * - A MESSAGE event points into its connection's input buffer. That buffer is neither moved nor
+ *   freed until the next uds_poll(): a connection that handed out a pointer in this turn is not
+ *   read again in this turn (level-triggered epoll reports it again), and a finished connection
+ *   goes to the graveyard, freed (and its descriptor closed) at the start of the next turn.
+ * - Memory per connection is bounded: it reads a chunk at a time and no more while complete
+ *   frames wait; while its unsent output is at the high-water mark it is neither read nor
+ *   served (its client waits, the kernel holds what it sends), and output that would pass
+ *   max_output closes it.
+ * - A connection is finished only when nothing more is owed to it: every complete frame it sent
+ *   was delivered, the turn that delivered the last one is over (its replies are queued), and
+ *   its output is drained or its flush deadline has passed.
+ */
+#define _GNU_SOURCE
+#include "internal.h"
+
+#include <errno.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+/* ---- lists ----------------------------------------------------------------------------------- */
+
+void uds_conn_attn_push(uds_server *s, uds_conn *c)
+{
+    if (c->flags & UDS_CF_ATTN)
+        return;
+    c->flags |= UDS_CF_ATTN;
+    c->attn_next = NULL;
+    if (s->attn_tail)
+        s->attn_tail->attn_next = c;
+    else
+        s->attn_head = c;
+    s->attn_tail = c;
+}
+
+void uds_conn_dirty_push(uds_server *s, uds_conn *c)
+{
+    if (c->flags & (UDS_CF_DIRTY | UDS_CF_WANT_OUT))
+        return; /* already due to flush, or waiting for EPOLLOUT */
+    c->flags |= UDS_CF_DIRTY;
+    c->dirty_next = s->dirty_head;
+    s->dirty_head = c;
+}
+
+/* ---- state ----------------------------------------------------------------------------------- */
+
+/* Registers with epoll what the connection waits for. A connection that waits for nothing is
+ * taken out of epoll altogether: a hang-up would otherwise be reported at every turn. */
+static void update_interest(uds_server *s, uds_conn *c)
+{
+    unsigned ev = ((c->flags & (UDS_CF_NO_READ | UDS_CF_PAUSED)) ? 0u : UDS_POLL_IN) |
+                  ((c->flags & UDS_CF_WANT_OUT) ? UDS_POLL_OUT : 0u);
+    int rc = 0;
+    if (ev == 0) {
+        if (c->flags & UDS_CF_POLLED) {
+            rc = uds_poller_del(s->ep, c->fd);
+            c->flags &= ~UDS_CF_POLLED;
+        }
+    } else if (c->flags & UDS_CF_POLLED) {
+        rc = uds_poller_mod(s->ep, c->fd, ev);
+    } else {
+        rc = uds_poller_add(s->ep, c->fd, ev);
+        c->flags |= UDS_CF_POLLED;
+    }
+    if (rc < 0 && !(c->flags & UDS_CF_DEAD))
+        uds_conn_fail(s, c, UDS_CLOSE_ERROR, -rc);
+}
+
+static void set_want_out(uds_server *s, uds_conn *c, int on)
+{
+    if (!!(c->flags & UDS_CF_WANT_OUT) == on)
+        return;
+    c->flags ^= UDS_CF_WANT_OUT;
+    update_interest(s, c);
+}
+
+/* Traffic in either direction renews the idle deadline. */
+static void touch(uds_server *s, uds_conn *c)
+{
+    if (s->cfg.idle_timeout_ms > 0 && !(c->flags & UDS_CF_CLOSING))
+        uds_tlist_append(&s->idle, &c->idle, s->now_ms + (uint64_t)s->cfg.idle_timeout_ms);
+}
+
+static void untime(uds_server *s, uds_conn *c)
+{
+    uds_tlist_remove(&s->idle, &c->idle);
+    uds_tlist_remove(&s->frames, &c->frame);
+}
+
+/* The frame deadline runs while an incomplete frame waits for bytes the client owes; it
+ * restarts with each new frame and stops while the server is the one not reading. */
+static void time_frame(uds_server *s, uds_conn *c, int delivered)
+{
+    int waiting = s->cfg.frame_timeout_ms > 0 && uds_buf_len(&c->in) > 0 &&
+                  !(c->flags & (UDS_CF_FRAMES | UDS_CF_PAUSED | UDS_CF_NO_READ));
+    if (!waiting)
+        uds_tlist_remove(&s->frames, &c->frame);
+    else if (!c->frame.linked || delivered)
+        uds_tlist_append(&s->frames, &c->frame, s->now_ms + (uint64_t)s->cfg.frame_timeout_ms);
+}
+
+static void pause_reading(uds_server *s, uds_conn *c)
+{
+    c->flags |= UDS_CF_PAUSED;
+    update_interest(s, c);
+    uds_tlist_remove(&s->frames, &c->frame);
+}
+
+static void resume_if_drained(uds_server *s, uds_conn *c)
+{
+    if (!(c->flags & UDS_CF_PAUSED) || uds_buf_len(&c->out) > s->high_water / 2)
+        return;
+    c->flags &= ~UDS_CF_PAUSED;
+    update_interest(s, c);
+    uds_conn_attn_push(s, c); /* frames it sent meanwhile may wait in its buffer */
+}
+
+void uds_conn_fail(uds_server *s, uds_conn *c, int reason, int err)
+{
+    if (c->flags & UDS_CF_DEAD)
+        return;
+    if (!(c->flags & UDS_CF_CLOSING)) {
+        c->reason = reason;
+        c->err = err;
+    }
+    c->flags |= UDS_CF_DEAD | UDS_CF_NO_READ;
+    c->flags &= ~UDS_CF_WANT_OUT;
+    untime(s, c);
+    update_interest(s, c);
+    uds_conn_attn_push(s, c);
+}
+
+void uds_conn_close(uds_server *s, uds_conn *c, int reason, int err, int keep_input)
+{
+    if (!keep_input) {
+        /* Pointers already handed out stay valid: the bytes are not moved, only skipped. */
+        c->in.start = c->in.end;
+        c->scan = 0;
+        c->flags &= ~UDS_CF_FRAMES;
+    }
+    untime(s, c);
+    if (c->flags & UDS_CF_CLOSING)
+        return;
+    c->flags |= UDS_CF_CLOSING | UDS_CF_NO_READ;
+    c->reason = reason;
+    c->err = err;
+    uds_tlist_append(&s->linger, &c->linger, s->now_ms + (uint64_t)s->cfg.flush_timeout_ms);
+    update_interest(s, c);
+    uds_conn_attn_push(s, c);
+}
+
+uds_conn *uds_conn_new(uds_server *s, int fd)
+{
+    if (fd >= s->nconns) {
+        int n = s->nconns ? s->nconns : 64;
+        while (n <= fd)
+            n *= 2;
+        uds_conn **t = realloc(s->conns, (size_t)n * sizeof *t);
+        if (t == NULL)
+            return NULL;
+        memset(t + s->nconns, 0, (size_t)(n - s->nconns) * sizeof *t);
+        s->conns = t;
+        s->nconns = n;
+    }
+    uds_conn *c = calloc(1, sizeof *c);
+    if (c == NULL)
+        return NULL;
+    c->fd = fd;
+    c->id = s->next_id++;
+    c->stats = &c->own_stats;
+    if (uds_poller_add(s->ep, fd, UDS_POLL_IN) < 0) {
+        free(c);
+        return NULL;
+    }
+    c->flags = UDS_CF_POLLED;
+    s->conns[fd] = c;
+    s->live++;
+    UDS_COUNT(s->stats.current, 1);
+    touch(s, c);
+    return c;
+}
+
+/* Closing a Unix stream socket while bytes it never read wait in its queue makes Linux report
+ * ECONNRESET to the peer instead of end-of-file, and a peer that reads its last replies and
+ * then meets a reset takes the close for a failure. So read and drop what is queued first
+ * (nginx's "lingering close"), within a bound. */
+static void discard_unread(int fd)
+{
+    char sink[16384];
+    for (size_t total = 0; total < UDS_LINGER_DISCARD;) {
+        ssize_t r = recv(fd, sink, sizeof sink, MSG_DONTWAIT);
+        if (r > 0)
+            total += (size_t)r;
+        else if (!(r < 0 && errno == EINTR))
+            return;
+    }
+}
+
+void uds_conn_bury(uds_server *s)
+{
+    if (s->graveyard == NULL)
+        return;
+    /* A connection may be finished while it is (again) on the attention list: drop it there
+     * first, so that nothing points at it once it is freed. */
+    uds_conn *c = s->attn_head;
+    s->attn_head = s->attn_tail = NULL;
+    while (c) {
+        uds_conn *next = c->attn_next;
+        c->flags &= ~UDS_CF_ATTN;
+        if (!(c->flags & UDS_CF_FINAL))
+            uds_conn_attn_push(s, c);
+        c = next;
+    }
+    while (s->graveyard) {
+        c = s->graveyard;
+        s->graveyard = c->grave_next;
+        s->conns[c->fd] = NULL;
+        if (!(c->flags & (UDS_CF_EOF | UDS_CF_DEAD)))
+            discard_unread(c->fd);
+        close(c->fd);
+        uds_buf_release(&c->in);
+        uds_buf_release(&c->out);
+        free(c);
+    }
+    s->accept_retry_ms = 0; /* descriptors were freed: if accepting paused, try now */
+}
+
+/* ---- I/O ------------------------------------------------------------------------------------- */
+
+/* u32: how many bytes of the frame in progress are still missing (0 if unknown, complete, or
+ * over the limit: nothing is set aside for a frame that will be refused). */
+static size_t frame_need(const uds_server *s, const uds_conn *c)
+{
+    size_t have = uds_buf_len(&c->in);
+    if (s->cfg.framing != UDS_FRAMING_U32 || have < 4)
+        return 0;
+    const unsigned char *p = (const unsigned char *)c->in.data + c->in.start;
+    size_t n = ((size_t)p[0] << 24) | ((size_t)p[1] << 16) | ((size_t)p[2] << 8) | p[3];
+    return (n > s->cfg.max_message || 4 + n <= have) ? 0 : 4 + n - have;
+}
+
+void uds_conn_read(uds_server *s, uds_conn *c)
+{
+    if (c->flags & (UDS_CF_NO_READ | UDS_CF_PAUSED | UDS_CF_FRAMES))
+        return; /* complete frames wait: the kernel keeps the rest until they are delivered */
+    if (c->msg_turn == s->turn)
+        return; /* its buffer must not move in this turn; epoll reports it again */
+    uds_buf *b = &c->in;
+    if (b->start == b->end) {
+        b->start = b->end = 0;
+        if (b->cap > UDS_BUF_KEEP)
+            uds_buf_release(b); /* a big message is over: don't keep its room */
+    }
+    size_t budget = UDS_READ_BUDGET, got = 0;
+    for (;;) {
+        size_t want = UDS_READ_CHUNK, need = frame_need(s, c);
+        if (need > want)
+            want = need < budget ? need : budget;
+        if (uds_buf_reserve(b, want) < 0) {
+            uds_conn_fail(s, c, UDS_CLOSE_ERROR, ENOMEM);
+            return;
+        }
+        size_t room = b->cap - b->end;
+        if (room > budget)
+            room = budget;
+        ssize_t r = recv(c->fd, b->data + b->end, room, 0);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN)
+                break;
+            uds_conn_fail(s, c, errno == ECONNRESET ? UDS_CLOSE_PEER : UDS_CLOSE_ERROR, errno);
+            return;
+        }
+        if (r == 0) {
+            /* The peer shut its writing end. It may still read: deliver what it sent, send the
+             * replies, then close (see uds_conn_attend()). */
+            c->flags |= UDS_CF_EOF | UDS_CF_NO_READ;
+            update_interest(s, c);
+            break;
+        }
+        b->end += (size_t)r;
+        budget -= (size_t)r;
+        got += (size_t)r;
+        /* More in this readiness only for a large frame still arriving. */
+        if ((size_t)r < room || budget == 0 || frame_need(s, c) == 0)
+            break;
+    }
+    if (got)
+        touch(s, c);
+    uds_conn_attn_push(s, c);
+}
+
+void uds_conn_flush(uds_server *s, uds_conn *c)
+{
+    uds_buf *b = &c->out;
+    size_t len = uds_buf_len(b);
+    if (len == 0 || (c->flags & UDS_CF_DEAD))
+        return;
+    ssize_t w;
+    do
+        w = send(c->fd, b->data + b->start, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+    while (w < 0 && errno == EINTR);
+    if (w < 0) {
+        if (errno == EAGAIN) {
+            set_want_out(s, c, 1);
+            return;
+        }
+        uds_conn_fail(s, c, (errno == EPIPE || errno == ECONNRESET) ? UDS_CLOSE_PEER : UDS_CLOSE_ERROR,
+                      errno);
+        return;
+    }
+    b->start += (size_t)w;
+    if (w > 0)
+        touch(s, c);
+    if (b->start < b->end) {
+        set_want_out(s, c, 1); /* the rest when the peer has read */
+        resume_if_drained(s, c);
+        return;
+    }
+    b->start = b->end = 0;
+    if (b->cap > UDS_BUF_KEEP)
+        uds_buf_release(b);
+    set_want_out(s, c, 0);
+    resume_if_drained(s, c);
+    if (c->flags & UDS_CF_CLOSING)
+        uds_conn_attn_push(s, c); /* drained: it may be finished now */
+}
+
+int uds_conn_send(uds_server *s, uds_conn *c, const char *data, size_t len)
+{
+    unsigned char hdr[4];
+    int trailer;
+    int h = uds_frame_header(s->cfg.framing, len, hdr, &trailer);
+    if (h < 0)
+        return h;
+    int rc = uds_frame_check(s->cfg.framing, data, len);
+    if (rc < 0)
+        return rc;
+    if (len > SIZE_MAX - 8)
+        return -ENOMEM;
+    size_t frame = (size_t)h + len + (size_t)trailer;
+    uds_buf *b = &c->out;
+    if (s->cfg.max_output > 0 && uds_buf_len(b) + frame > s->cfg.max_output) {
+        if (!(c->flags & UDS_CF_WANT_OUT))
+            uds_conn_flush(s, c); /* a reading client may make room right now */
+        if (c->flags & UDS_CF_DEAD)
+            return -ENOTCONN;
+        if (uds_buf_len(b) + frame > s->cfg.max_output) {
+            uds_conn_fail(s, c, UDS_CLOSE_SLOW_CONSUMER, 0);
+            return -ENOBUFS;
+        }
+    }
+    if ((rc = uds_buf_reserve(b, frame)) < 0)
+        return rc;
+    memcpy(b->data + b->end, hdr, (size_t)h);
+    b->end += (size_t)h;
+    if (len > 0)
+        memcpy(b->data + b->end, data, len);
+    b->end += len;
+    if (trailer)
+        b->data[b->end++] = '\n';
+    UDS_COUNT(c->stats->msgs_out, 1);
+    UDS_COUNT(c->stats->bytes_out, len);
+    UDS_COUNT(s->stats.msgs_out, 1);
+    UDS_COUNT(s->stats.bytes_out, len);
+    if (uds_buf_len(b) >= s->high_water && !(c->flags & UDS_CF_PAUSED))
+        pause_reading(s, c);
+    uds_conn_dirty_push(s, c);
+    return 0;
+}
+
+/* ---- attention: delivering frames and finishing connections ---------------------------------- */
+
+/* Hands out c's complete frames as MESSAGE events while the batch has room, c has not used up
+ * its share of this turn, and its output is below the high-water mark. */
+static int parse(uds_server *s, uds_conn *c, uds_event *ev, int n, int cap)
+{
+    uds_buf *b = &c->in;
+    int delivered = 0;
+    if (c->msg_turn != s->turn)
+        c->turn_msgs = 0;
+    c->flags &= ~UDS_CF_FRAMES;
+    while (b->start < b->end) {
+        if (n >= cap || c->turn_msgs >= UDS_CONN_MSGS_PER_TURN || (c->flags & UDS_CF_PAUSED)) {
+            c->flags |= UDS_CF_FRAMES;
+            break;
+        }
+        size_t off = 0, plen = 0;
+        ssize_t r = uds_frame_next(s->cfg.framing, b->data + b->start, b->end - b->start,
+                                   s->cfg.max_message, &c->scan, &off, &plen);
+        if (r == 0)
+            break;
+        if (r < 0) {
+            /* Replies owed for the frames before this one still go out. */
+            uds_conn_close(s, c, UDS_CLOSE_TOO_LARGE, 0, 0);
+            break;
+        }
+        uds_event *e = &ev[n++];
+        e->type = UDS_EV_MESSAGE;
+        e->slot = c->fd;
+        e->id = c->id;
+        e->data = b->data + b->start + off;
+        e->len = plen;
+        b->start += (size_t)r;
+        c->scan = 0;
+        c->msg_turn = s->turn;
+        c->turn_msgs++;
+        delivered = 1;
+        UDS_COUNT(c->stats->msgs_in, 1);
+        UDS_COUNT(c->stats->bytes_in, plen);
+        UDS_COUNT(s->stats.msgs_in, 1);
+        UDS_COUNT(s->stats.bytes_in, plen);
+    }
+    if (b->start == b->end)
+        b->start = b->end = 0; /* indexes only: the bytes stay where they are */
+    time_frame(s, c, delivered);
+    return n;
+}
+
+static int finish(uds_server *s, uds_conn *c, uds_event *ev, int n)
+{
+    uds_event *e = &ev[n++];
+    e->type = UDS_EV_CLOSED;
+    e->slot = c->fd;
+    e->id = c->id;
+    e->data = NULL;
+    e->len = uds_buf_len(&c->out);
+    e->reason = c->reason;
+    e->err = c->err;
+    e->pid = 0;
+    e->uid = e->gid = 0;
+    c->flags |= UDS_CF_FINAL | UDS_CF_NO_READ;
+    c->flags &= ~UDS_CF_WANT_OUT;
+    update_interest(s, c);
+    untime(s, c);
+    uds_tlist_remove(&s->linger, &c->linger);
+    c->grave_next = s->graveyard;
+    s->graveyard = c;
+    s->live--;
+    UDS_COUNT(s->stats.current, (uint64_t)-1);
+    if (c->reason > 0 && c->reason < UDS_CLOSE_REASONS)
+        UDS_COUNT(s->stats.closed[c->reason], 1);
+    return n;
+}
+
+int uds_conn_attend(uds_server *s, uds_conn *c, uds_event *ev, int n, int cap)
+{
+    if (!(c->flags & UDS_CF_DEAD)) {
+        n = parse(s, c, ev, n, cap);
+        if (c->flags & UDS_CF_FRAMES) {
+            /* More frames wait. Batch full: serve_attention() queues it again. Its share of
+             * the turn spent: next turn. Paused: when its output drains. */
+            if (n < cap && !(c->flags & UDS_CF_PAUSED))
+                uds_conn_attn_push(s, c);
+            return n;
+        }
+        if ((c->flags & UDS_CF_EOF) && !(c->flags & UDS_CF_CLOSING))
+            uds_conn_close(s, c, UDS_CLOSE_PEER, 0, 1); /* a trailing partial frame is dropped */
+        if (!(c->flags & UDS_CF_CLOSING))
+            return n;
+        if (c->msg_turn == s->turn) {
+            uds_conn_attn_push(s, c); /* the replies to this turn's messages are not queued yet */
+            return n;
+        }
+        if (uds_buf_len(&c->out) > 0)
+            return n; /* EPOLLOUT or the flush deadline comes back to it */
+    }
+    if (n >= cap) {
+        uds_conn_attn_push(s, c); /* no room for its CLOSED event in this batch */
+        return n;
+    }
+    return finish(s, c, ev, n);
+}
