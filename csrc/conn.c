@@ -131,7 +131,7 @@ void uds_conn_fail(uds_server *s, uds_conn *c, int reason, int err)
         c->err = err;
     }
     c->flags |= UDS_CF_DEAD | UDS_CF_NO_READ;
-    c->flags &= ~UDS_CF_WANT_OUT;
+    c->flags &= ~(UDS_CF_WANT_OUT | UDS_CF_DRAIN);
     untime(s, c);
     update_interest(s, c);
     uds_conn_attn_push(s, c);
@@ -146,9 +146,17 @@ void uds_conn_close(uds_server *s, uds_conn *c, int reason, int err, int keep_in
         c->flags &= ~UDS_CF_FRAMES;
     }
     untime(s, c);
-    if (c->flags & UDS_CF_CLOSING)
+    if (c->flags & UDS_CF_CLOSING) {
+        if (!keep_input && (c->flags & UDS_CF_DRAIN)) {
+            c->flags = (c->flags & ~UDS_CF_DRAIN) | UDS_CF_NO_READ;
+            update_interest(s, c);
+        }
         return;
-    c->flags |= UDS_CF_CLOSING | UDS_CF_NO_READ;
+    }
+    /* Requests a client sent before a shutdown are owed replies even if they still wait in the
+     * socket: read on until the queue is empty once (the flush deadline bounds it). */
+    c->flags |= UDS_CF_CLOSING |
+                ((keep_input && !(c->flags & UDS_CF_NO_READ)) ? UDS_CF_DRAIN : UDS_CF_NO_READ);
     c->reason = reason;
     c->err = err;
     uds_tlist_append(&s->linger, &c->linger, s->now_ms + (uint64_t)s->cfg.flush_timeout_ms);
@@ -274,15 +282,20 @@ void uds_conn_read(uds_server *s, uds_conn *c)
         if (r < 0) {
             if (errno == EINTR)
                 continue;
-            if (errno == EAGAIN)
-                break;
-            uds_conn_fail(s, c, errno == ECONNRESET ? UDS_CLOSE_PEER : UDS_CLOSE_ERROR, errno);
-            return;
+            if (errno != EAGAIN) {
+                uds_conn_fail(s, c, errno == ECONNRESET ? UDS_CLOSE_PEER : UDS_CLOSE_ERROR, errno);
+                return;
+            }
+            if (c->flags & UDS_CF_DRAIN) {
+                c->flags = (c->flags & ~UDS_CF_DRAIN) | UDS_CF_NO_READ; /* drained */
+                update_interest(s, c);
+            }
+            break;
         }
         if (r == 0) {
             /* The peer shut its writing end. It may still read: deliver what it sent, send the
              * replies, then close (see uds_conn_attend()). */
-            c->flags |= UDS_CF_EOF | UDS_CF_NO_READ;
+            c->flags = (c->flags & ~UDS_CF_DRAIN) | UDS_CF_EOF | UDS_CF_NO_READ;
             update_interest(s, c);
             break;
         }
@@ -466,6 +479,15 @@ int uds_conn_attend(uds_server *s, uds_conn *c, uds_event *ev, int n, int cap)
             uds_conn_close(s, c, UDS_CLOSE_PEER, 0, 1); /* a trailing partial frame is dropped */
         if (!(c->flags & UDS_CF_CLOSING))
             return n;
+        if (c->flags & UDS_CF_DRAIN) {
+            /* Shutting down: read what still waits (no readiness may ever come for it). The
+             * read ends the drain on EAGAIN; bytes it finds come back here by attention. */
+            uds_conn_read(s, c);
+            if (c->flags & UDS_CF_DRAIN) {
+                uds_conn_attn_push(s, c);
+                return n;
+            }
+        }
         if (c->msg_turn == s->turn) {
             uds_conn_attn_push(s, c); /* the replies to this turn's messages are not queued yet */
             return n;

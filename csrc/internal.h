@@ -118,6 +118,7 @@ int uds_sock_peercred(int fd, int32_t *pid, uint32_t *uid, uint32_t *gid);
 #define UDS_CF_POLLED 0x400u   /* registered with epoll */
 #define UDS_CF_PAUSED 0x800u   /* output at the high-water mark: no reading, no delivering */
 #define UDS_CF_FRAMES 0x1000u  /* complete frames may wait in in: read no more until delivered */
+#define UDS_CF_DRAIN 0x2000u   /* shutting down: read until the queue is empty once, then stop */
 
 typedef struct uds_conn uds_conn;
 struct uds_conn {
@@ -177,8 +178,9 @@ uds_conn *uds_conn_new(uds_server *s, int fd);
 void uds_conn_bury(uds_server *s);
 void uds_conn_read(uds_server *s, uds_conn *c);
 void uds_conn_flush(uds_server *s, uds_conn *c);
-/* Stops reading; closes once nothing more is owed. keep_input: frames already received are
- * still delivered (shutdown); otherwise dropped. */
+/* Closes once nothing more is owed. keep_input: what the client sent before now is still
+ * delivered, including what waits unread in the socket (shutdown); otherwise it is dropped and
+ * reading stops at once. */
 void uds_conn_close(uds_server *s, uds_conn *c, int reason, int err, int keep_input);
 /* The socket is broken (or the connection must go now): close without flushing. */
 void uds_conn_fail(uds_server *s, uds_conn *c, int reason, int err);

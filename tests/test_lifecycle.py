@@ -664,7 +664,8 @@ class TestShutdownWithClients:
 
 def test_unread_requests_at_shutdown_give_eof(sock_path, serve):
     """A client that sent more requests while the server was busy with an earlier one, which
-    ended in shutdown(): it gets the reply owed to it, then a clean end of connection
+    ended in shutdown(): the requests it sent before the shutdown still get their replies
+    (the server drains what waits in the socket), in order, then a clean end of connection
     (ConnectionClosedError), not a connection reset."""
     busy, go = threading.Event(), threading.Event()
 
@@ -680,10 +681,11 @@ def test_unread_requests_at_shutdown_give_eof(sock_path, serve):
     with pyuds.connect(sock_path, timeout=TIMEOUT) as conn:
         conn.send(b"hold")
         assert busy.wait(TIMEOUT)
-        for i in range(20):  # the loop is inside the handler: these stay in the kernel
+        for i in range(20):  # the loop is inside the handler: these wait in the kernel
             conn.send(b"late %d" % i)
         go.set()
         assert conn.recv() == b"held"
+        assert [conn.recv() for _ in range(20)] == [b"re:late %d" % i for i in range(20)]
         with pytest.raises(pyuds.ConnectionClosedError):
             conn.recv()
     wait_until(lambda: server.closed)
