@@ -275,9 +275,11 @@ void uds_conn_read(uds_server *s, uds_conn *c)
             uds_conn_fail(s, c, UDS_CLOSE_ERROR, ENOMEM);
             return;
         }
+        /* Ask for want, not for all the room the buffer happens to have: what one read takes
+         * in bounds the replies one turn can add to the output. */
         size_t room = b->cap - b->end;
-        if (room > budget)
-            room = budget;
+        if (room > want)
+            room = want;
         ssize_t r = recv(c->fd, b->data + b->end, room, 0);
         if (r < 0) {
             if (errno == EINTR)

@@ -226,6 +226,7 @@ class Server:
                 reason = "rejected"
             except Exception:
                 log.exception("on_connect raised for client %d (pid %d); closing it", cid, pid)
+                self._handler_errors += 1
                 admitted, reason = False, "handler_error"
             if not admitted:
                 client._closed = True
@@ -256,7 +257,9 @@ class Server:
                         client.id, self._config.frame_timeout)
         elif reason is CloseReason.IDLE_TIMEOUT:
             log.debug("client %d closed after %gs idle", client.id, self._config.idle_timeout)
-        if discarded:
+        if discarded and reason in (CloseReason.PEER, CloseReason.ERROR):
+            log.debug("client %d went away with %d bytes of output unsent", client.id, discarded)
+        elif discarded and reason is not CloseReason.SLOW_CONSUMER:
             log.warning("client %d: %d bytes of output given up at close (not read within %gs)",
                         client.id, discarded, self._config.flush_timeout)
         if not client._admitted:
