@@ -89,3 +89,10 @@ def recv_exactly(sock: socket.socket, n: int) -> bytes:
         assert chunk, f"the server closed the connection after {len(got)} of {n} bytes"
         got += chunk
     return bytes(got)
+
+
+# Set by .ci/run for its pass with the extension built under ASan + UBSan: there, a process's
+# RSS measures the sanitizer's shadow memory and quarantine, not pyuds.
+measures_memory = pytest.mark.skipif(
+    bool(os.environ.get("PYUDS_SANITIZED")),
+    reason="RSS under AddressSanitizer measures the sanitizer, not pyuds (runs in the plain pass)")

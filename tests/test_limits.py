@@ -31,7 +31,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import pytest
 
 import pyuds
-from conftest import is_socket, recv_exactly, wait_until
+from conftest import is_socket, measures_memory, recv_exactly, wait_until
 
 heavy = pytest.mark.heavy  # registered in pyproject.toml
 
@@ -267,6 +267,7 @@ def report(**figures: object) -> None:
 # ---- memory and CPU: a server in its own process ----------------------------------------------
 
 
+@measures_memory
 @heavy
 @pytest.mark.timeout(90)
 def test_thousand_clients_that_never_read_cost_bounded_memory(server_process):
@@ -484,6 +485,7 @@ def test_accepting_resumes_after_backoff_when_descriptors_free_up(server_process
     assert server.stop() == 0
 
 
+@measures_memory
 def test_huge_length_headers_cost_no_memory(server_process):
     """100 clients each send the u32 header 0xFFFFFFFF (a 4 GiB message, over
     max_message_size): each is disconnected with an error logged, and the server's memory
