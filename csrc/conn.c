@@ -3,10 +3,14 @@
  * backpressure, timeouts, closing. The loop that drives connections is in server.c.
  *
  * Rules this file keeps:
- * - A MESSAGE event points into its connection's input buffer. That buffer is neither moved nor
- *   freed until the next uds_poll(): a connection that handed out a pointer in this turn is not
- *   read again in this turn (level-triggered epoll reports it again), and a finished connection
- *   goes to the graveyard, freed (and its descriptor closed) at the start of the next turn.
+ * - A MESSAGE event points into the server's read arena or its connection's own input buffer.
+ *   Neither is moved nor freed until the next uds_poll(): the arena only grows within a turn;
+ *   a connection that handed out a pointer in this turn is not read again in this turn
+ *   (level-triggered epoll reports it again); a finished connection goes to the graveyard,
+ *   freed (and its descriptor closed) at the start of the next turn.
+ * - An idle connection holds no buffer: reads of a connection with nothing buffered go to the
+ *   arena, and only what outlives the turn (a partial frame, frames held back) is copied to
+ *   its own buffer; output buffers are given back once drained.
  * - Memory per connection is bounded: it reads a chunk at a time and no more while complete
  *   frames wait; while its unsent output is at the high-water mark it is neither read nor
  *   served (its client waits, the kernel holds what it sends), and output that would pass
@@ -142,6 +146,7 @@ void uds_conn_close(uds_server *s, uds_conn *c, int reason, int err, int keep_in
     if (!keep_input) {
         /* Pointers already handed out stay valid: the bytes are not moved, only skipped. */
         c->in.start = c->in.end;
+        c->view = NULL;
         c->scan = 0;
         c->flags &= ~UDS_CF_FRAMES;
     }
@@ -254,6 +259,48 @@ static size_t frame_need(const uds_server *s, const uds_conn *c)
     return (n > s->cfg.max_message || 4 + n <= have) ? 0 : 4 + n - have;
 }
 
+/* A read for a connection with nothing buffered: one chunk, into the arena. */
+static void read_into_arena(uds_server *s, uds_conn *c)
+{
+    char *at = s->arena + s->arena_used;
+    size_t room = UDS_ARENA_SIZE - s->arena_used;
+    ssize_t r;
+    do
+        r = recv(c->fd, at, room < UDS_READ_CHUNK ? room : UDS_READ_CHUNK, 0);
+    while (r < 0 && errno == EINTR);
+    if (r < 0) {
+        if (errno != EAGAIN) {
+            uds_conn_fail(s, c, errno == ECONNRESET ? UDS_CLOSE_PEER : UDS_CLOSE_ERROR, errno);
+            return;
+        }
+        if (c->flags & UDS_CF_DRAIN) {
+            c->flags = (c->flags & ~UDS_CF_DRAIN) | UDS_CF_NO_READ; /* drained */
+            update_interest(s, c);
+        }
+        return;
+    }
+    if (r == 0) {
+        c->flags = (c->flags & ~UDS_CF_DRAIN) | UDS_CF_EOF | UDS_CF_NO_READ;
+        update_interest(s, c);
+    } else {
+        c->view = at;
+        c->view_len = (size_t)r;
+        s->arena_used += (size_t)r;
+        touch(s, c);
+    }
+    uds_conn_attn_push(s, c);
+}
+
+void uds_conn_settle(uds_server *s, uds_conn *c)
+{
+    if (c->view == NULL)
+        return;
+    int rc = uds_buf_append(&c->in, c->view, c->view_len);
+    c->view = NULL;
+    if (rc < 0)
+        uds_conn_fail(s, c, UDS_CLOSE_ERROR, ENOMEM);
+}
+
 void uds_conn_read(uds_server *s, uds_conn *c)
 {
     if (c->flags & (UDS_CF_NO_READ | UDS_CF_PAUSED | UDS_CF_FRAMES))
@@ -262,9 +309,11 @@ void uds_conn_read(uds_server *s, uds_conn *c)
         return; /* its buffer must not move in this turn; epoll reports it again */
     uds_buf *b = &c->in;
     if (b->start == b->end) {
-        b->start = b->end = 0;
-        if (b->cap > UDS_BUF_KEEP)
-            uds_buf_release(b); /* a big message is over: don't keep its room */
+        uds_buf_release(b); /* nothing outlived the last turn: hold nothing */
+        if (c->view == NULL && UDS_ARENA_SIZE - s->arena_used >= UDS_ARENA_MIN_READ) {
+            read_into_arena(s, c);
+            return;
+        }
     }
     size_t budget = UDS_READ_BUDGET, got = 0;
     for (;;) {
@@ -340,9 +389,7 @@ void uds_conn_flush(uds_server *s, uds_conn *c)
         resume_if_drained(s, c);
         return;
     }
-    b->start = b->end = 0;
-    if (b->cap > UDS_BUF_KEEP)
-        uds_buf_release(b);
+    uds_buf_release(b); /* drained: an idle connection holds nothing */
     set_want_out(s, c, 0);
     resume_if_drained(s, c);
     if (c->flags & UDS_CF_CLOSING)
@@ -403,28 +450,35 @@ static int parse(uds_server *s, uds_conn *c, uds_event *ev, int n, int cap)
     if (c->msg_turn != s->turn)
         c->turn_msgs = 0;
     c->flags &= ~UDS_CF_FRAMES;
-    while (b->start < b->end) {
+    /* The bytes: this turn's read in the arena, or what the connection keeps (never both). */
+    const char *base = c->view;
+    size_t len = c->view_len, pos = 0;
+    if (base == NULL) {
+        base = b->data != NULL ? b->data + b->start : ""; /* (NULL + 0 is undefined in C) */
+        len = uds_buf_len(b);
+    }
+    while (pos < len) {
         if (n >= cap || c->turn_msgs >= UDS_CONN_MSGS_PER_TURN || (c->flags & UDS_CF_PAUSED)) {
             c->flags |= UDS_CF_FRAMES;
             break;
         }
         size_t off = 0, plen = 0;
-        ssize_t r = uds_frame_next(s->cfg.framing, b->data + b->start, b->end - b->start,
-                                   s->cfg.max_message, &c->scan, &off, &plen);
+        ssize_t r = uds_frame_next(s->cfg.framing, base + pos, len - pos, s->cfg.max_message,
+                                   &c->scan, &off, &plen);
         if (r == 0)
             break;
         if (r < 0) {
             /* Replies owed for the frames before this one still go out. */
             uds_conn_close(s, c, UDS_CLOSE_TOO_LARGE, 0, 0);
-            break;
+            return n; /* input dropped (view and buffer) */
         }
         uds_event *e = &ev[n++];
         e->type = UDS_EV_MESSAGE;
         e->slot = c->fd;
         e->id = c->id;
-        e->data = b->data + b->start + off;
+        e->data = base + pos + off;
         e->len = plen;
-        b->start += (size_t)r;
+        pos += (size_t)r;
         c->scan = 0;
         c->msg_turn = s->turn;
         c->turn_msgs++;
@@ -434,8 +488,18 @@ static int parse(uds_server *s, uds_conn *c, uds_event *ev, int n, int cap)
         UDS_COUNT(s->stats.msgs_in, 1);
         UDS_COUNT(s->stats.bytes_in, plen);
     }
-    if (b->start == b->end)
-        b->start = b->end = 0; /* indexes only: the bytes stay where they are */
+    if (c->view) {
+        /* What outlives the turn moves to the connection's own buffer. */
+        c->view += pos;
+        c->view_len -= pos;
+        if (c->view_len == 0)
+            c->view = NULL;
+        uds_conn_settle(s, c);
+    } else {
+        b->start += pos;
+        if (b->start == b->end)
+            b->start = b->end = 0; /* indexes only: the bytes stay where they are */
+    }
     time_frame(s, c, delivered);
     return n;
 }

@@ -15,7 +15,8 @@
 #define UDS_READ_BUDGET (256 * 1024)  /* bytes read from one connection per readiness (a large
                                        * u32 frame in progress is read in up to this much) */
 #define UDS_CONN_MSGS_PER_TURN 128    /* messages one connection delivers per turn */
-#define UDS_BUF_KEEP (64 * 1024)      /* an emptied buffer larger than this is given back */
+#define UDS_ARENA_SIZE (1024 * 1024) /* the shared read arena (see uds_server.arena) */
+#define UDS_ARENA_MIN_READ (16 * 1024) /* arena room below which reads use their own buffers */
 #define UDS_EPOLL_BATCH 256           /* readiness events taken per epoll_wait */
 #define UDS_LINGER_DISCARD (1024 * 1024) /* unread bytes dropped at close, at most */
 #define UDS_HIGH_WATER_MAX (1024 * 1024) /* output high-water mark, at most */
@@ -125,7 +126,11 @@ struct uds_conn {
     int fd;                 /* the data socket; also its slot */
     unsigned flags;         /* UDS_CF_* */
     uint64_t id;            /* unique for the server's lifetime */
-    uds_buf in;             /* received bytes not yet consumed */
+    uds_buf in;             /* received bytes not yet consumed that outlive a turn: a partial
+                             * frame, or frames held back; unallocated otherwise */
+    const char *view;       /* this turn's read, in the server's arena, not yet parsed (in is
+                             * empty then); NULL otherwise */
+    size_t view_len;
     uds_buf out;            /* framed bytes waiting to be written */
     size_t scan;            /* line framing: bytes of in known to hold no '\n' */
     uint64_t msg_turn;      /* the turn that last handed out a pointer into in */
@@ -167,6 +172,10 @@ struct uds_server {
     uds_tlist linger;       /* closing connections by flush deadline */
     uds_tlist idle;         /* connections by idle deadline */
     uds_tlist frames;       /* connections with an incomplete frame, by frame deadline */
+    char *arena;            /* reads of connections with nothing buffered land here, back to
+                             * back; messages point into it; reset at the start of each turn,
+                             * so idle connections hold no input buffer at all */
+    size_t arena_used;
     uds_server_stats stats;
     uds_ready ready[UDS_EPOLL_BATCH]; /* what epoll_wait reported */
 };
@@ -184,6 +193,9 @@ void uds_conn_flush(uds_server *s, uds_conn *c);
 void uds_conn_close(uds_server *s, uds_conn *c, int reason, int err, int keep_input);
 /* The socket is broken (or the connection must go now): close without flushing. */
 void uds_conn_fail(uds_server *s, uds_conn *c, int reason, int err);
+/* Moves a read still unparsed out of the arena into c's own buffer (the arena is reset at the
+ * next turn). */
+void uds_conn_settle(uds_server *s, uds_conn *c);
 /* Delivers c's frames as events and finishes it when nothing more is owed: returns n. */
 int uds_conn_attend(uds_server *s, uds_conn *c, uds_event *ev, int n, int cap);
 /* Queues a framed message (see uds_send). */

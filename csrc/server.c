@@ -198,6 +198,11 @@ int uds_poll(uds_server *s, uds_event *ev, int cap, int timeout_ms)
     s->turn++;
     clock_now(s);
     uds_conn_bury(s);
+    /* The last batch's messages are done with; reads not parsed yet (their connections wait
+     * on the attention list) move to their own buffers before the arena is reused. */
+    for (uds_conn *c = s->attn_head; c != NULL; c = c->attn_next)
+        uds_conn_settle(s, c);
+    s->arena_used = 0;
     flush_dirty(s);
     expire(s);
     resume_accepting(s);
@@ -327,6 +332,10 @@ int uds_server_new(uds_server **out, const char *path, const uds_config *cfg)
     s->listen_fd = s->ep = s->wake_rd = s->wake_wr = -1;
     s->next_id = 1;
     s->accept_backoff_ms = UDS_ACCEPT_BACKOFF_MIN;
+    if ((s->arena = malloc(UDS_ARENA_SIZE)) == NULL) {
+        free(s);
+        return -ENOMEM;
+    }
     s->high_water = UDS_HIGH_WATER_MAX;
     if (cfg->max_output > 0 && cfg->max_output / 2 < s->high_water)
         s->high_water = cfg->max_output / 2 > 0 ? cfg->max_output / 2 : 1;
@@ -374,6 +383,7 @@ void uds_server_free(uds_server *s)
         free(c);
     }
     free(s->conns);
+    free(s->arena);
     if (s->ep >= 0)
         close(s->ep);
     if (s->wake_rd >= 0)
