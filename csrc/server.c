@@ -242,6 +242,53 @@ int uds_send(uds_server *s, int slot, uint64_t id, const char *data, size_t len)
     return uds_conn_send(s, c, data, len);
 }
 
+int uds_poll_batch(uds_server *s, uds_event *ev, int cap, int timeout_ms, uds_batch *b)
+{
+    int n = uds_poll(s, ev, cap, timeout_ms);
+    size_t used = 0;
+    int all = 1;
+    for (int i = 0; i < n; i++) {
+        b->kind[i] = ev[i].type;
+        b->slot[i] = ev[i].slot;
+        size_t len = ev[i].len;
+        if (ev[i].type == UDS_EV_MESSAGE && len <= UDS_PACK_MAX && b->pack_cap - used >= len) {
+            if (len > 0)
+                memcpy(b->pack + used, ev[i].data, len);
+            used += len;
+            b->end[i] = (uint32_t)used;
+        } else {
+            b->end[i] = UDS_UNPACKED;
+            all = 0;
+        }
+    }
+    b->pack_used = used;
+    b->all_packed = all;
+    return n;
+}
+
+int uds_reply_batch(uds_server *s, const uds_event *ev, int first, int n, const char *data,
+                    const int64_t *lens, int *rcs)
+{
+    int failed = 0;
+    size_t off = 0;
+    for (int i = 0; i < n; i++) {
+        rcs[i] = 0;
+        if (lens[i] < 0)
+            continue;
+        const uds_event *e = &ev[first + i];
+        uds_conn *c = conn_get(s, e->slot, e->id);
+        int rc = (c == NULL || (c->flags & UDS_CF_DEAD))
+                     ? -ENOTCONN
+                     : uds_conn_send(s, c, data + off, (size_t)lens[i]);
+        off += (size_t)lens[i];
+        if (rc < 0) {
+            rcs[i] = rc;
+            failed++;
+        }
+    }
+    return failed;
+}
+
 int uds_close(uds_server *s, int slot, uint64_t id, int reason)
 {
     uds_conn *c = conn_get(s, slot, id);

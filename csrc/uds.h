@@ -125,6 +125,23 @@ typedef struct uds_server_stats {
                              * closed at accept for max_connections count as REJECTED */
 } uds_server_stats;
 
+/* The batch as parallel arrays, for a caller that reads a whole batch at once (pyuds's Python
+ * loop turns each array into a list in one call). The caller owns every array, of the same
+ * capacity as its event array, and pack. Small payloads are copied into pack back to back, so
+ * that the caller can take them all as one object and cut it. */
+#define UDS_PACK_MAX 4096        /* payloads up to this size are packed */
+#define UDS_UNPACKED 4294967295u /* end[i] of an event whose payload is not in pack */
+typedef struct uds_batch {
+    int32_t *kind;    /* [cap] event type */
+    int32_t *slot;    /* [cap] event slot */
+    uint32_t *end;    /* [cap] for a packed payload: its end in pack (it starts where the
+                       * previous packed payload ended, or at 0); else UDS_UNPACKED */
+    char *pack;       /* packed payloads */
+    size_t pack_cap;  /* bytes of pack, at most 4 GiB - 2 */
+    size_t pack_used; /* out: bytes of pack filled */
+    int all_packed;   /* out: 1 if every event is a MESSAGE whose payload is packed */
+} uds_batch;
+
 /* Creates the master socket and binds it to path, then listens.
  * An existing path is replaced only if it is a socket nobody answers on (connect refused);
  * the socket file is created with at most cfg->mode (never a wider mode, not even for an
@@ -145,6 +162,16 @@ void uds_server_free(uds_server *s);
  * Returns the number of events (possibly 0: timeout, uds_wakeup(), or a signal interrupted the
  * wait, so that the caller can run its signal handlers), or -errno if the wait failed. */
 int uds_poll(uds_server *s, uds_event *ev, int cap, int timeout_ms);
+
+/* uds_poll(), then fills b for the events it returned. Returns as uds_poll(). */
+int uds_poll_batch(uds_server *s, uds_event *ev, int cap, int timeout_ms, uds_batch *b);
+
+/* Queues the replies to events ev[first .. first + n) of the last batch in one call: reply i
+ * has lens[i] bytes (-1: none) and they lie back to back in data. Each goes to its event's
+ * connection, as uds_send() would send it; rcs[i] gets uds_send()'s result (0 for none).
+ * Returns how many failed. */
+int uds_reply_batch(uds_server *s, const uds_event *ev, int first, int n, const char *data,
+                    const int64_t *lens, int *rcs);
 
 /* Queues payload as one framed message to connection (slot, id); it leaves at the next
  * uds_poll(). Returns 0; -ENOTCONN if that connection is finished or its socket failed;

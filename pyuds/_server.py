@@ -85,7 +85,9 @@ class Server:
         self._core = Core(self._path, config)
         # A server dropped without shutdown() still closes its sockets and removes its file
         # when collected, with a ResourceWarning, as an unclosed socket does.
-        weakref.finalize(self, _collect, self._core, self._path)
+        # Not at interpreter exit: atexit runs the last registered first, so this would free the
+        # C server under a loop thread still running; _shutdown_running() stops those first.
+        weakref.finalize(self, _collect, self._core, self._path).atexit = False
         log.info("listening on %s (framing %s, mode %04o)", self._path, config.framing, config.mode)
 
     # ---- public ----

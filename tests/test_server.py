@@ -445,3 +445,40 @@ def test_vanishing_clients_do_not_hurt_the_server(serve, sock_path):
     wait_until(lambda: len(server.clients) == 0)
     with pyuds.connect(sock_path, timeout=5) as conn:
         assert conn.request(b"z") == b"z" * 1000
+
+
+# ---- order of output when requests arrive in batches ------------------------------------------
+
+
+def test_pushes_and_replies_keep_their_order_in_a_pipeline(serve, sock_path):
+    """Pipelined requests are handled a batch at a time and replies leave together, yet a
+    handler that pushes a message and then replies produces p0 r0 p1 r1 ... in that order."""
+    def handler(client, message):
+        client.send(b"p" + message)
+        return b"r" + message
+
+    serve(handler)
+    with pyuds.connect(sock_path, timeout=10) as conn:
+        for i in range(200):
+            conn.send(b"%d" % i)
+        got = [conn.recv() for _ in range(400)]
+    assert got == [x for i in range(200) for x in (b"p%d" % i, b"r%d" % i)]
+
+
+def test_replies_of_every_kind_keep_their_order_in_a_pipeline(serve, sock_path):
+    """In one batch, small replies (sent together), big ones (sent on their own), bytes-like
+    ones and no reply at all still reach the client in request order."""
+    big = b"B" * (64 * 1024)
+
+    def handler(client, message):
+        i = int(message)
+        return [b"small %d" % i, big + b"%d" % i, bytearray(b"ba %d" % i), None][i % 4]
+
+    serve(handler)
+    with pyuds.connect(sock_path, timeout=10) as conn:
+        # One write: a client that makes hundreds of small writes without reading can fill its
+        # own send buffer while the server, rightly, waits for it to read (backpressure).
+        conn._sock.sendall(b"".join(len(b"%d" % i).to_bytes(4, "big") + b"%d" % i for i in range(400)))
+        expected = [[b"small %d" % i, big + b"%d" % i, b"ba %d" % i][i % 4] for i in range(400) if i % 4 != 3]
+        assert [conn.recv() for _ in expected] == expected
+        assert conn.request(b"4") == b"small 4"  # and it goes on serving
