@@ -39,5 +39,19 @@ ffibuilder.set_source(
     extra_link_args=extra,
 )
 
+# The C load generator of benchmarks/, built in so that `pyuds bench` works wherever pyuds is
+# installed; its main() becomes uds_loadgen_main(), run in a process of its own.
+loadgen = FFI()
+loadgen.cdef("int uds_loadgen_main(int argc, char **argv);")
+loadgen.set_source(
+    "pyuds._loadgen",
+    "int uds_loadgen_main(int argc, char **argv);",
+    sources=[os.path.relpath(os.path.join(HERE, "benchmarks", "loadgen.c"), HERE)],
+    define_macros=[("UDS_LOADGEN_ENTRY", "uds_loadgen_main")],
+    extra_compile_args=["-O2", "-Wall", "-Wextra", *extra],
+    extra_link_args=extra,
+)
+
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)
+    loadgen.compile(verbose=True)

@@ -717,7 +717,13 @@ static double parse_secs(const char *name, const char *s, double lo, double hi)
     return v;
 }
 
-int main(int argc, char **argv)
+/* Built alone, this is the program's main(); built into pyuds (see build_ffi.py) it is
+ * uds_loadgen_main(), which `pyuds bench` runs in a process of its own. */
+#ifndef UDS_LOADGEN_ENTRY
+#define UDS_LOADGEN_ENTRY main
+#endif
+int UDS_LOADGEN_ENTRY(int argc, char **argv);
+int UDS_LOADGEN_ENTRY(int argc, char **argv)
 {
     enum { O_PATH = 1, O_CONNS, O_DEPTH, O_SIZE, O_DURATION, O_WARMUP, O_VERIFY, O_CTIMEOUT,
            O_IDLE, O_HOLD, O_HELP };

@@ -82,6 +82,18 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("messages", nargs="+", metavar="MESSAGE")
     send.add_argument("--framing", choices=FRAMINGS, default="u32", help="default: u32")
     send.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each reply (default: 10)")
+
+    bench = sub.add_parser("bench", help="measure a handler under load",
+                           description="Start a server with the handler and drive it with pyuds's C load "
+                                       "generator (u32 framing); print throughput, latency and server CPU.")
+    bench.add_argument("--handler", metavar="MODULE:FUNCTION",
+                       help="handler(client, message) -> bytes | None (default: echo, whose replies are "
+                            "checked byte for byte)")
+    bench.add_argument("--conns", type=int, default=64, help="connections (default: 64)")
+    bench.add_argument("--depth", type=int, default=16, help="requests in flight on each (default: 16)")
+    bench.add_argument("--size", type=int, default=64, help="payload bytes per request (default: 64)")
+    bench.add_argument("--duration", type=float, default=5.0, help="seconds measured (default: 5)")
+    bench.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring (default: 1)")
     return parser
 
 
@@ -129,5 +141,15 @@ def _send(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        if args.handler:
+            try:
+                _load_handler(args.handler)  # a bad spec is a usage error here, not in the child
+            except argparse.ArgumentTypeError as exc:
+                parser.error(str(exc))
+        from ._bench import bench
+
+        return bench(args)
     return _serve(args) if args.command == "serve" else _send(args)

@@ -337,6 +337,15 @@ class Core:
                 server._disconnected(ev.slot, REASON_NAMES[ev.reason], ev.err, ev.len)
 
 
+def run_loadgen(argv: list[str]) -> int:
+    """Runs the C load generator (benchmarks/loadgen.c, built in as pyuds._loadgen) with this
+    command line, in this process: it may exit() it. For `pyuds bench`'s child process."""
+    from ._loadgen import ffi as lg_ffi, lib as lg_lib
+
+    args = [lg_ffi.new("char[]", os.fsencode(a)) for a in argv]
+    return lg_lib.uds_loadgen_main(len(args), lg_ffi.new("char *[]", [*args, lg_ffi.NULL]))
+
+
 def read_stats(stats: Any) -> tuple[int, int, int, int]:
     """(messages in, bytes in, messages out, bytes out) from a bind_stats() token."""
     return stats.msgs_in, stats.bytes_in, stats.msgs_out, stats.bytes_out

@@ -419,3 +419,35 @@ def test_signal_as_soon_as_the_socket_exists(sock_path, sig):
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(EXIT_TIMEOUT)
+
+
+# ---- pyuds bench ----------------------------------------------------------------------------------
+
+
+class TestBench:
+    """`pyuds bench` drives a real server with the C load generator and reports what it saw."""
+
+    ARGS = ["bench", "--duration", "0.5", "--warmup", "0.2", "--conns", "4", "--depth", "2"]
+
+    def test_echo_every_reply_checked(self):
+        result = run(self.ARGS)
+        assert result.returncode == 0, result.stderr
+        assert "msgs/s" in result.stdout and "p99" in result.stdout
+        assert "every reply checked byte for byte; errors 0, lost 0" in result.stdout
+
+    def test_a_handler_of_ones_own(self, tmp_path):
+        (tmp_path / "shout.py").write_text("def handle(client, message):\n    return message.upper()\n")
+        result = run([*self.ARGS, "--handler", "shout:handle"], cwd=str(tmp_path))
+        assert result.returncode == 0, result.stderr
+        assert "shout:handle" in result.stdout
+        assert "counted and their framing checked; errors 0, lost 0" in result.stdout
+
+    def test_a_failing_handler_fails_the_bench(self, tmp_path):
+        (tmp_path / "broken.py").write_text("def handle(client, message):\n    raise RuntimeError('no')\n")
+        result = run([*self.ARGS, "--handler", "broken:handle"], cwd=str(tmp_path))
+        assert result.returncode == 1
+        assert "pyuds bench:" in result.stderr
+
+    def test_a_bad_handler_spec_is_a_usage_error(self):
+        result = run([*self.ARGS, "--handler", "no_such_module_here:handle"])
+        assert result.returncode == 2 and "cannot import" in result.stderr
