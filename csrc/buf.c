@@ -1,6 +1,6 @@
 /*
  * buf.c - a growable byte buffer: allocated on first use, grown geometrically, compacted in
- * place, given back whole.
+ * place, given back whole; and the pool that keeps large ones warm.
  */
 #define _GNU_SOURCE
 #include "internal.h"
@@ -9,7 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-int uds_buf_reserve(uds_buf *b, size_t n)
+int uds_buf_reserve(uds_buf *b, size_t n, uds_pool *pool)
 {
     size_t live = b->end - b->start;
     if (b->cap - b->end >= n)
@@ -28,6 +28,21 @@ int uds_buf_reserve(uds_buf *b, size_t n)
     size_t cap = b->cap ? b->cap : 4096;
     while (cap - live < n)
         cap *= 2;
+    if (b->data == NULL && pool != NULL && cap >= UDS_POOL_MIN) {
+        int best = -1; /* the smallest pooled buffer that fits */
+        for (int i = 0; i < pool->n; i++)
+            if (pool->cap[i] >= cap && (best < 0 || pool->cap[i] < pool->cap[best]))
+                best = i;
+        if (best >= 0) {
+            b->data = pool->data[best];
+            b->cap = pool->cap[best];
+            pool->bytes -= pool->cap[best];
+            pool->n--;
+            pool->data[best] = pool->data[pool->n];
+            pool->cap[best] = pool->cap[pool->n];
+            return 0;
+        }
+    }
     char *p = realloc(b->data, cap);
     if (p == NULL)
         return -ENOMEM;
@@ -36,11 +51,11 @@ int uds_buf_reserve(uds_buf *b, size_t n)
     return 0;
 }
 
-int uds_buf_append(uds_buf *b, const void *p, size_t n)
+int uds_buf_append(uds_buf *b, const void *p, size_t n, uds_pool *pool)
 {
     if (n == 0)
         return 0;
-    int rc = uds_buf_reserve(b, n);
+    int rc = uds_buf_reserve(b, n, pool);
     if (rc < 0)
         return rc;
     memcpy(b->data + b->end, p, n);
@@ -48,9 +63,24 @@ int uds_buf_append(uds_buf *b, const void *p, size_t n)
     return 0;
 }
 
-void uds_buf_release(uds_buf *b)
+void uds_buf_release(uds_buf *b, uds_pool *pool)
 {
-    free(b->data);
+    if (b->data != NULL && pool != NULL && b->cap >= UDS_POOL_MIN && pool->n < UDS_POOL_SLOTS &&
+        pool->bytes + b->cap <= UDS_POOL_BYTES) {
+        pool->data[pool->n] = b->data;
+        pool->cap[pool->n++] = b->cap;
+        pool->bytes += b->cap;
+    } else {
+        free(b->data);
+    }
     b->data = NULL;
     b->start = b->end = b->cap = 0;
+}
+
+void uds_pool_free(uds_pool *pool)
+{
+    for (int i = 0; i < pool->n; i++)
+        free(pool->data[i]);
+    pool->n = 0;
+    pool->bytes = 0;
 }

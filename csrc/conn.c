@@ -238,8 +238,8 @@ void uds_conn_bury(uds_server *s)
         if (!(c->flags & (UDS_CF_EOF | UDS_CF_DEAD)))
             discard_unread(c->fd);
         close(c->fd);
-        uds_buf_release(&c->in);
-        uds_buf_release(&c->out);
+        uds_buf_release(&c->in, &s->pool);
+        uds_buf_release(&c->out, &s->pool);
         free(c);
     }
     s->accept_retry_ms = 0; /* descriptors were freed: if accepting paused, try now */
@@ -295,7 +295,7 @@ void uds_conn_settle(uds_server *s, uds_conn *c)
 {
     if (c->view == NULL)
         return;
-    int rc = uds_buf_append(&c->in, c->view, c->view_len);
+    int rc = uds_buf_append(&c->in, c->view, c->view_len, &s->pool);
     c->view = NULL;
     if (rc < 0)
         uds_conn_fail(s, c, UDS_CLOSE_ERROR, ENOMEM);
@@ -309,7 +309,7 @@ void uds_conn_read(uds_server *s, uds_conn *c)
         return; /* its buffer must not move in this turn; epoll reports it again */
     uds_buf *b = &c->in;
     if (b->start == b->end) {
-        uds_buf_release(b); /* nothing outlived the last turn: hold nothing */
+        uds_buf_release(b, &s->pool); /* nothing outlived the last turn: hold nothing */
         if (c->view == NULL && UDS_ARENA_SIZE - s->arena_used >= UDS_ARENA_MIN_READ) {
             read_into_arena(s, c);
             return;
@@ -320,7 +320,7 @@ void uds_conn_read(uds_server *s, uds_conn *c)
         size_t want = UDS_READ_CHUNK, need = frame_need(s, c);
         if (need > want)
             want = need < budget ? need : budget;
-        if (uds_buf_reserve(b, want) < 0) {
+        if (uds_buf_reserve(b, want, &s->pool) < 0) {
             uds_conn_fail(s, c, UDS_CLOSE_ERROR, ENOMEM);
             return;
         }
@@ -389,7 +389,7 @@ void uds_conn_flush(uds_server *s, uds_conn *c)
         resume_if_drained(s, c);
         return;
     }
-    uds_buf_release(b); /* drained: an idle connection holds nothing */
+    uds_buf_release(b, &s->pool); /* drained: an idle connection holds nothing */
     set_want_out(s, c, 0);
     resume_if_drained(s, c);
     if (c->flags & UDS_CF_CLOSING)
@@ -420,7 +420,7 @@ int uds_conn_send(uds_server *s, uds_conn *c, const char *data, size_t len)
             return -ENOBUFS;
         }
     }
-    if ((rc = uds_buf_reserve(b, frame)) < 0)
+    if ((rc = uds_buf_reserve(b, frame, &s->pool)) < 0)
         return rc;
     memcpy(b->data + b->end, hdr, (size_t)h);
     b->end += (size_t)h;

@@ -36,15 +36,34 @@ typedef struct uds_buf {
     size_t cap;   /* bytes allocated */
 } uds_buf;
 
+/* Large buffers given back, kept warm for the next connection that needs one. Connections give
+ * their buffers back as soon as they are empty (an idle connection holds nothing); without the
+ * pool, every large message would allocate, fault in and unmap a fresh buffer, since glibc
+ * serves blocks this big with mmap(): that churn, not the copying, halved 64 KiB throughput. */
+#define UDS_POOL_SLOTS 16
+#define UDS_POOL_MIN (64 * 1024)          /* buffers at least this big are pooled */
+#define UDS_POOL_BYTES (16 * 1024 * 1024) /* the pool holds at most this much */
+typedef struct uds_pool {
+    char *data[UDS_POOL_SLOTS];
+    size_t cap[UDS_POOL_SLOTS];
+    int n;        /* buffers held */
+    size_t bytes; /* their capacity in all */
+} uds_pool;
+
 /* Makes room for at least n bytes after end, moving the live bytes to the front first if that
- * is enough. May move data: no pointer into the buffer survives it. Returns 0 or -ENOMEM. */
-int uds_buf_reserve(uds_buf *b, size_t n);
+ * is enough; an unallocated buffer takes a pooled one if one fits. May move data: no pointer
+ * into the buffer survives it. pool may be NULL. Returns 0 or -ENOMEM. */
+int uds_buf_reserve(uds_buf *b, size_t n, uds_pool *pool);
 
 /* Appends n bytes. Returns 0 or -ENOMEM (the buffer is unchanged then). */
-int uds_buf_append(uds_buf *b, const void *p, size_t n);
+int uds_buf_append(uds_buf *b, const void *p, size_t n, uds_pool *pool);
 
-/* Frees the storage; the buffer is empty and unallocated afterwards. */
-void uds_buf_release(uds_buf *b);
+/* Gives the storage back (to the pool if it is large and the pool has room, else to malloc);
+ * the buffer is empty and unallocated afterwards. pool may be NULL. */
+void uds_buf_release(uds_buf *b, uds_pool *pool);
+
+/* Frees what the pool holds. */
+void uds_pool_free(uds_pool *pool);
 
 static inline size_t uds_buf_len(const uds_buf *b) { return b->end - b->start; }
 
@@ -177,6 +196,7 @@ struct uds_server {
                              * so idle connections hold no input buffer at all */
     size_t arena_used;
     uds_server_stats stats;
+    uds_pool pool;          /* large buffers kept warm between connections and messages */
     uds_ready ready[UDS_EPOLL_BATCH]; /* what epoll_wait reported */
 };
 

@@ -425,11 +425,12 @@ void uds_server_free(uds_server *s)
         if (c == NULL)
             continue;
         close(c->fd);
-        uds_buf_release(&c->in);
-        uds_buf_release(&c->out);
+        uds_buf_release(&c->in, NULL);
+        uds_buf_release(&c->out, NULL);
         free(c);
     }
     free(s->conns);
+    uds_pool_free(&s->pool);
     free(s->arena);
     if (s->ep >= 0)
         close(s->ep);
