@@ -259,33 +259,40 @@ static size_t frame_need(const uds_server *s, const uds_conn *c)
     return (n > s->cfg.max_message || 4 + n <= have) ? 0 : 4 + n - have;
 }
 
+/* One recv() into `into`. Returns the bytes read (> 0), or 0 when this readiness is over:
+ * nothing more for now (a shutdown drain ends there); end-of-file (the peer shut its writing
+ * end, but it may still read: what it sent is delivered and answered before the close); or a
+ * failure (the connection is failing). */
+static size_t recv_some(uds_server *s, uds_conn *c, char *into, size_t room)
+{
+    ssize_t r;
+    do
+        r = recv(c->fd, into, room, 0);
+    while (r < 0 && errno == EINTR);
+    if (r > 0)
+        return (size_t)r;
+    if (r == 0) {
+        c->flags = (c->flags & ~UDS_CF_DRAIN) | UDS_CF_EOF | UDS_CF_NO_READ;
+        update_interest(s, c);
+    } else if (errno != EAGAIN) {
+        uds_conn_fail(s, c, errno == ECONNRESET ? UDS_CLOSE_PEER : UDS_CLOSE_ERROR, errno);
+    } else if (c->flags & UDS_CF_DRAIN) {
+        c->flags = (c->flags & ~UDS_CF_DRAIN) | UDS_CF_NO_READ; /* drained */
+        update_interest(s, c);
+    }
+    return 0;
+}
+
 /* A read for a connection with nothing buffered: one chunk, into the arena. */
 static void read_into_arena(uds_server *s, uds_conn *c)
 {
     char *at = s->arena + s->arena_used;
     size_t room = UDS_ARENA_SIZE - s->arena_used;
-    ssize_t r;
-    do
-        r = recv(c->fd, at, room < UDS_READ_CHUNK ? room : UDS_READ_CHUNK, 0);
-    while (r < 0 && errno == EINTR);
-    if (r < 0) {
-        if (errno != EAGAIN) {
-            uds_conn_fail(s, c, errno == ECONNRESET ? UDS_CLOSE_PEER : UDS_CLOSE_ERROR, errno);
-            return;
-        }
-        if (c->flags & UDS_CF_DRAIN) {
-            c->flags = (c->flags & ~UDS_CF_DRAIN) | UDS_CF_NO_READ; /* drained */
-            update_interest(s, c);
-        }
-        return;
-    }
-    if (r == 0) {
-        c->flags = (c->flags & ~UDS_CF_DRAIN) | UDS_CF_EOF | UDS_CF_NO_READ;
-        update_interest(s, c);
-    } else {
+    size_t got = recv_some(s, c, at, room < UDS_READ_CHUNK ? room : UDS_READ_CHUNK);
+    if (got > 0) {
         c->view = at;
-        c->view_len = (size_t)r;
-        s->arena_used += (size_t)r;
+        c->view_len = got;
+        s->arena_used += got;
         touch(s, c);
     }
     uds_conn_attn_push(s, c);
@@ -329,32 +336,17 @@ void uds_conn_read(uds_server *s, uds_conn *c)
         size_t room = b->cap - b->end;
         if (room > want)
             room = want;
-        ssize_t r = recv(c->fd, b->data + b->end, room, 0);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno != EAGAIN) {
-                uds_conn_fail(s, c, errno == ECONNRESET ? UDS_CLOSE_PEER : UDS_CLOSE_ERROR, errno);
-                return;
-            }
-            if (c->flags & UDS_CF_DRAIN) {
-                c->flags = (c->flags & ~UDS_CF_DRAIN) | UDS_CF_NO_READ; /* drained */
-                update_interest(s, c);
-            }
-            break;
-        }
+        size_t r = recv_some(s, c, b->data + b->end, room);
         if (r == 0) {
-            /* The peer shut its writing end. It may still read: deliver what it sent, send the
-             * replies, then close (see uds_conn_attend()). */
-            c->flags = (c->flags & ~UDS_CF_DRAIN) | UDS_CF_EOF | UDS_CF_NO_READ;
-            update_interest(s, c);
+            if (c->flags & UDS_CF_DEAD)
+                return;
             break;
         }
-        b->end += (size_t)r;
-        budget -= (size_t)r;
-        got += (size_t)r;
+        b->end += r;
+        budget -= r;
+        got += r;
         /* More in this readiness only for a large frame still arriving. */
-        if ((size_t)r < room || budget == 0 || frame_need(s, c) == 0)
+        if (r < room || budget == 0 || frame_need(s, c) == 0)
             break;
     }
     if (got)

@@ -4,6 +4,7 @@
  */
 #define _GNU_SOURCE
 #include "uds.h"
+#include "check.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -11,17 +12,9 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-static int failures;
 static char *page;     /* two pages; the second one is PROT_NONE */
 static size_t pagesz;
 
-#define CHECK(cond)                                                                            \
-    do {                                                                                       \
-        if (!(cond)) {                                                                         \
-            fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, #cond);                         \
-            failures++;                                                                        \
-        }                                                                                      \
-    } while (0)
 
 /* Copies input to the very end of the readable page and decodes it there. */
 static ssize_t decode_guarded(int framing, const char *input, size_t len, size_t max,

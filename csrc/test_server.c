@@ -7,6 +7,7 @@
  */
 #define _GNU_SOURCE
 #include "uds.h"
+#include "check.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -20,15 +21,7 @@
 #define CLIENTS 8
 #define REQUESTS 200
 
-static int failures;
 
-#define CHECK(cond)                                                                            \
-    do {                                                                                       \
-        if (!(cond)) {                                                                         \
-            fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, #cond);                         \
-            failures++;                                                                        \
-        }                                                                                      \
-    } while (0)
 
 typedef struct client {
     int fd;
