@@ -9,10 +9,9 @@ uvloop_protocol.py runs this same Protocol on uvloop.
 from __future__ import annotations
 
 import asyncio
-import signal
 import socket
 
-from common import HEADER, HEADER_SIZE, handler, remove_socket, remove_stale_socket, socket_path
+from common import HEADER, HEADER_SIZE, handler, serve_until_signalled, socket_path
 
 
 class EchoProtocol(asyncio.Protocol):
@@ -57,16 +56,8 @@ class EchoProtocol(asyncio.Protocol):
 async def serve(path: str) -> None:
     """Serve u32 echo on path until SIGTERM or SIGINT; remove the socket file at the end."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    remove_stale_socket(path)
-    server = await loop.create_unix_server(EchoProtocol, path, backlog=socket.SOMAXCONN)
-    try:
-        await stop.wait()
-    finally:
-        server.close()
-        remove_socket(path)
+    await serve_until_signalled(
+        path, lambda p: loop.create_unix_server(EchoProtocol, p, backlog=socket.SOMAXCONN))
 
 
 def main() -> None:

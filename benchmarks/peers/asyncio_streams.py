@@ -6,10 +6,9 @@ Run: python benchmarks/peers/asyncio_streams.py PATH   (until SIGTERM / SIGINT)
 from __future__ import annotations
 
 import asyncio
-import signal
 import socket
 
-from common import HEADER, HEADER_SIZE, handler, remove_socket, remove_stale_socket, socket_path
+from common import HEADER, HEADER_SIZE, handler, serve_until_signalled, socket_path
 
 
 async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -28,17 +27,8 @@ async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
 
 
 async def serve(path: str) -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    remove_stale_socket(path)
-    server = await asyncio.start_unix_server(client, path, backlog=socket.SOMAXCONN)
-    try:
-        await stop.wait()
-    finally:
-        server.close()
-        remove_socket(path)
+    await serve_until_signalled(
+        path, lambda p: asyncio.start_unix_server(client, p, backlog=socket.SOMAXCONN))
 
 
 if __name__ == "__main__":

@@ -58,3 +58,22 @@ def remove_socket(path: str) -> None:
             os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+async def serve_until_signalled(path: str, start) -> None:
+    """For the asyncio peers: start(path) makes the server (an awaitable); serve until SIGTERM
+    or SIGINT, then close it and remove the socket file."""
+    import asyncio
+    import signal
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    remove_stale_socket(path)
+    server = await start(path)
+    try:
+        await stop.wait()
+    finally:
+        server.close()
+        remove_socket(path)
