@@ -65,7 +65,14 @@ def bench(args: argparse.Namespace) -> int:
     server_cpu, load_cpu = (cpus[0], cpus[1]) if len(cpus) >= 2 else (None, None)
     workdir = tempfile.mkdtemp(prefix="pyuds-bench-", dir="/tmp")
     path = os.path.join(workdir, "bench.sock")
-    serve = [sys.executable, "-m", "pyuds", "serve", path,
+    # The server runs where the user is, so that their handler module is found there, but it
+    # imports pyuds from where this process did: from a source checkout, `python -m pyuds`
+    # would pick up the checkout's unbuilt pyuds/ instead.
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    serve = [sys.executable, "-c",
+             "import sys; sys.path.insert(0, sys.argv.pop(1)); from pyuds._cli import main; "
+             "sys.exit(main(sys.argv[1:]))",
+             package_parent, "serve", path,
              "--max-message-size", str(max(args.size, ServerConfig.max_message_size))]
     if args.handler:
         serve += ["--handler", args.handler]

@@ -448,6 +448,17 @@ class TestBench:
         assert result.returncode == 1
         assert "pyuds bench:" in result.stderr
 
+    def test_runs_from_a_directory_that_holds_another_pyuds(self, tmp_path):
+        """Run from a source checkout (a pyuds/ without its compiled extension), the server
+        still uses the installed pyuds."""
+        if SCRIPT is None:
+            pytest.skip("no pyuds console script next to python")
+        (tmp_path / "pyuds").mkdir()
+        (tmp_path / "pyuds" / "__init__.py").write_text("raise ImportError('the wrong pyuds')\n")
+        result = run(self.ARGS, launcher=SCRIPT, cwd=str(tmp_path))  # as a user types it
+        assert result.returncode == 0, result.stderr
+        assert "errors 0, lost 0" in result.stdout
+
     def test_a_bad_handler_spec_is_a_usage_error(self):
         result = run([*self.ARGS, "--handler", "no_such_module_here:handle"])
         assert result.returncode == 2 and "cannot import" in result.stderr
