@@ -25,9 +25,14 @@ int uds_buf_reserve(uds_buf *b, size_t n, uds_pool *pool)
     }
     if (n > SIZE_MAX / 2 - live)
         return -ENOMEM;
-    size_t cap = b->cap ? b->cap : 4096;
+    size_t cap = b->cap ? b->cap : UDS_BUF_FIRST;
     while (cap - live < n)
         cap *= 2;
+    if (b->data == NULL && pool != NULL && cap == UDS_BUF_FIRST && pool->nsmall > 0) {
+        b->data = pool->small[--pool->nsmall];
+        b->cap = cap;
+        return 0;
+    }
     if (b->data == NULL && pool != NULL && cap >= UDS_POOL_MIN) {
         int best = -1; /* the smallest pooled buffer that fits */
         for (int i = 0; i < pool->n; i++)
@@ -65,8 +70,10 @@ int uds_buf_append(uds_buf *b, const void *p, size_t n, uds_pool *pool)
 
 void uds_buf_release(uds_buf *b, uds_pool *pool)
 {
-    if (b->data != NULL && pool != NULL && b->cap >= UDS_POOL_MIN && pool->n < UDS_POOL_SLOTS &&
-        pool->bytes + b->cap <= UDS_POOL_BYTES) {
+    if (b->data != NULL && pool != NULL && b->cap == UDS_BUF_FIRST && pool->nsmall < UDS_POOL_SMALL) {
+        pool->small[pool->nsmall++] = b->data;
+    } else if (b->data != NULL && pool != NULL && b->cap >= UDS_POOL_MIN && pool->n < UDS_POOL_SLOTS &&
+               pool->bytes + b->cap <= UDS_POOL_BYTES) {
         pool->data[pool->n] = b->data;
         pool->cap[pool->n++] = b->cap;
         pool->bytes += b->cap;
@@ -81,6 +88,8 @@ void uds_pool_free(uds_pool *pool)
 {
     for (int i = 0; i < pool->n; i++)
         free(pool->data[i]);
-    pool->n = 0;
+    for (int i = 0; i < pool->nsmall; i++)
+        free(pool->small[i]);
+    pool->n = pool->nsmall = 0;
     pool->bytes = 0;
 }

@@ -43,11 +43,17 @@ typedef struct uds_buf {
 #define UDS_POOL_SLOTS 16
 #define UDS_POOL_MIN (64 * 1024)          /* buffers at least this big are pooled */
 #define UDS_POOL_BYTES (16 * 1024 * 1024) /* the pool holds at most this much */
+#define UDS_BUF_FIRST 4096                /* a buffer's first size */
+#define UDS_POOL_SMALL 256                /* first-size buffers kept, at most (1 MiB) */
 typedef struct uds_pool {
     char *data[UDS_POOL_SLOTS];
     size_t cap[UDS_POOL_SLOTS];
     int n;        /* buffers held */
     size_t bytes; /* their capacity in all */
+    /* Buffers of the first size, the one nearly every small reply takes: without them, a
+     * client with one request in flight would cost a malloc() and a free() per message. */
+    char *small[UDS_POOL_SMALL];
+    int nsmall;
 } uds_pool;
 
 /* Makes room for at least n bytes after end, moving the live bytes to the front first if that
