@@ -110,6 +110,13 @@ static void time_frame(uds_server *s, uds_conn *c, int delivered)
         uds_tlist_append(&s->frames, &c->frame, s->now_ms + (uint64_t)s->cfg.frame_timeout_ms);
 }
 
+/* Reading ends for good (a shutdown drain ends with it); also_flags says why, e.g. EOF. */
+static void stop_reading(uds_server *s, uds_conn *c, unsigned also_flags)
+{
+    c->flags = (c->flags & ~UDS_CF_DRAIN) | UDS_CF_NO_READ | also_flags;
+    update_interest(s, c);
+}
+
 static void pause_reading(uds_server *s, uds_conn *c)
 {
     c->flags |= UDS_CF_PAUSED;
@@ -152,10 +159,8 @@ void uds_conn_close(uds_server *s, uds_conn *c, int reason, int err, int keep_in
     }
     untime(s, c);
     if (c->flags & UDS_CF_CLOSING) {
-        if (!keep_input && (c->flags & UDS_CF_DRAIN)) {
-            c->flags = (c->flags & ~UDS_CF_DRAIN) | UDS_CF_NO_READ;
-            update_interest(s, c);
-        }
+        if (!keep_input && (c->flags & UDS_CF_DRAIN))
+            stop_reading(s, c, 0);
         return;
     }
     /* Requests a client sent before a shutdown are owed replies even if they still wait in the
@@ -247,16 +252,13 @@ void uds_conn_bury(uds_server *s)
 
 /* ---- I/O ------------------------------------------------------------------------------------- */
 
-/* u32: how many bytes of the frame in progress are still missing (0 if unknown, complete, or
- * over the limit: nothing is set aside for a frame that will be refused). */
+/* Bytes the frame in progress is known to lack (a large u32 frame arriving), else 0. */
 static size_t frame_need(const uds_server *s, const uds_conn *c)
 {
-    size_t have = uds_buf_len(&c->in);
-    if (s->cfg.framing != UDS_FRAMING_U32 || have < 4)
+    if (c->in.data == NULL)
         return 0;
-    const unsigned char *p = (const unsigned char *)c->in.data + c->in.start;
-    size_t n = ((size_t)p[0] << 24) | ((size_t)p[1] << 16) | ((size_t)p[2] << 8) | p[3];
-    return (n > s->cfg.max_message || 4 + n <= have) ? 0 : 4 + n - have;
+    return uds_frame_missing(s->cfg.framing, c->in.data + c->in.start, uds_buf_len(&c->in),
+                             s->cfg.max_message);
 }
 
 /* One recv() into `into`. Returns the bytes read (> 0), or 0 when this readiness is over:
@@ -271,15 +273,12 @@ static size_t recv_some(uds_server *s, uds_conn *c, char *into, size_t room)
     while (r < 0 && errno == EINTR);
     if (r > 0)
         return (size_t)r;
-    if (r == 0) {
-        c->flags = (c->flags & ~UDS_CF_DRAIN) | UDS_CF_EOF | UDS_CF_NO_READ;
-        update_interest(s, c);
-    } else if (errno != EAGAIN) {
+    if (r == 0)
+        stop_reading(s, c, UDS_CF_EOF);
+    else if (errno != EAGAIN)
         uds_conn_fail(s, c, errno == ECONNRESET ? UDS_CLOSE_PEER : UDS_CLOSE_ERROR, errno);
-    } else if (c->flags & UDS_CF_DRAIN) {
-        c->flags = (c->flags & ~UDS_CF_DRAIN) | UDS_CF_NO_READ; /* drained */
-        update_interest(s, c);
-    }
+    else if (c->flags & UDS_CF_DRAIN)
+        stop_reading(s, c, 0); /* drained */
     return 0;
 }
 

@@ -10,12 +10,17 @@
 
 #define U32_HEADER 4
 
+static size_t u32_length(const unsigned char *p)
+{
+    return ((size_t)p[0] << 24) | ((size_t)p[1] << 16) | ((size_t)p[2] << 8) | p[3];
+}
+
 static ssize_t next_u32(const unsigned char *p, size_t len, size_t max, size_t *off,
                         size_t *plen)
 {
     if (len < U32_HEADER)
         return 0;
-    size_t n = ((size_t)p[0] << 24) | ((size_t)p[1] << 16) | ((size_t)p[2] << 8) | p[3];
+    size_t n = u32_length(p);
     /* Refuse before anything waits for the payload: a 0xFFFFFFFF header costs nothing. */
     if (n > max)
         return -EMSGSIZE;
@@ -62,6 +67,14 @@ ssize_t uds_frame_next(int framing, const char *buf, size_t len, size_t max_payl
     default:
         return -EINVAL;
     }
+}
+
+size_t uds_frame_missing(int framing, const char *buf, size_t len, size_t max_payload)
+{
+    if (framing != UDS_FRAMING_U32 || len < U32_HEADER)
+        return 0;
+    size_t n = u32_length((const unsigned char *)buf);
+    return (n > max_payload || U32_HEADER + n <= len) ? 0 : U32_HEADER + n - len;
 }
 
 int uds_frame_header(int framing, size_t len, unsigned char *hdr, int *trailer)

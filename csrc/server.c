@@ -248,7 +248,6 @@ int uds_poll_batch(uds_server *s, uds_event *ev, int cap, int timeout_ms, uds_ba
     size_t used = 0;
     int all = 1;
     for (int i = 0; i < n; i++) {
-        b->kind[i] = ev[i].type;
         b->slot[i] = ev[i].slot;
         size_t len = ev[i].len;
         if (ev[i].type == UDS_EV_MESSAGE && len <= UDS_PACK_MAX && b->pack_cap - used >= len) {

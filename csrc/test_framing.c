@@ -82,6 +82,13 @@ int main(void)
     CHECK(decode_guarded(UDS_FRAMING_RAW, "abc", 3, 16, &off, &plen) == 3 && plen == 3);
     CHECK(decode_guarded(UDS_FRAMING_RAW, "abcdef", 6, 4, &off, &plen) == 4 && plen == 4);
 
+    /* what a frame in progress still lacks */
+    CHECK(uds_frame_missing(UDS_FRAMING_U32, "\0\0\1\0ab", 6, 1024) == 4 + 256 - 6);
+    CHECK(uds_frame_missing(UDS_FRAMING_U32, "\0\0\0\2ab", 6, 1024) == 0);      /* complete */
+    CHECK(uds_frame_missing(UDS_FRAMING_U32, "\0\0", 2, 1024) == 0);             /* unknown yet */
+    CHECK(uds_frame_missing(UDS_FRAMING_U32, "\xff\xff\xff\xff", 4, 1024) == 0); /* refused */
+    CHECK(uds_frame_missing(UDS_FRAMING_LINE, "abc", 3, 1024) == 0);
+
     /* unknown framing */
     CHECK(decode_guarded(99, "abc", 3, 16, &off, &plen) == -EINVAL);
 

@@ -58,6 +58,11 @@
 ssize_t uds_frame_next(int framing, const char *buf, size_t len, size_t max_payload,
                        size_t *scan, size_t *payload_off, size_t *payload_len);
 
+/* How many more bytes the frame that begins buf[0..len) needs, when the framing says so in
+ * advance (u32, once the header is in): 0 if that is not known, the frame is complete, or it
+ * is over max_payload (nothing is set aside for a frame that will be refused). */
+size_t uds_frame_missing(int framing, const char *buf, size_t len, size_t max_payload);
+
 /* The bytes that framing adds around a payload of len bytes: writes the header to hdr (room for
  * 4 bytes) and returns its size (0 if none), sets *trailer to the byte count that follows the
  * payload (1 for '\n', else 0).
@@ -132,7 +137,6 @@ typedef struct uds_server_stats {
 #define UDS_PACK_MAX 4096        /* payloads up to this size are packed */
 #define UDS_UNPACKED 4294967295u /* end[i] of an event whose payload is not in pack */
 typedef struct uds_batch {
-    int32_t *kind;    /* [cap] event type */
     int32_t *slot;    /* [cap] event slot */
     uint32_t *end;    /* [cap] for a packed payload: its end in pack (it starts where the
                        * previous packed payload ended, or at 0); else UDS_UNPACKED */

@@ -142,13 +142,12 @@ class Core:
         self._events = ffi.new("uds_event[]", cap)
         self._framing = cfg.framing
         # The batch as arrays C fills and Python reads whole (one tolist() each).
-        self._kind = ffi.new("int32_t[]", cap)
         self._slot = ffi.new("int32_t[]", cap)
         self._end = ffi.new("uint32_t[]", cap)
         self._pack = ffi.new("char[]", PACK_BYTES)
         self._rcs = ffi.new("int[]", cap)
         batch = self._batch = ffi.new("uds_batch *")
-        batch.kind, batch.slot, batch.end = self._kind, self._slot, self._end
+        batch.slot, batch.end = self._slot, self._end
         batch.pack, batch.pack_cap = self._pack, PACK_BYTES
         self._slot_mv = memoryview(ffi.buffer(self._slot)).cast("i")
         self._end_mv = memoryview(ffi.buffer(self._end)).cast("I")
@@ -188,16 +187,22 @@ class Core:
                     if client is not None and client.id == ev.id:
                         self._server._reply_failed(client, rcs[k])
 
-    def _reply_other(self, client: Any, reply: Any) -> None:
-        """On the batch path: a reply that is not bytes, or is big. Records its entry."""
+    def _as_reply(self, client: Any, reply: Any) -> bytes | None:
+        """A reply that is not bytes: any bytes-like object will do (as bytes); anything else
+        is the handler's error (None)."""
         try:
-            data = reply if type(reply) is bytes else bytes(memoryview(reply))
+            return bytes(memoryview(reply))
         except TypeError:
             self._server._handler_failed(
                 client, TypeError(f"handler returned {type(reply).__name__}; it must return bytes or None"))
+            return None
+
+    def _reply_other(self, client: Any, reply: Any) -> None:
+        """On the batch path: a reply that is not bytes, or is big. Records its entry."""
+        data = reply if type(reply) is bytes else self._as_reply(client, reply)
+        if data is None:
             self._lens.append(-1)
-            return
-        if len(data) > BIG_REPLY:
+        elif len(data) > BIG_REPLY:
             rc = self.send(client._slot, client.id, data)  # flushes what came before it
             self._lens.append(-1)
             if rc:
@@ -311,10 +316,11 @@ class Core:
         big to pack. Replies go out one call each (large ones without an extra copy)."""
         srv, events, unpack, send = self._srv, self._events, ffi.unpack, lib.uds_send
         handler, handles = server._handler, server._handles
+        MESSAGE, CONNECTED = lib.UDS_EV_MESSAGE, lib.UDS_EV_CONNECTED
         for i in range(n):
             ev = events[i]
             kind = ev.type
-            if kind == lib.UDS_EV_MESSAGE:
+            if kind == MESSAGE:
                 slot = ev.slot
                 client = handles[slot]
                 if client._closed:
@@ -328,10 +334,11 @@ class Core:
                     try:
                         rc = send(srv, slot, ev.id, reply, len(reply))
                     except TypeError:
-                        rc = server._reply_other(client, reply)
+                        data = self._as_reply(client, reply)
+                        rc = 0 if data is None else send(srv, slot, ev.id, data, len(data))
                     if rc:
                         server._reply_failed(client, rc)
-            elif kind == lib.UDS_EV_CONNECTED:
+            elif kind == CONNECTED:
                 server._connected(ev.slot, ev.id, ev.pid, ev.uid, ev.gid)
             else:
                 server._disconnected(ev.slot, REASON_NAMES[ev.reason], ev.err, ev.len)

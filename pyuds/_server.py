@@ -281,17 +281,6 @@ class Server:
         client._closed = True
         self._core.close(client._slot, client.id, "handler_error")
 
-    def _reply_other(self, client: ClientHandle, reply: Any) -> int:
-        """A reply that is not bytes: any bytes-like object will do; anything else is the
-        handler's error."""
-        try:
-            data = bytes(memoryview(reply))
-        except TypeError:
-            exc = TypeError(f"handler returned {type(reply).__name__}; it must return bytes or None")
-            self._handler_failed(client, exc)
-            return 0
-        return self._core.send(client._slot, client.id, data)
-
     def _reply_failed(self, client: ClientHandle, rc: int) -> None:
         exc = send_error(rc, client.id)
         if isinstance(exc, ClientClosedError):

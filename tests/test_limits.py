@@ -875,9 +875,12 @@ def test_max_connections(serve, sock_path):
 
 
 def test_a_pipelining_client_does_not_stall_others(serve, sock_path):
-    """One client pipelines 100,000 small requests (reading its replies as they come) while
-    another does 10 request/reply round trips: the handler sees all 10 light requests long
-    before the heavy client's last request: nobody waits behind a whole pipeline."""
+    """One client pipelines 100,000 small requests while another does 10 request/reply round
+    trips: the handler sees all 10 light requests before the heavy client's last request:
+    nobody waits behind a whole pipeline. (The heavy client starts reading its replies only
+    once the light one is done, so its pipeline cannot simply run out first: the server can
+    finish the whole pipeline in well under a second, faster than this process's threads can
+    be scheduled for ten round trips.)"""
     n_heavy = 100_000
     heavy_seen = [0]
     light_at: list[int] = []   # heavy requests handled before each light one
@@ -914,12 +917,12 @@ def test_a_pipelining_client_does_not_stall_others(serve, sock_path):
     threads = [threading.Thread(target=heavy_send, daemon=True), threading.Thread(target=heavy_read, daemon=True)]
     light = pyuds.connect(sock_path, timeout=10)
     try:
-        for t in threads:
-            t.start()
+        threads[0].start()
         wait_until(lambda: heavy_seen[0] >= 2000, timeout=10)
         for i in range(10):
             assert light.request(b"L%d" % i) == b"L%d" % i
         heavy_when_light_done = heavy_seen[0]
+        threads[1].start()
         for t in threads:
             t.join(timeout=30)
         assert heavy_errors == []
