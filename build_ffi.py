@@ -13,7 +13,7 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(HERE, "csrc")
-SOURCES = ["framing.c", "buf.c", "poller.c", "sock.c", "timers.c", "conn.c", "server.c"]
+SOURCES = ["framing.c", "buf.c", "poller.c", "sock.c", "timers.c", "conn.c", "msg.c", "server.c"]
 
 
 def _cdef() -> str:
@@ -22,8 +22,10 @@ def _cdef() -> str:
     match = re.search(r"/\* cffi-begin \*/(.*)/\* cffi-end \*/", header, re.S)
     if match is None:
         raise RuntimeError("csrc/uds.h has no cffi-begin/cffi-end section")
-    # "#define NAME 3 /* why */": let the compiler supply the value.
-    return re.sub(r"^#define (\w+) .*$", r"#define \1 ...", match.group(1), flags=re.M)
+    # Comments go first (a #define's may run over several lines); then "#define NAME 3":
+    # let the compiler supply the value.
+    text = re.sub(r"/\*.*?\*/", " ", match.group(1), flags=re.S)
+    return re.sub(r"^#define (\w+) .*$", r"#define \1 ...", text, flags=re.M)
 
 
 extra = shlex.split(os.environ.get("PYUDS_CFLAGS", ""))

@@ -5,9 +5,16 @@
 #ifndef UDS_INTERNAL_H
 #define UDS_INTERNAL_H
 
+#ifndef _GNU_SOURCE
+#error "define _GNU_SOURCE before including internal.h (struct ucred, accept4, ...)"
+#endif
 #include "uds.h"
 
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <sys/un.h>
 
 /* Bounded work per readiness and per turn, so one busy client cannot starve the rest. */
 #define UDS_ACCEPT_BUDGET 64          /* accepts per master-socket readiness */
@@ -22,6 +29,8 @@
 #define UDS_HIGH_WATER_MAX (1024 * 1024) /* output high-water mark, at most */
 #define UDS_ACCEPT_BACKOFF_MIN 50     /* ms before accepting again after running out of fds */
 #define UDS_ACCEPT_BACKOFF_MAX 500    /* ... doubling up to this */
+#define UDS_PACKETS_PER_READ 64       /* SEQPACKET: packets read per readiness, at most */
+#define UDS_FD_OUT_MAX 4096           /* descriptors handed out per batch, at most */
 
 /* Counters may be read by another thread: store them whole. */
 #define UDS_COUNT(field, delta) __atomic_store_n(&(field), (field) + (delta), __ATOMIC_RELAXED)
@@ -73,6 +82,51 @@ void uds_pool_free(uds_pool *pool);
 
 static inline size_t uds_buf_len(const uds_buf *b) { return b->end - b->start; }
 
+/* ---- ancillary data (msg.c) ------------------------------------------------------------------ */
+
+/* Descriptors in arrival order, each with the stream offset it belongs to. */
+typedef struct uds_fdq {
+    int *fd;
+    uint64_t *at;
+    int head, n, cap; /* live entries: [head, n) */
+} uds_fdq;
+
+/* Appends fd. Returns 0 or -ENOMEM (fd is then not queued). */
+int uds_fdq_push(uds_fdq *q, int fd, uint64_t at);
+/* How many descriptors at the head belong before stream offset end. */
+int uds_fdq_count_before(const uds_fdq *q, uint64_t end);
+/* Takes the head descriptor off the queue (which must not be empty) and returns it. */
+int uds_fdq_pop(uds_fdq *q);
+/* Closes every descriptor queued and frees the storage. */
+void uds_fdq_clear(uds_fdq *q);
+static inline int uds_fdq_len(const uds_fdq *q) { return q->n - q->head; }
+static inline uint64_t uds_fdq_head_at(const uds_fdq *q) { return q->at[q->head]; }
+
+/* What one recvmsg() brought besides bytes. */
+typedef struct uds_recv_info {
+    int want_addr;            /* in: fill addr / addr_len with the sender's address */
+    int want_creds;           /* in: make room for SCM_CREDENTIALS (SO_PASSCRED is on) */
+    int real_len;             /* in: return a message's real length even if cut (MSG_TRUNC) */
+    int flags;                /* out: msg_flags (MSG_TRUNC, MSG_CTRUNC) */
+    int nfds;                 /* out: descriptors received, close-on-exec, in fds */
+    int fds[UDS_MAX_FDS];
+    int has_creds;            /* out: creds holds the sender's credentials */
+    struct ucred creds;
+    struct sockaddr_un addr;  /* out: the sender's address, with want_addr */
+    socklen_t addr_len;
+} uds_recv_info;
+
+/* One non-blocking recvmsg() into iov[0..iovcnt), with room for max_fds descriptors (more set
+ * MSG_CTRUNC in info->flags; those that came are still in info->fds). EINTR is retried.
+ * Returns the bytes read (the real length with info->real_len), or -errno (-EAGAIN too). */
+ssize_t uds_recv_msg(int fd, struct iovec *iov, int iovcnt, int max_fds, uds_recv_info *info);
+/* Closes the descriptors info holds. */
+void uds_recv_info_close_fds(uds_recv_info *info);
+/* One non-blocking sendmsg() of data[0..len) with fds[0..nfds) attached, to `to` if given.
+ * No SIGPIPE; EINTR retried. Returns the bytes sent or -errno. */
+ssize_t uds_send_msg(int fd, const char *data, size_t len, const int *fds, int nfds,
+                     const struct sockaddr_un *to, socklen_t tolen);
+
 /* ---- epoll backend (poller.c) -------------------------------------------------------------- */
 
 #define UDS_POLL_IN 1u
@@ -118,14 +172,31 @@ int64_t uds_tlist_due_in(const uds_tlist *l, uint64_t now_ms);
 
 /* ---- socket helpers (sock.c) --------------------------------------------------------------- */
 
-/* The master socket's life: see uds_server_new() for the contract. On success sets *fd and
- * the device/inode of the socket file it made. */
-int uds_sock_listen(const char *path, unsigned mode, int backlog, int *fd, dev_t *dev,
+/* The master socket's life: see uds_server_new() for the contract. type: SOCK_STREAM,
+ * SOCK_SEQPACKET (both listen) or SOCK_DGRAM. On success sets *fd and the device/inode of the
+ * socket file it made (0 and 0 for an abstract name: no file). */
+int uds_sock_listen(const char *path, int type, unsigned mode, int backlog, int *fd, dev_t *dev,
                     ino_t *ino);
+
+/* Takes a socket made elsewhere (inherited, or the application's): checks that it is an
+ * AF_UNIX socket of this type and bound, listens if it does not yet, and sets *fd to a
+ * close-on-exec duplicate, non-blocking, and *saved_flags to the file status flags to restore
+ * when done. Returns 0 or -errno (see uds_server_new()). */
+int uds_sock_adopt(int fd, int type, int backlog, int *out, int *saved_flags);
+
+/* Writes fd's own address as uds_server_address() describes. Returns 0 or -errno. */
+int uds_sock_name(int fd, char *name, size_t *len);
+
+/* 1 if a supplementary group of fd's peer (SO_PEERGROUPS) is among gids[0..n), else 0. */
+int uds_sock_in_groups(int fd, const uint32_t *gids, int n);
 
 /* Removes path if it is still the socket file (dev, ino). Returns 1 if removed, 0 if not
  * (gone or replaced by another file), -errno on error. */
 int uds_sock_unlink_if_same(const char *path, dev_t dev, ino_t ino);
+
+/* Reads and drops what waits unread in a stream socket about to be closed (at most
+ * UDS_LINGER_DISCARD bytes), so that its peer sees end-of-file rather than a reset. */
+void uds_sock_discard_unread(int fd);
 
 /* Reads the peer's credentials (SO_PEERCRED). Returns 0 or -errno. */
 int uds_sock_peercred(int fd, int32_t *pid, uint32_t *uid, uint32_t *gid);
@@ -162,6 +233,14 @@ struct uds_conn {
     unsigned turn_msgs;     /* messages delivered in msg_turn */
     int reason;             /* closing: UDS_CLOSE_* */
     int err;                /* closing with UDS_CLOSE_ERROR: the errno */
+    uint64_t rx_total;      /* bytes received so far: stream offsets of the input */
+    uint64_t tx_total;      /* bytes queued for output so far: stream offsets of the output */
+    uds_fdq in_fds;         /* descriptors received, not yet delivered, each at the offset of
+                             * the last byte of the read that brought it */
+    uds_fdq out_fds;        /* our duplicates of descriptors to send, each at the offset of the
+                             * first byte of its message */
+    uint64_t bad_fds_at;    /* 0, or 1 + the offset from which input came with descriptors over
+                             * the limit: frames reaching it are refused (UDS_CLOSE_TOO_MANY_FDS) */
     uds_stats *stats;       /* where the counters go: own_stats or the caller's */
     uds_stats own_stats;    /* counters until uds_conn_set_stats() */
     uds_tnode linger;       /* closing: the flush deadline */
@@ -174,8 +253,17 @@ struct uds_conn {
 
 struct uds_server {
     uds_config cfg;         /* a copy of the caller's */
-    char path[108];         /* the socket file's name */
+    char path[108];         /* the socket file's name ("" if none of ours: abstract, adopted) */
+    int sock_type;          /* SOCK_STREAM or SOCK_SEQPACKET */
     int listen_fd;          /* the master socket, -1 once closed */
+    int saved_flags;        /* adopted master socket: its file status flags to put back; else -1 */
+    uint32_t *allow_uid;    /* copies of the policy's lists (cfg points here) */
+    uint32_t *allow_gid;
+    int *fd_out;            /* descriptors handed out with this batch's events */
+    int fd_out_n;
+    char *scratch;          /* SEQPACKET: where a packet too big for the buffer spills over;
+                             * max_message + 1 bytes reserved, touched only as far as used */
+    size_t scratch_len;
     dev_t file_dev;         /* identity of the socket file we made */
     ino_t file_ino;
     int ep;                 /* the epoll descriptor */
@@ -209,6 +297,8 @@ struct uds_server {
 /* ---- connections (conn.c): used by the loop in server.c -------------------------------------- */
 
 uds_conn *uds_conn_new(uds_server *s, int fd);
+/* Frees a connection's buffers and closes the descriptors it holds. */
+void uds_conn_free_buffers(uds_server *s, uds_conn *c);
 /* Frees finished connections (closing their descriptors) at the start of a turn. */
 void uds_conn_bury(uds_server *s);
 void uds_conn_read(uds_server *s, uds_conn *c);
@@ -226,6 +316,9 @@ void uds_conn_settle(uds_server *s, uds_conn *c);
 int uds_conn_attend(uds_server *s, uds_conn *c, uds_event *ev, int n, int cap);
 /* Queues a framed message (see uds_send). */
 int uds_conn_send(uds_server *s, uds_conn *c, const char *data, size_t len);
+/* ... with descriptors (see uds_send_fds). */
+int uds_conn_send_fds(uds_server *s, uds_conn *c, const char *data, size_t len, const int *fds,
+                      int nfds);
 void uds_conn_attn_push(uds_server *s, uds_conn *c);
 void uds_conn_dirty_push(uds_server *s, uds_conn *c);
 

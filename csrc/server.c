@@ -16,6 +16,7 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -70,6 +71,21 @@ static void resume_accepting(uds_server *s)
         s->accept_paused = 0;
 }
 
+/* The uid/gid policy: with no list, everyone; else a listed uid, or a listed gid as the peer's
+ * primary group or one of its supplementary groups. */
+static int allowed(const uds_server *s, int fd, uint32_t uid, uint32_t gid)
+{
+    if (s->cfg.n_allow_uid == 0 && s->cfg.n_allow_gid == 0)
+        return 1;
+    for (int i = 0; i < s->cfg.n_allow_uid; i++)
+        if (s->allow_uid[i] == uid)
+            return 1;
+    for (int i = 0; i < s->cfg.n_allow_gid; i++)
+        if (s->allow_gid[i] == gid)
+            return 1;
+    return s->cfg.n_allow_gid > 0 && uds_sock_in_groups(fd, s->allow_gid, s->cfg.n_allow_gid);
+}
+
 static int accept_some(uds_server *s, uds_event *ev, int n, int cap)
 {
     for (int i = 0; i < UDS_ACCEPT_BUDGET && n < cap; i++) {
@@ -82,6 +98,25 @@ static int accept_some(uds_server *s, uds_event *ev, int n, int cap)
             return n; /* EAGAIN: none left */
         }
         s->accept_backoff_ms = UDS_ACCEPT_BACKOFF_MIN;
+        int32_t pid;
+        uint32_t uid, gid;
+        if (uds_sock_peercred(fd, &pid, &uid, &gid) < 0) {
+            pid = -1;
+            uid = gid = (uint32_t)-1;
+        }
+        if (!allowed(s, fd, uid, gid)) {
+            uds_sock_discard_unread(fd); /* what it sent already: EOF for it, not a reset */
+            close(fd);
+            UDS_COUNT(s->stats.closed[UDS_CLOSE_UNAUTHORIZED], 1);
+            uds_event *e = &ev[n++];
+            memset(e, 0, sizeof *e);
+            e->type = UDS_EV_REFUSED;
+            e->slot = -1;
+            e->pid = pid;
+            e->uid = uid;
+            e->gid = gid;
+            continue;
+        }
         if (s->cfg.max_connections > 0 && s->live >= s->cfg.max_connections) {
             close(fd); /* over the cap: established clients come first */
             UDS_COUNT(s->stats.closed[UDS_CLOSE_REJECTED], 1);
@@ -99,10 +134,11 @@ static int accept_some(uds_server *s, uds_event *ev, int n, int cap)
         e->data = NULL;
         e->len = 0;
         e->reason = e->err = 0;
-        if (uds_sock_peercred(fd, &e->pid, &e->uid, &e->gid) < 0) {
-            e->pid = -1;
-            e->uid = e->gid = (uint32_t)-1;
-        }
+        e->pid = pid;
+        e->uid = uid;
+        e->gid = gid;
+        e->nfds = 0;
+        e->fds = NULL;
         UDS_COUNT(s->stats.accepted, 1);
     }
     return n;
@@ -203,6 +239,7 @@ int uds_poll(uds_server *s, uds_event *ev, int cap, int timeout_ms)
     for (uds_conn *c = s->attn_head; c != NULL; c = c->attn_next)
         uds_conn_settle(s, c);
     s->arena_used = 0;
+    s->fd_out_n = 0; /* the descriptors handed out last turn are the caller's now */
     flush_dirty(s);
     expire(s);
     resume_accepting(s);
@@ -242,6 +279,15 @@ int uds_send(uds_server *s, int slot, uint64_t id, const char *data, size_t len)
     return uds_conn_send(s, c, data, len);
 }
 
+int uds_send_fds(uds_server *s, int slot, uint64_t id, const char *data, size_t len,
+                 const int *fds, int nfds)
+{
+    uds_conn *c = conn_get(s, slot, id);
+    if (c == NULL || (c->flags & UDS_CF_DEAD))
+        return -ENOTCONN;
+    return uds_conn_send_fds(s, c, data, len, fds, nfds);
+}
+
 int uds_poll_batch(uds_server *s, uds_event *ev, int cap, int timeout_ms, uds_batch *b)
 {
     int n = uds_poll(s, ev, cap, timeout_ms);
@@ -250,7 +296,8 @@ int uds_poll_batch(uds_server *s, uds_event *ev, int cap, int timeout_ms, uds_ba
     for (int i = 0; i < n; i++) {
         b->slot[i] = ev[i].slot;
         size_t len = ev[i].len;
-        if (ev[i].type == UDS_EV_MESSAGE && len <= UDS_PACK_MAX && b->pack_cap - used >= len) {
+        if (ev[i].type == UDS_EV_MESSAGE && ev[i].nfds == 0 && len <= UDS_PACK_MAX &&
+            b->pack_cap - used >= len) {
             if (len > 0)
                 memcpy(b->pack + used, ev[i].data, len);
             used += len;
@@ -317,9 +364,12 @@ static void close_master(uds_server *s)
     /* Remove the file while still listening (libuv does the same): as long as we answer, no
      * other server takes the file for stale and replaces it, so the inode check cannot race
      * with it. */
-    uds_sock_unlink_if_same(s->path, s->file_dev, s->file_ino);
+    if (s->path[0] != '\0')
+        uds_sock_unlink_if_same(s->path, s->file_dev, s->file_ino);
     if (!s->accept_paused)
         uds_poller_del(s->ep, s->listen_fd);
+    if (s->saved_flags >= 0)
+        fcntl(s->listen_fd, F_SETFL, s->saved_flags); /* the owner's socket, as it was */
     close(s->listen_fd);
     s->listen_fd = -1;
 }
@@ -363,31 +413,65 @@ int uds_wakeup_fd(const uds_server *s) { return s->wake_wr; }
 
 int uds_listen_fd(const uds_server *s) { return s->listen_fd; }
 
+int uds_server_address(const uds_server *s, char *name, size_t *len)
+{
+    if (s->listen_fd < 0)
+        return -EBADF;
+    return uds_sock_name(s->listen_fd, name, len);
+}
+
+/* Copies a policy list, so that the caller's may go away. */
+static int copy_ids(const uint32_t *from, int n, uint32_t **to)
+{
+    if (n == 0)
+        return 0;
+    if (n < 0 || from == NULL || (*to = malloc((size_t)n * sizeof **to)) == NULL)
+        return n < 0 || from == NULL ? -EINVAL : -ENOMEM;
+    memcpy(*to, from, (size_t)n * sizeof **to);
+    return 0;
+}
+
 int uds_server_new(uds_server **out, const char *path, const uds_config *cfg)
 {
     if (uds_frame_check(cfg->framing, "", 0) < 0 || cfg->max_message < 1 ||
         cfg->max_message > 0xFFFFFFFFu || cfg->flush_timeout_ms < 0 || cfg->max_connections < 0 ||
-        cfg->idle_timeout_ms < 0 || cfg->frame_timeout_ms < 0)
+        cfg->idle_timeout_ms < 0 || cfg->frame_timeout_ms < 0 || cfg->max_fds < 0 ||
+        cfg->max_fds > UDS_MAX_FDS ||
+        (cfg->kind != UDS_KIND_STREAM && cfg->kind != UDS_KIND_SEQPACKET))
         return -EINVAL;
-    if (strlen(path) >= sizeof ((uds_server *)0)->path)
+    if (!cfg->adopt && path[0] != '@' && strlen(path) >= sizeof ((uds_server *)0)->path)
         return -ENAMETOOLONG;
     uds_server *s = calloc(1, sizeof *s);
     if (s == NULL)
         return -ENOMEM;
     s->cfg = *cfg;
-    s->listen_fd = s->ep = s->wake_rd = s->wake_wr = -1;
+    s->listen_fd = s->ep = s->wake_rd = s->wake_wr = s->saved_flags = -1;
+    s->sock_type = cfg->kind == UDS_KIND_SEQPACKET ? SOCK_SEQPACKET : SOCK_STREAM;
+    if (cfg->kind == UDS_KIND_SEQPACKET)
+        s->cfg.framing = UDS_FRAMING_U32; /* how packets are kept in buffers (see conn.c) */
+    s->cfg.allow_uid = s->cfg.allow_gid = NULL;
     s->next_id = 1;
     s->accept_backoff_ms = UDS_ACCEPT_BACKOFF_MIN;
     if ((s->arena = malloc(UDS_ARENA_SIZE)) == NULL) {
         free(s);
         return -ENOMEM;
     }
+    int rc, pipefd[2];
+    if ((rc = copy_ids(cfg->allow_uid, cfg->n_allow_uid, &s->allow_uid)) < 0 ||
+        (rc = copy_ids(cfg->allow_gid, cfg->n_allow_gid, &s->allow_gid)) < 0)
+        goto fail;
+    s->cfg.allow_uid = s->allow_uid;
+    s->cfg.allow_gid = s->allow_gid;
+    if (cfg->max_fds > 0 && (s->fd_out = malloc(UDS_FD_OUT_MAX * sizeof *s->fd_out)) == NULL) {
+        rc = -ENOMEM;
+        goto fail;
+    }
     s->high_water = UDS_HIGH_WATER_MAX;
     if (cfg->max_output > 0 && cfg->max_output / 2 < s->high_water)
         s->high_water = cfg->max_output / 2 > 0 ? cfg->max_output / 2 : 1;
-    strcpy(s->path, path);
+    if (!cfg->adopt && path[0] != '@')
+        strcpy(s->path, path); /* a file of ours, to remove at the end */
 
-    int rc, pipefd[2];
     if ((rc = uds_poller_open()) < 0)
         goto fail;
     s->ep = rc;
@@ -400,10 +484,22 @@ int uds_server_new(uds_server **out, const char *path, const uds_config *cfg)
     if ((rc = uds_poller_add(s->ep, s->wake_rd, UDS_POLL_IN)) < 0)
         goto fail;
     /* The socket file comes last: once it exists, clients may connect. */
-    rc = uds_sock_listen(path, cfg->mode, cfg->backlog, &s->listen_fd, &s->file_dev,
-                         &s->file_ino);
+    if (cfg->adopt)
+        rc = uds_sock_adopt(cfg->adopt_fd, s->sock_type, cfg->backlog, &s->listen_fd,
+                            &s->saved_flags);
+    else
+        rc = uds_sock_listen(path, s->sock_type, cfg->mode, cfg->backlog, &s->listen_fd,
+                             &s->file_dev, &s->file_ino);
     if (rc < 0)
         goto fail;
+    /* SEQPACKET: every packet then comes with its sender's credentials, which is how a packet
+     * of no bytes tells itself apart from end-of-file. Accepted sockets inherit it. */
+    int on = 1;
+    if (s->sock_type == SOCK_SEQPACKET &&
+        setsockopt(s->listen_fd, SOL_SOCKET, SO_PASSCRED, &on, sizeof on) < 0) {
+        rc = -errno;
+        goto fail;
+    }
     if ((rc = uds_poller_add(s->ep, s->listen_fd, UDS_POLL_IN)) < 0)
         goto fail;
     *out = s;
@@ -424,11 +520,15 @@ void uds_server_free(uds_server *s)
         if (c == NULL)
             continue;
         close(c->fd);
-        uds_buf_release(&c->in, NULL);
-        uds_buf_release(&c->out, NULL);
+        uds_conn_free_buffers(s, c);
         free(c);
     }
     free(s->conns);
+    free(s->allow_uid);
+    free(s->allow_gid);
+    free(s->fd_out);
+    if (s->scratch != NULL)
+        munmap(s->scratch, s->scratch_len);
     uds_pool_free(&s->pool);
     free(s->arena);
     if (s->ep >= 0)

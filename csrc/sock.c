@@ -13,6 +13,7 @@
 #include <fcntl.h>
 #include <stddef.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -25,12 +26,21 @@ static int make_addr(const char *path, struct sockaddr_un *sa, socklen_t *len)
     size_t n = strlen(path);
     if (n == 0)
         return -EINVAL;
+    memset(sa, 0, sizeof *sa);
+    sa->sun_family = AF_UNIX;
+    if (path[0] == '@') {
+        /* The abstract namespace: sun_path starts with a NUL and the name is exactly the
+         * bytes that follow, counted by the address length (no terminator). */
+        if (n > sizeof sa->sun_path)
+            return -ENAMETOOLONG;
+        memcpy(sa->sun_path + 1, path + 1, n - 1);
+        *len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n);
+        return 0;
+    }
     /* Keep the terminating NUL inside sun_path: a name that fills it exactly is legal for the
      * kernel but gets truncated by many peers, so refuse it rather than truncate. */
     if (n >= sizeof sa->sun_path)
         return -ENAMETOOLONG;
-    memset(sa, 0, sizeof *sa);
-    sa->sun_family = AF_UNIX;
     memcpy(sa->sun_path, path, n + 1);
     *len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n + 1);
     return 0;
@@ -144,8 +154,35 @@ static int rename_noreplace(const char *from, const char *to)
     return 0;
 }
 
-int uds_sock_listen(const char *path, unsigned mode, int backlog, int *fdp, dev_t *dev,
-                    ino_t *ino)
+/* Datagram sockets have nothing to listen() on. */
+static int start_listening(int fd, int type, int backlog)
+{
+    if (type == SOCK_DGRAM)
+        return 0;
+    return listen(fd, backlog) < 0 ? -errno : 0;
+}
+
+/* A socket in the abstract namespace: no file, so nothing stale to clear and no moment at
+ * which a half-made one could be seen; the kernel refuses a name in use (-EADDRINUSE). */
+static int listen_abstract(const struct sockaddr_un *sa, socklen_t len, int type, int backlog,
+                           int *fdp)
+{
+    int fd = socket(AF_UNIX, type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    int rc = bind(fd, (const struct sockaddr *)sa, len) < 0 ? -errno : 0;
+    if (rc == 0)
+        rc = start_listening(fd, type, backlog);
+    if (rc < 0) {
+        close(fd);
+        return rc;
+    }
+    *fdp = fd;
+    return 0;
+}
+
+int uds_sock_listen(const char *path, int type, unsigned mode, int backlog, int *fdp,
+                    dev_t *dev, ino_t *ino)
 {
     struct sockaddr_un sa;
     socklen_t len;
@@ -156,8 +193,12 @@ int uds_sock_listen(const char *path, unsigned mode, int backlog, int *fdp, dev_
         return rc;
     if (mode > 0777 || backlog < 1)
         return -EINVAL;
+    *dev = 0;
+    *ino = 0;
+    if (path[0] == '@')
+        return listen_abstract(&sa, len, type, backlog, fdp);
 
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    int fd = socket(AF_UNIX, type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return -errno;
     /* Linux creates the socket file with the mode of the socket's own inode, masked by the
@@ -182,10 +223,8 @@ int uds_sock_listen(const char *path, unsigned mode, int backlog, int *fdp, dev_
         rc = -errno;
         goto fail_unlink;
     }
-    if (listen(fd, backlog) < 0) {
-        rc = -errno;
+    if ((rc = start_listening(fd, type, backlog)) < 0)
         goto fail_unlink;
-    }
     for (int attempt = 0;; attempt++) {
         if ((rc = clear_stale(&sa, len, path)) < 0)
             goto fail_unlink;
@@ -219,6 +258,106 @@ int uds_sock_unlink_if_same(const char *path, dev_t dev, ino_t ino)
     if (unlink(path) < 0)
         return errno == ENOENT ? 0 : -errno;
     return 1;
+}
+
+int uds_sock_adopt(int fd, int type, int backlog, int *fdp, int *saved_flags)
+{
+    int val;
+    socklen_t vlen = sizeof val;
+    if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &val, &vlen) < 0)
+        return -errno; /* -EBADF, or -ENOTSOCK for a descriptor that is not a socket */
+    if (val != AF_UNIX)
+        return -EAFNOSUPPORT;
+    vlen = sizeof val;
+    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &val, &vlen) < 0)
+        return -errno;
+    if (val != type)
+        return -EPROTOTYPE;
+    struct sockaddr_un sa;
+    socklen_t salen = sizeof sa;
+    if (getsockname(fd, (struct sockaddr *)&sa, &salen) < 0)
+        return -errno;
+    if (salen <= offsetof(struct sockaddr_un, sun_path))
+        return -EDESTADDRREQ; /* not bound: nobody could reach it */
+    if (type != SOCK_DGRAM) {
+        vlen = sizeof val;
+        if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &val, &vlen) < 0)
+            return -errno;
+        if (!val && listen(fd, backlog) < 0)
+            return -errno;
+    }
+    /* A duplicate, so that the owner's descriptor outlives the server. Non-blocking is a
+     * property of the shared open file, so it is set on both: remember it, to put it back. */
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0)
+        return -errno;
+    int dup = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+    if (dup < 0)
+        return -errno;
+    if (!(flags & O_NONBLOCK) && fcntl(dup, F_SETFL, flags | O_NONBLOCK) < 0) {
+        int err = errno;
+        close(dup);
+        return -err;
+    }
+    *fdp = dup;
+    *saved_flags = flags;
+    return 0;
+}
+
+int uds_sock_name(int fd, char *name, size_t *len)
+{
+    struct sockaddr_un sa;
+    socklen_t salen = sizeof sa;
+    if (getsockname(fd, (struct sockaddr *)&sa, &salen) < 0)
+        return -errno;
+    size_t n = salen > offsetof(struct sockaddr_un, sun_path)
+                   ? salen - offsetof(struct sockaddr_un, sun_path)
+                   : 0;
+    if (n > 0 && sa.sun_path[0] == '\0') {
+        name[0] = '@'; /* abstract: '@', then exactly the name's bytes */
+        memcpy(name + 1, sa.sun_path + 1, n - 1);
+        *len = n;
+    } else {
+        n = strnlen(sa.sun_path, n);
+        memcpy(name, sa.sun_path, n);
+        *len = n;
+    }
+    return 0;
+}
+
+int uds_sock_in_groups(int fd, const uint32_t *gids, int n)
+{
+    gid_t small[64], *groups = small;
+    socklen_t len = sizeof small;
+    int found = 0;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups, &len) < 0) {
+        if (errno != ERANGE || (groups = malloc(len)) == NULL)
+            return 0; /* no supplementary groups known: only the primary one counts */
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups, &len) < 0)
+            len = 0;
+    }
+    for (size_t i = 0; i < len / sizeof *groups && !found; i++)
+        for (int j = 0; j < n && !found; j++)
+            found = groups[i] == gids[j];
+    if (groups != small)
+        free(groups);
+    return found;
+}
+
+/* Closing a Unix stream socket while bytes it never read wait in its queue makes Linux report
+ * ECONNRESET to the peer instead of end-of-file, and a peer that reads its last replies and
+ * then meets a reset takes the close for a failure. So read and drop what is queued first
+ * (nginx's "lingering close"), within a bound. */
+void uds_sock_discard_unread(int fd)
+{
+    char sink[16384];
+    for (size_t total = 0; total < UDS_LINGER_DISCARD;) {
+        ssize_t r = recv(fd, sink, sizeof sink, MSG_DONTWAIT);
+        if (r > 0)
+            total += (size_t)r;
+        else if (!(r < 0 && errno == EINTR))
+            return;
+    }
 }
 
 int uds_sock_peercred(int fd, int32_t *pid, uint32_t *uid, uint32_t *gid)

@@ -2,6 +2,7 @@
  * timers.c - deadline lists. Each list holds nodes that all got the same timeout, so appending
  * keeps them ordered by deadline: no heap, no sorting, expiry reads the head.
  */
+#define _GNU_SOURCE
 #include "internal.h"
 
 void uds_tlist_append(uds_tlist *l, uds_tnode *n, uint64_t deadline_ms)

@@ -25,10 +25,17 @@
 #define UDS_FRAMING_LINE 1 /* payload bytes, then '\n'; the payload holds no '\n' */
 #define UDS_FRAMING_RAW 2  /* whatever one read returns is one message */
 
+/* Socket kinds (uds_config.kind). */
+#define UDS_KIND_STREAM 0    /* SOCK_STREAM: connections, messages cut by the framing */
+#define UDS_KIND_SEQPACKET 1 /* SOCK_SEQPACKET: connections, the kernel keeps boundaries */
+
 /* Event types filled in by uds_poll(). */
 #define UDS_EV_CONNECTED 1 /* a client was accepted; pid/uid/gid hold its credentials */
-#define UDS_EV_MESSAGE 2   /* a complete message; data/len locate its payload */
+#define UDS_EV_MESSAGE 2   /* a complete message; data/len locate its payload, fds/nfds the
+                            * descriptors that came with it */
 #define UDS_EV_CLOSED 3    /* the connection is gone; reason (and err) say why */
+#define UDS_EV_REFUSED 4   /* a client the uid/gid policy refused was closed at accept (it
+                            * never became a connection; slot is -1); pid/uid/gid: who */
 
 /* Why a connection closed (uds_event.reason). The core itself produces PEER, ERROR,
  * TOO_LARGE and SHUTDOWN; the others are passed in by the caller through uds_close(). */
@@ -42,6 +49,8 @@
 #define UDS_CLOSE_IDLE_TIMEOUT 8  /* nothing received or sent for idle_timeout_ms */
 #define UDS_CLOSE_FRAME_TIMEOUT 9 /* a frame took longer than frame_timeout_ms to arrive */
 #define UDS_CLOSE_SLOW_CONSUMER 10 /* its unsent output would exceed max_output */
+#define UDS_CLOSE_UNAUTHORIZED 11 /* refused by the uid/gid policy or the application */
+#define UDS_CLOSE_TOO_MANY_FDS 12 /* it sent more descriptors with a message than max_fds */
 #define UDS_CLOSE_REASONS 16      /* length of uds_server_stats.closed */
 
 /* Framing helpers. */
@@ -92,7 +101,20 @@ typedef struct uds_config {
     int idle_timeout_ms;  /* close a connection that received and sent nothing this long; 0: never */
     int frame_timeout_ms; /* close a connection whose frame, once begun, is not complete this
                            * long afterwards (time spent paused does not count); 0: never */
+    int kind;             /* UDS_KIND_*; framing is ignored for SEQPACKET */
+    int adopt;            /* 1: serve on socket adopt_fd, already bound (and maybe listening):
+                           * the server works on a duplicate of it and never removes its file;
+                           * path is then ignored. 0: create the socket at path */
+    int adopt_fd;
+    int max_fds;          /* descriptors accepted with one message, at most (<= UDS_MAX_FDS);
+                           * more close the connection (UDS_CLOSE_TOO_MANY_FDS); 0: none */
+    const uint32_t *allow_uid; /* if either list is non-empty, only peers whose uid is in */
+    int n_allow_uid;           /* allow_uid, or whose gid or a supplementary group is in */
+    const uint32_t *allow_gid; /* allow_gid, are accepted; the others are closed at accept */
+    int n_allow_gid;           /* (UDS_EV_REFUSED). The lists are copied. */
 } uds_config;
+
+#define UDS_MAX_FDS 253 /* the most descriptors Linux passes in one message (SCM_MAX_FD) */
 
 /* One event of a batch. Pointers stay valid until the next uds_poll() on the same server. */
 typedef struct uds_event {
@@ -106,6 +128,9 @@ typedef struct uds_event {
     int32_t pid;       /* CONNECTED: peer's pid (SO_PEERCRED at accept) */
     uint32_t uid;      /* CONNECTED: peer's uid */
     uint32_t gid;      /* CONNECTED: peer's gid */
+    int nfds;          /* MESSAGE: descriptors that came with it (see fds) */
+    const int *fds;    /* MESSAGE: those descriptors, close-on-exec. They are the caller's
+                        * from now on: it must close them */
 } uds_event;
 
 /* Per-connection counters of payload messages and bytes, received and queued for sending.
@@ -126,6 +151,8 @@ typedef struct uds_server_stats {
     uint64_t msgs_out;      /* messages queued for sending, and their payload bytes */
     uint64_t bytes_out;
     uint64_t accept_pauses; /* times accepting paused because descriptors ran out */
+    uint64_t fds_in;        /* descriptors received with messages, and sent */
+    uint64_t fds_out;
     uint64_t closed[16];    /* connections closed, by reason: closed[UDS_CLOSE_*]; connections
                              * closed at accept for max_connections count as REJECTED */
 } uds_server_stats;
@@ -146,7 +173,9 @@ typedef struct uds_batch {
     int all_packed;   /* out: 1 if every event is a MESSAGE whose payload is packed */
 } uds_batch;
 
-/* Creates the master socket and binds it to path, then listens.
+/* Creates the master socket and binds it to path, then listens. A path that starts with '@'
+ * names a socket in Linux's abstract namespace ('@' stands for the leading NUL): no file is
+ * made or removed, and file permissions do not apply (mode is ignored).
  * An existing path is replaced only if it is a socket nobody answers on (connect refused);
  * the socket file is created with at most cfg->mode (never a wider mode, not even for an
  * instant) and then set to exactly cfg->mode.
@@ -184,6 +213,13 @@ int uds_reply_batch(uds_server *s, const uds_event *ev, int first, int n, const 
  * uds_frame_check(); -ENOMEM. */
 int uds_send(uds_server *s, int slot, uint64_t id, const char *data, size_t len);
 
+/* uds_send() with descriptors: fds[0..nfds) are duplicated now (the caller keeps its own)
+ * and sent with the message's first byte (SCM_RIGHTS). Returns as uds_send(), and -EINVAL
+ * for nfds outside 0..UDS_MAX_FDS, or for descriptors with a message of no bytes at all on
+ * a stream (Linux cannot send them without data); -EBADF for a descriptor that is not open. */
+int uds_send_fds(uds_server *s, int slot, uint64_t id, const char *data, size_t len,
+                 const int *fds, int nfds);
+
 /* Closes connection (slot, id): nothing more is read or delivered from it, what is queued for
  * it is flushed (bounded by flush_timeout_ms), then a CLOSED event carries reason (the first
  * reason given, if it was already closing). Returns 0; -ENOTCONN if it is already finished. */
@@ -216,6 +252,11 @@ int uds_wakeup_fd(const uds_server *s);
 
 /* The master socket's descriptor, or -1 once it is closed. */
 int uds_listen_fd(const uds_server *s);
+
+/* Writes the master socket's address to name (room for 110 bytes), as uds_server_new() takes
+ * it: a path, or '@' and the abstract name (which may hold NUL bytes, hence *len). Returns 0
+ * or -errno. */
+int uds_server_address(const uds_server *s, char *name, size_t *len);
 
 /* cffi-end */
 

@@ -6,10 +6,11 @@ import importlib
 import logging
 import os
 import signal
+import socket
 import sys
 from typing import Callable, Sequence
 
-from ._config import FRAMINGS, ServerConfig
+from ._config import FRAMINGS, KINDS, ServerConfig
 from ._errors import PyudsError
 
 DEFAULT_PATH = "./pyuds.sock"
@@ -53,7 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run a server until Ctrl-C or SIGTERM",
                            description="Run a server until Ctrl-C or SIGTERM; then it closes every client "
                                        "and removes its socket file.")
-    serve.add_argument("path", nargs="?", default=DEFAULT_PATH, help=f"socket file (default: {DEFAULT_PATH})")
+    serve.add_argument("path", nargs="?", default=None,
+                       help=f"socket file, or @NAME for Linux's abstract namespace (default: {DEFAULT_PATH}, or "
+                            "the socket systemd passes by socket activation)")
+    serve.add_argument("--kind", choices=KINDS, default=None,
+                       help="socket type (default: stream; with socket activation, the passed socket's type)")
     serve.add_argument("--handler", metavar="MODULE:FUNCTION", type=_load_handler,
                        help="handler(client, message) -> bytes | None (default: echo)")
     serve.add_argument("--framing", choices=FRAMINGS, default="u32", help="default: u32")
@@ -74,6 +79,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--frame-timeout", type=float, default=ServerConfig.frame_timeout, metavar="SECONDS",
                        help="close a client that begins a message and does not finish it in time "
                             "(default: 30)")
+    serve.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
+                       help="accept only clients running as this uid (or one of --allow-gid); repeatable")
+    serve.add_argument("--allow-gid", type=int, action="append", default=[], metavar="GID",
+                       help="accept only clients with this group, primary or supplementary (or one of "
+                            "--allow-uid); repeatable")
+    serve.add_argument("--max-fds", type=int, default=ServerConfig.max_fds, metavar="N",
+                       help="file descriptors a client may pass with one message (default: 16)")
+    serve.add_argument("--fd-name", metavar="NAME",
+                       help="with socket activation passing several sockets: serve the one systemd "
+                            "names NAME (FileDescriptorName=)")
     serve.add_argument("-v", "--verbose", action="store_true", help="log every client's connect and disconnect")
 
     send = sub.add_parser("send", help="send messages to a server and print each reply",
@@ -109,11 +124,22 @@ def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: early.append(signum))
     try:
-        server = Server(args.path, args.handler, framing=args.framing, mode=args.mode,
+        inherited = _activation_socket(args.fd_name)
+        kind = args.kind or "stream"
+        if inherited is not None:
+            fd, kind_found, address = inherited
+            kind = args.kind or kind_found
+            if args.path is not None and args.path != address:
+                raise ValueError(f"socket activation passed a socket on {address!r}, not on {args.path!r}")
+            where: dict = {"sock": fd}
+        else:
+            where = {"path": args.path or DEFAULT_PATH}
+        server = Server(**where, handler=args.handler, kind=kind, framing=args.framing, mode=args.mode,
                         backlog=args.backlog, max_message_size=args.max_message_size,
                         max_connections=args.max_connections, max_output_buffer=args.max_output_buffer,
-                        idle_timeout=args.idle_timeout, frame_timeout=args.frame_timeout)
-    except (PyudsError, OSError, ValueError) as exc:
+                        idle_timeout=args.idle_timeout, frame_timeout=args.frame_timeout,
+                        allow_uid=args.allow_uid, allow_gid=args.allow_gid, max_fds=args.max_fds)
+    except (PyudsError, OSError, ValueError, TypeError) as exc:
         print(f"pyuds serve: {exc}", file=sys.stderr)
         return 1
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -122,6 +148,55 @@ def _serve(args: argparse.Namespace) -> int:
         server._on_signal(early[0], None)  # serve_forever() then only shuts down
     server.serve_forever()
     return 0
+
+
+SD_LISTEN_FDS_START = 3
+_SOCK_KINDS = {socket.SOCK_STREAM: "stream", socket.SOCK_SEQPACKET: "seqpacket"}
+
+
+def _activation_socket(fd_name: str | None) -> tuple[int, str, str] | None:
+    """The socket systemd passed by socket activation (LISTEN_PID, LISTEN_FDS,
+    LISTEN_FDNAMES), as (fd, kind, address); None without socket activation. The variables are
+    removed from the environment, as sd_listen_fds() does, so that children do not take them
+    for their own; every passed descriptor is made close-on-exec."""
+    env = os.environ
+    if "LISTEN_FDS" not in env:
+        if fd_name is not None:
+            raise ValueError("--fd-name given, but there is no socket activation (LISTEN_FDS is not set)")
+        return None
+    try:
+        pid, count = int(env.get("LISTEN_PID", "")), int(env["LISTEN_FDS"])
+    except ValueError:
+        raise ValueError("socket activation: LISTEN_PID and LISTEN_FDS must be numbers") from None
+    names = env.get("LISTEN_FDNAMES", "").split(":") if env.get("LISTEN_FDNAMES") else []
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env.pop(var, None)
+    if pid != os.getpid():
+        return None  # meant for another process (e.g. our parent)
+    if count < 1:
+        raise ValueError("socket activation passed no sockets (LISTEN_FDS=0)")
+    fds = list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count))
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    if fd_name is not None:
+        if fd_name not in names:
+            raise ValueError(f"socket activation passed no socket named {fd_name!r} "
+                             f"(names: {', '.join(names) or 'none'})")
+        fd = fds[names.index(fd_name)]
+    elif count > 1:
+        raise ValueError(f"socket activation passed {count} sockets ({', '.join(names) or 'unnamed'}); "
+                         "choose one with --fd-name")
+    else:
+        fd = fds[0]
+    probe = socket.socket(fileno=os.dup(fd))
+    try:
+        kind = _SOCK_KINDS.get(probe.type, "stream")  # another type: the server says what is wrong
+        address = probe.getsockname()
+    finally:
+        probe.close()
+    if isinstance(address, bytes):  # abstract: b"\0name"
+        address = "@" + os.fsdecode(address[1:])
+    return fd, kind, address
 
 
 def _send(args: argparse.Namespace) -> int:

@@ -4,9 +4,11 @@ from __future__ import annotations
 import dataclasses
 import resource
 import socket
-from typing import Optional
+from typing import Optional, Tuple
 
 FRAMINGS = ("u32", "line", "raw")
+KINDS = ("stream", "seqpacket")
+MAX_FDS = 253  # the most descriptors Linux passes with one message (SCM_MAX_FD)
 MAX_U32 = 0xFFFFFFFF
 FD_RESERVE = 64  # descriptors kept for the server itself and the application by default
 
@@ -15,6 +17,9 @@ FD_RESERVE = 64  # descriptors kept for the server itself and the application by
 class ServerConfig:
     """How a :class:`pyuds.Server` listens and what it accepts.
 
+    kind: the socket type: ``"stream"`` (SOCK_STREAM, messages cut by ``framing``) or
+        ``"seqpacket"`` (SOCK_SEQPACKET: connections whose messages the kernel keeps apart;
+        ``framing`` does not apply).
     framing: how a byte stream is cut into messages: ``"u32"`` (4-byte big-endian length,
         then the payload), ``"line"`` (payload, then ``\\n``) or ``"raw"`` (each read is one
         message).
@@ -37,6 +42,12 @@ class ServerConfig:
     flush_timeout: seconds a closing client (and every client at shutdown) may take to receive
         the replies still owed to it before they are given up.
     batch_size: events taken from the C loop per turn.
+    allow_uid, allow_gid: if either is not empty, only clients whose uid is in allow_uid, or
+        whose gid or one of whose supplementary groups is in allow_gid, are accepted (the
+        kernel's SO_PEERCRED / SO_PEERGROUPS, taken at accept); the others are closed before
+        any handler runs and counted as ``unauthorized``.
+    max_fds: file descriptors a client may pass with one message (SCM_RIGHTS), at most; a
+        client that passes more is disconnected (``too_many_fds``). 0: none may be passed.
     """
 
     framing: str = "u32"
@@ -49,10 +60,25 @@ class ServerConfig:
     frame_timeout: Optional[float] = 30.0
     flush_timeout: float = 5.0
     batch_size: int = 1024
+    kind: str = "stream"
+    allow_uid: Tuple[int, ...] = ()
+    allow_gid: Tuple[int, ...] = ()
+    max_fds: int = 16
 
     def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
         if self.framing not in FRAMINGS:
             raise ValueError(f"framing must be one of {', '.join(FRAMINGS)}, not {self.framing!r}")
+        for name in ("allow_uid", "allow_gid"):
+            ids = getattr(self, name)
+            if isinstance(ids, (int, str, bytes)):
+                raise TypeError(f"{name} must be a sequence of ints, not {type(ids).__name__}")
+            ids = tuple(ids)
+            for value in ids:
+                _check_int(name, value, 0, 2**32 - 2)
+            object.__setattr__(self, name, ids)  # frozen: a tuple whatever was given
+        _check_int("max_fds", self.max_fds, 0, MAX_FDS)
         _check_int("mode", self.mode, 0, 0o777)
         _check_int("backlog", self.backlog, 1, 2**31 - 1)
         _check_int("max_message_size", self.max_message_size, 1, MAX_U32)

@@ -43,6 +43,11 @@ FRAMING_CODES = {
 }
 
 # C close reasons, by code, as the names pyuds.CloseReason uses.
+KIND_CODES = {
+    "stream": lib.UDS_KIND_STREAM,
+    "seqpacket": lib.UDS_KIND_SEQPACKET,
+}
+
 REASON_NAMES = {
     lib.UDS_CLOSE_PEER: "peer",
     lib.UDS_CLOSE_ERROR: "error",
@@ -54,6 +59,8 @@ REASON_NAMES = {
     lib.UDS_CLOSE_IDLE_TIMEOUT: "idle_timeout",
     lib.UDS_CLOSE_FRAME_TIMEOUT: "frame_timeout",
     lib.UDS_CLOSE_SLOW_CONSUMER: "slow_consumer",
+    lib.UDS_CLOSE_UNAUTHORIZED: "unauthorized",
+    lib.UDS_CLOSE_TOO_MANY_FDS: "too_many_fds",
 }
 REASON_CODES = {name: code for code, name in REASON_NAMES.items()}
 
@@ -107,6 +114,19 @@ def _listen_error(err: int, path: str) -> OSError:
     return OSError(err, os.strerror(err), path)
 
 
+def _adopt_error(err: int, fd: int, kind: str) -> OSError:
+    """A clear error for a socket handed to the server that it cannot serve on."""
+    why = {
+        errno.ENOTSOCK: "is not a socket",
+        errno.EBADF: "is not an open file descriptor",
+        errno.EAFNOSUPPORT: "is not an AF_UNIX socket",
+        errno.EPROTOTYPE: f"is not a {kind} socket ({'SOCK_SEQPACKET' if kind == 'seqpacket' else 'SOCK_STREAM'})",
+        errno.EDESTADDRREQ: "is not bound to an address",
+    }.get(err, os.strerror(err))
+    return OSError(err, f"cannot serve on file descriptor {fd}: it {why}")
+
+
+
 def _ms(seconds: float | None) -> int:
     """Seconds as whole milliseconds for C (0: none), rounded up so a limit never shrinks to 0."""
     if seconds is None:
@@ -117,12 +137,19 @@ def _ms(seconds: float | None) -> int:
 class Core:
     """One C server, its event batch and the loop that dispatches it."""
 
-    def __init__(self, path: str, config: ServerConfig) -> None:
-        raw_path = os.fsencode(path)
-        if len(raw_path) > SUN_PATH_MAX:
-            raise _listen_error(errno.ENAMETOOLONG, path)
-        if b"\0" in raw_path:
-            raise ValueError("socket path contains a NUL byte")
+    def __init__(self, path: str | None, config: ServerConfig, sock_fd: int | None = None) -> None:
+        """Binds path (a file, or "@name" in the abstract namespace), or serves on the bound
+        socket sock_fd (a duplicate of it: the caller's descriptor stays the caller's)."""
+        raw_path = b""
+        if sock_fd is None:
+            assert path is not None
+            raw_path = os.fsencode(path)
+            if len(raw_path) > SUN_PATH_MAX + raw_path.startswith(b"@"):
+                raise _listen_error(errno.ENAMETOOLONG, path)
+            if b"\0" in raw_path:
+                raise ValueError("socket path contains a NUL byte")
+            if raw_path in (b"", b"@"):
+                raise ValueError("socket path is empty")
         cfg = ffi.new("uds_config *")
         cfg.framing = FRAMING_CODES[config.framing]
         cfg.max_message = config.max_message_size
@@ -133,11 +160,28 @@ class Core:
         cfg.max_output = config.max_output_buffer
         cfg.idle_timeout_ms = _ms(config.idle_timeout)
         cfg.frame_timeout_ms = _ms(config.frame_timeout)
+        cfg.kind = KIND_CODES[config.kind]
+        cfg.max_fds = config.max_fds
+        allow_uid = ffi.new("uint32_t[]", list(config.allow_uid))  # alive until C copied them
+        allow_gid = ffi.new("uint32_t[]", list(config.allow_gid))
+        cfg.allow_uid, cfg.n_allow_uid = allow_uid, len(config.allow_uid)
+        cfg.allow_gid, cfg.n_allow_gid = allow_gid, len(config.allow_gid)
+        if sock_fd is not None:
+            cfg.adopt, cfg.adopt_fd = 1, sock_fd
         out = ffi.new("uds_server **")
         rc = lib.uds_server_new(out, raw_path, cfg)
         if rc < 0:
-            raise _listen_error(-rc, path)
+            if sock_fd is not None:
+                raise _adopt_error(-rc, sock_fd, config.kind)
+            raise _listen_error(-rc, path or "")
         self._srv = out[0]
+        # The address clients use. (The kernel's name for a socket file made here is the
+        # temporary one it was bound under before being renamed into place.)
+        self.address = path
+        if sock_fd is not None:
+            name, length = ffi.new("char[]", 112), ffi.new("size_t *")
+            check(lib.uds_server_address(self._srv, name, length))
+            self.address = os.fsdecode(ffi.unpack(name, length[0]))
         self._cap = cap = config.batch_size
         self._events = ffi.new("uds_event[]", cap)
         self._framing = cfg.framing
@@ -166,6 +210,12 @@ class Core:
         if self._lens:
             self.flush_replies()
         return lib.uds_send(self._srv, slot, cid, data, len(data))
+
+    def send_fds(self, slot: int, cid: int, data: bytes, fds: list[int]) -> int:
+        """send() with descriptors, which C duplicates at once (the caller keeps its own)."""
+        if self._lens:
+            self.flush_replies()
+        return lib.uds_send_fds(self._srv, slot, cid, data, len(data), fds, len(fds))
 
     def flush_replies(self) -> None:
         """Sends the replies collected for this batch so far, in one call."""
@@ -243,6 +293,8 @@ class Core:
             "messages_out": st.msgs_out,
             "bytes_out": st.bytes_out,
             "accept_pauses": st.accept_pauses,
+            "fds_in": st.fds_in,
+            "fds_out": st.fds_out,
             "closed": {name: st.closed[code] for code, name in REASON_NAMES.items()},
         }
 
@@ -316,20 +368,28 @@ class Core:
         big to pack. Replies go out one call each (large ones without an extra copy)."""
         srv, events, unpack, send = self._srv, self._events, ffi.unpack, lib.uds_send
         handler, handles = server._handler, server._handles
-        MESSAGE, CONNECTED = lib.UDS_EV_MESSAGE, lib.UDS_EV_CONNECTED
+        MESSAGE, CONNECTED, CLOSED = lib.UDS_EV_MESSAGE, lib.UDS_EV_CONNECTED, lib.UDS_EV_CLOSED
         for i in range(n):
             ev = events[i]
             kind = ev.type
             if kind == MESSAGE:
                 slot = ev.slot
                 client = handles[slot]
+                nfds = ev.nfds
+                if nfds:
+                    # Ours now: the handler may take them; the rest are closed after it.
+                    client._fds = unpack(ev.fds, nfds)
                 if client._closed:
+                    client._close_fds()
                     continue
                 try:
                     reply = handler(client, unpack(ev.data, ev.len))
                 except Exception as exc:
                     server._handler_failed(client, exc)
                     continue
+                finally:
+                    if nfds:
+                        client._close_fds()
                 if reply is not None:
                     try:
                         rc = send(srv, slot, ev.id, reply, len(reply))
@@ -340,8 +400,10 @@ class Core:
                         server._reply_failed(client, rc)
             elif kind == CONNECTED:
                 server._connected(ev.slot, ev.id, ev.pid, ev.uid, ev.gid)
-            else:
+            elif kind == CLOSED:
                 server._disconnected(ev.slot, REASON_NAMES[ev.reason], ev.err, ev.len)
+            else:
+                server._refused(ev.pid, ev.uid, ev.gid)
 
 
 def run_loadgen(argv: list[str]) -> int:

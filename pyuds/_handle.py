@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import enum
+import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 from . import _core
 
@@ -24,6 +25,9 @@ class CloseReason(str, enum.Enum):
     IDLE_TIMEOUT = "idle_timeout"    #: no traffic for idle_timeout seconds
     FRAME_TIMEOUT = "frame_timeout"  #: it began a frame and did not finish it in frame_timeout
     SLOW_CONSUMER = "slow_consumer"  #: its unsent output would have passed max_output_buffer
+    UNAUTHORIZED = "unauthorized"    #: authorize() refused it (allow_uid/allow_gid refusals
+                                     #: never become clients; they are only counted)
+    TOO_MANY_FDS = "too_many_fds"    #: it passed more file descriptors with a message than max_fds
 
     def __str__(self) -> str:
         return self.value
@@ -38,7 +42,7 @@ class ClientHandle:
     """
 
     __slots__ = ("id", "pid", "uid", "gid", "connected_at", "data", "close_reason",
-                 "_server", "_slot", "_stats", "_closed", "_admitted")
+                 "_server", "_slot", "_stats", "_closed", "_admitted", "_fds")
 
     def __init__(self, server: Server, slot: int, cid: int, pid: int, uid: int, gid: int) -> None:
         self.id = cid
@@ -53,13 +57,37 @@ class ClientHandle:
         self._stats: Any = None
         self._closed = False     # close() was called or the connection is gone
         self._admitted = False   # on_connect accepted it: it is (or was) in the registry
+        self._fds: list[int] | None = None  # descriptors that came with the message in hand
 
-    def send(self, message: bytes) -> None:
-        """Pushes an unsolicited message to this client, framed like replies. Any thread.
+    def send(self, message: bytes, fds: Iterable[int | Any] = ()) -> None:
+        """Pushes a message to this client, framed like replies. Any thread. From a handler it
+        goes out after the replies to the messages handled before, so it can serve as the
+        reply (return None then).
+
+        fds: file descriptors (ints or objects with fileno()) passed along with the message
+        (SCM_RIGHTS). They are duplicated at once, so the caller may close its own as soon as
+        send() returns.
 
         Raises ClientClosedError if the client is closed or disconnected, FramingError if the
-        message cannot be framed."""
-        self._server._send(self, message)
+        message cannot be framed, ValueError for more than 253 fds (or fds with an empty
+        message on a stream, which cannot carry them), OSError(EBADF) for a descriptor that is
+        not open."""
+        self._server._send(self, message, fds)
+
+    def take_fds(self) -> list[int]:
+        """The file descriptors that came with the message being handled (SCM_RIGHTS),
+        close-on-exec; empty if none. Call it from the handler: the caller owns them from then
+        on and must close them. Those the handler does not take are closed when it returns."""
+        fds, self._fds = self._fds, None
+        return fds or []
+
+    def _close_fds(self) -> None:
+        fds, self._fds = self._fds, None
+        for fd in fds or ():
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the handler closed it without taking it
 
     def close(self) -> None:
         """Disconnects this client once the replies already queued for it are sent. No more

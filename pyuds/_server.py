@@ -13,13 +13,15 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import threading
+import time
 import types
 import warnings
 import weakref
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
-from ._config import ServerConfig
+from ._config import MAX_FDS, ServerConfig
 from ._core import Core, send_error
 from ._errors import ClientClosedError
 from ._handle import ClientHandle, CloseReason
@@ -45,9 +47,18 @@ class Server:
     that raises costs only its own client: the traceback is logged on the "pyuds" logger and
     that client is closed.
 
-    ``on_connect(client)`` runs when a client connects; returning False refuses it (closed at
-    once, never in the registry). ``on_disconnect(client, reason)`` runs once for every client
-    that was admitted, with a CloseReason.
+    ``path`` is a file name, or ``"@name"`` for a name in Linux's abstract namespace (no file;
+    file permissions do not protect it, so use allow_uid / allow_gid or authorize). Or give
+    ``sock=``: a socket already bound (and maybe listening) that the server should serve on,
+    as a socket object or a file descriptor (e.g. one inherited through systemd socket
+    activation). The server works on a duplicate of it, never removes its file, and leaves
+    the original open at shutdown: it belongs to whoever made it.
+
+    ``authorize(client)`` runs first when a client connects, with its credentials in
+    client.pid / uid / gid; returning False refuses it (closed at once, counted as
+    ``unauthorized``). ``on_connect(client)`` runs next; returning False refuses it too
+    (``rejected``). Refused clients never enter the registry. ``on_disconnect(client,
+    reason)`` runs once for every client that was admitted, with a CloseReason.
 
     Options are the fields of ServerConfig, given either as ``config=`` or as keywords
     (keywords win): ``Server(path, handler, framing="line", mode=0o660)``.
@@ -55,20 +66,27 @@ class Server:
 
     def __init__(
         self,
-        path: PathLike,
+        path: PathLike | None = None,
         handler: Handler | None = None,
         *,
+        sock: socket.socket | int | None = None,
+        authorize: Callable[[ClientHandle], Any] | None = None,
         on_connect: Callable[[ClientHandle], Any] | None = None,
         on_disconnect: Callable[[ClientHandle, CloseReason], Any] | None = None,
         config: ServerConfig | None = None,
         **options: Any,
     ) -> None:
         config = dataclasses.replace(config or ServerConfig(), **options)
-        self._path = os.fspath(path)
+        if (path is None) == (sock is None):
+            raise TypeError("give either a socket path or sock=, not both" if path is not None
+                            else "a socket path or sock= is required")
         self._config = config
         self._handler = handler if handler is not None else echo
+        self._authorize = authorize
         self._on_connect = on_connect
         self._on_disconnect = on_disconnect
+        self._refusals = 0            # clients the uid/gid policy refused, not yet logged
+        self._refusal_logged = 0.0    # when that was last logged (monotonic)
         self._clients: dict[int, ClientHandle] = {}
         self._clients_view = types.MappingProxyType(self._clients)
         self._handles: list[ClientHandle | None] = []   # by slot, for the loop
@@ -82,19 +100,35 @@ class Server:
         self._thread: threading.Thread | None = None
         self._handler_errors = 0
         self._final_stats: dict[str, Any] | None = None
-        self._core = Core(self._path, config)
+        sock_fd = None
+        if sock is not None:
+            sock_fd = sock if isinstance(sock, int) else sock.fileno()
+            if sock_fd < 0:
+                raise ValueError("sock is closed")
+        self._core = Core(None if path is None else os.fspath(path), config, sock_fd)
+        self._path = self._core.address
         # A server dropped without shutdown() still closes its sockets and removes its file
         # when collected, with a ResourceWarning, as an unclosed socket does.
         # Not at interpreter exit: atexit runs the last registered first, so this would free the
         # C server under a loop thread still running; _shutdown_running() stops those first.
         weakref.finalize(self, _collect, self._core, self._path).atexit = False
-        log.info("listening on %s (framing %s, mode %04o)", self._path, config.framing, config.mode)
+        if sock_fd is not None:
+            log.info("serving on %s (%s, inherited socket, fd %d)", self._path, self._describe(), sock_fd)
+        elif self._path.startswith("@"):
+            log.info("listening on %s (%s, abstract namespace)", self._path, self._describe())
+        else:
+            log.info("listening on %s (%s, mode %04o)", self._path, self._describe(), config.mode)
+
+    def _describe(self) -> str:
+        config = self._config
+        return f"framing {config.framing}" if config.kind == "stream" else config.kind
 
     # ---- public ----
 
     @property
     def path(self) -> str:
-        """The socket file's path."""
+        """The address served on: the socket file's path, or "@name" for an abstract name
+        (also for a socket given as sock=)."""
         return self._path
 
     @property
@@ -178,7 +212,9 @@ class Server:
         """Counters since the server was made (any thread, also after shutdown):
         connections_accepted / _rejected / _current, messages_in / _out and bytes_in / _out
         (payload bytes), handler_errors, accept_pauses (times accepting paused because file
-        descriptors ran out), and closed: how many connections ended for each CloseReason.
+        descriptors ran out), fds_received / fds_sent (descriptors passed with messages), and
+        closed: how many connections ended for each CloseReason (``unauthorized`` counts the
+        clients allow_uid / allow_gid refused at accept as well as those authorize() refused).
         A connection refused by on_connect counts as accepted and as rejected; one closed at
         accept because of max_connections only as rejected."""
         with self._lock:
@@ -193,6 +229,8 @@ class Server:
             "bytes_out": core["bytes_out"],
             "handler_errors": self._handler_errors,
             "accept_pauses": core["accept_pauses"],
+            "fds_received": core["fds_in"],
+            "fds_sent": core["fds_out"],
             "closed": dict(core["closed"]),
         }
 
@@ -202,7 +240,7 @@ class Server:
         if threading.get_ident() == self._loop_ident:
             self._broadcast_now(data)
         else:
-            self._post("broadcast", None, data)
+            self._post("broadcast", None, data, [])
 
     def __enter__(self) -> Server:
         return self
@@ -222,22 +260,30 @@ class Server:
             handles.extend([None] * (slot + 1 - len(handles)))
         handles[slot] = client
         client._stats = self._core.bind_stats(slot, cid)
-        if self._on_connect is not None:
-            try:
-                admitted = self._on_connect(client) is not False
-                reason = "rejected"
-            except Exception:
-                log.exception("on_connect raised for client %d (pid %d); closing it", cid, pid)
-                self._handler_errors += 1
-                admitted, reason = False, "handler_error"
-            if not admitted:
-                client._closed = True
-                self._core.close(slot, cid, reason)
-                log.debug("client %d (pid %d, uid %d) refused", cid, pid, uid)
-                return
+        if self._authorize is not None and not self._passes(client, self._authorize, "authorize", "unauthorized"):
+            return
+        if self._on_connect is not None and not self._passes(client, self._on_connect, "on_connect", "rejected"):
+            return
         client._admitted = True
         self._clients[cid] = client
         log.debug("client %d connected (pid %d, uid %d, gid %d)", cid, pid, uid, gid)
+
+    def _passes(self, client: ClientHandle, hook: Callable[[ClientHandle], Any], name: str, reason: str) -> bool:
+        """Runs authorize or on_connect; False (and the client closed) if it refused the client
+        or raised."""
+        try:
+            if hook(client) is not False:
+                return True
+            log.log(logging.WARNING if name == "authorize" else logging.DEBUG,
+                    "client %d (pid %d, uid %d, gid %d) refused by %s()", client.id, client.pid, client.uid,
+                    client.gid, name)
+        except Exception:
+            log.exception("%s raised for client %d (pid %d); refusing it", name, client.id, client.pid)
+            self._handler_errors += 1
+            reason = "handler_error"
+        client._closed = True
+        self._core.close(client._slot, client.id, reason)
+        return False
 
     def _disconnected(self, slot: int, reason_name: str, err: int, discarded: int) -> None:
         client = self._handles[slot]
@@ -257,6 +303,9 @@ class Server:
         elif reason is CloseReason.FRAME_TIMEOUT:
             log.warning("client %d disconnected: it began a message and did not finish it within %gs",
                         client.id, self._config.frame_timeout)
+        elif reason is CloseReason.TOO_MANY_FDS:
+            log.error("client %d passed more file descriptors with a message than max_fds (%d) allows; "
+                      "disconnected it", client.id, self._config.max_fds)
         elif reason is CloseReason.IDLE_TIMEOUT:
             log.debug("client %d closed after %gs idle", client.id, self._config.idle_timeout)
         if discarded and reason in (CloseReason.PEER, CloseReason.ERROR):
@@ -274,6 +323,18 @@ class Server:
             except Exception:
                 log.exception("on_disconnect raised for client %d", client.id)
 
+    def _refused(self, pid: int, uid: int, gid: int) -> None:
+        """A client the uid/gid policy refused at accept. Logged at most once a second, so that
+        a flood of them cannot flood the log."""
+        self._refusals += 1
+        now = time.monotonic()
+        if now - self._refusal_logged >= 1.0:
+            more = f" (and {self._refusals - 1} more since the last report)" if self._refusals > 1 else ""
+            log.warning("refused a client (pid %d, uid %d, gid %d): not in allow_uid / allow_gid%s",
+                        pid, uid, gid, more)
+            self._refusals = 0
+            self._refusal_logged = now
+
     def _handler_failed(self, client: ClientHandle, exc: Exception) -> None:
         self._handler_errors += 1
         log.error("handler raised on a message from client %d (pid %d); closing that client",
@@ -290,10 +351,17 @@ class Server:
     def _run_pending(self) -> None:
         pending = self._pending
         while pending:
-            op, client, data = pending.popleft()
+            op, client, data, fds = pending.popleft()
             if op == "send":
-                if not client._closed:
-                    self._core.send(client._slot, client.id, data)  # framing checked already
+                try:
+                    if not client._closed:
+                        if fds:
+                            self._core.send_fds(client._slot, client.id, data, fds)
+                        else:
+                            self._core.send(client._slot, client.id, data)  # framing checked already
+                finally:
+                    for fd in fds:  # our duplicates: C made its own
+                        os.close(fd)
             elif op == "close":
                 self._core.close(client._slot, client.id, "closed")
             else:
@@ -301,16 +369,29 @@ class Server:
 
     # ---- requests from any thread ----
 
-    def _send(self, client: ClientHandle, message: bytes) -> None:
+    def _send(self, client: ClientHandle, message: bytes, fds: Iterable[Any] = ()) -> None:
         if client._closed:
             raise ClientClosedError(f"client {client.id} is {'disconnected' if client.close_reason else 'closed'}")
         data = self._as_bytes(message)
+        fd_list = _fd_list(fds) if fds else []
+        if fd_list and not data and self._config.kind == "stream" and self._config.framing == "raw":
+            raise ValueError("a stream carries file descriptors only with at least one byte: "
+                             "an empty raw-framed message cannot")
         if threading.get_ident() == self._loop_ident:
-            rc = self._core.send(client._slot, client.id, data)
+            core = self._core
+            rc = core.send_fds(client._slot, client.id, data, fd_list) if fd_list else \
+                core.send(client._slot, client.id, data)
             if rc:
                 raise send_error(rc, client.id)
         else:
-            self._post("send", client, data)
+            # Duplicated now: the caller may close its own once send() returns.
+            dups = [os.dup(fd) for fd in fd_list]
+            try:
+                self._post("send", client, data, dups)
+            except BaseException:
+                for fd in dups:
+                    os.close(fd)
+                raise
 
     def _close(self, client: ClientHandle, reason: str) -> None:
         if client._closed:
@@ -319,7 +400,7 @@ class Server:
         if threading.get_ident() == self._loop_ident:
             self._core.close(client._slot, client.id, reason)
         else:
-            self._post("close", client, None)
+            self._post("close", client, None, [])
 
     def _broadcast_now(self, data: bytes) -> None:
         send = self._core.send
@@ -336,14 +417,14 @@ class Server:
             raise send_error(rc, 0)
         return data
 
-    def _post(self, op: str, client: ClientHandle | None, data: bytes | None) -> None:
-        """Hands a request to the loop thread."""
+    def _post(self, op: str, client: ClientHandle | None, data: bytes | None, fds: list[int]) -> None:
+        """Hands a request to the loop thread (fds: descriptors it will close)."""
         with self._lock:
             if self._state != _SERVING or self._done.is_set():
                 if client is not None:
                     raise ClientClosedError(f"client {client.id} is disconnected (the server is {self._state})")
                 return  # a broadcast with no server running reaches nobody
-            self._pending.append((op, client, data))
+            self._pending.append((op, client, data, fds))
             self._core.wakeup()
 
     # ---- life ----
@@ -371,6 +452,9 @@ class Server:
                 if core.is_open():
                     self._final_stats = core.stats()
                 core.free()
+                for _op, _client, _data, fds in self._pending:
+                    for fd in fds:
+                        os.close(fd)
                 self._pending.clear()
             for client in self._clients.values():  # only after a failure: normally empty
                 client._closed = True
@@ -404,6 +488,16 @@ class Server:
     def _on_signal(self, signum: int, frame: Any) -> None:
         log.info("received %s: shutting down", signal.Signals(signum).name)
         self._stopping = True
+
+
+def _fd_list(fds: Iterable[Any]) -> list[int]:
+    """File descriptors as ints (objects with fileno() allowed), at most 253 (SCM_MAX_FD)."""
+    out = [fd if isinstance(fd, int) else fd.fileno() for fd in fds]
+    if len(out) > MAX_FDS:
+        raise ValueError(f"at most {MAX_FDS} file descriptors go with one message, not {len(out)}")
+    if any(fd < 0 for fd in out):
+        raise ValueError("a file descriptor cannot be negative")
+    return out
 
 
 def _collect(core: Core, path: str) -> None:
