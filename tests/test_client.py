@@ -654,3 +654,38 @@ def test_more_fds_than_the_process_can_take(kind):
     assert lines[0].startswith("FramingError: a message came with more file descriptors"), lines
     assert lines[1:] == ["recv: b'eight more'", "recv_fds: b'after' 1"]
 
+
+# ---- pyuds send ------------------------------------------------------------------------------
+
+def run_send(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pyuds", "send", *args], cwd=NEUTRAL_CWD,
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cli_send_kinds(kind, sock_path):
+    with Peer(kind, sock_path, echo(2)):
+        result = run_send("--kind", kind, sock_path, "hello", "world")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hello\nworld\n"
+
+
+def test_cli_send_abstract():
+    name = abstract_name()
+    with Peer("seqpacket", b"\0" + name[1:].encode(), echo(1)):
+        result = run_send("--kind", "seqpacket", name, "abstract")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "abstract\n"
+
+
+def test_cli_send_framing_needs_stream():
+    result = run_send("--kind", "datagram", "--framing", "line", "@nobody", "x")
+    assert result.returncode == 2
+    assert "--framing applies to --kind stream only" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_send_bad_abstract_name():
+    result = run_send("@", "x")
+    assert result.returncode == 1
+    assert "abstract name" in result.stderr and "Traceback" not in result.stderr
