@@ -10,6 +10,7 @@ import socket
 import sys
 from typing import Callable, Sequence
 
+from ._client import KINDS as CLIENT_KINDS
 from ._config import FRAMINGS, KINDS, ServerConfig
 from ._errors import PyudsError
 
@@ -93,9 +94,11 @@ def _parser() -> argparse.ArgumentParser:
 
     send = sub.add_parser("send", help="send messages to a server and print each reply",
                           description="Send each MESSAGE to the server at PATH and print each reply on its own line.")
-    send.add_argument("path", help="socket file")
+    send.add_argument("path", help="socket file, or @NAME for a name in the abstract namespace")
     send.add_argument("messages", nargs="+", metavar="MESSAGE")
-    send.add_argument("--framing", choices=FRAMINGS, default="u32", help="default: u32")
+    send.add_argument("--kind", choices=CLIENT_KINDS, default="stream",
+                      help="socket type; a seqpacket or datagram message is one packet (default: stream)")
+    send.add_argument("--framing", choices=FRAMINGS, default=None, help="stream only (default: u32)")
     send.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each reply (default: 10)")
 
     bench = sub.add_parser("bench", help="measure a handler under load",
@@ -202,15 +205,22 @@ def _activation_socket(fd_name: str | None) -> tuple[int, str, str] | None:
 def _send(args: argparse.Namespace) -> int:
     from ._client import connect
 
+    if args.framing is not None and args.kind != "stream":
+        print(f"pyuds send: --framing applies to --kind stream only: a {args.kind} message is one packet",
+              file=sys.stderr)
+        return 2
     out = sys.stdout.buffer
     try:
-        with connect(args.path, args.framing, timeout=args.timeout) as conn:
+        with connect(args.path, args.framing or "u32", kind=args.kind, timeout=args.timeout) as conn:
             for message in args.messages:
                 out.write(conn.request(os.fsencode(message)) + b"\n")
                 out.flush()
     except (PyudsError, OSError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         print(f"pyuds send: {args.path}: {reason}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # an address that cannot be one (a NUL byte, an empty name)
+        print(f"pyuds send: {exc}", file=sys.stderr)
         return 1
     return 0
 

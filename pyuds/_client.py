@@ -1,62 +1,169 @@
-"""The client side: a blocking connection that speaks the server's framing."""
+"""The client side: a blocking connection over a stream, seqpacket or datagram Unix socket,
+which can pass file descriptors with its messages.
+
+Pure Python over the socket module: the client never touches the compiled extension.
+"""
 from __future__ import annotations
 
+import array
+import contextlib
+import logging
+import mmap
 import os
+import select
 import socket
-from typing import Any
+from typing import Any, Iterable, Protocol, Union
 
-from ._errors import ConnectionClosedError
-from ._framing import Decoder, encode
+from ._address import from_sockaddr, is_abstract, to_sockaddr
+from ._errors import ConnectionClosedError, FramingError
+from ._framing import Decoder, FdQueue, encode
 
-_RECV_SIZE = 256 * 1024
+log = logging.getLogger("pyuds")
+
+KINDS = ("stream", "seqpacket", "datagram")
+_SOCK_TYPES = {"stream": socket.SOCK_STREAM, "seqpacket": socket.SOCK_SEQPACKET, "datagram": socket.SOCK_DGRAM}
+_KIND_OF_TYPE = {t: k for k, t in _SOCK_TYPES.items()}
+
+_RECV_SIZE = 256 * 1024  # a stream read takes at most this much
+# seqpacket/datagram: the receive buffer, and so the longest message, when max_message_size is
+# None. The server's default limit too; more than Linux lets one Unix datagram carry unless
+# net.core.wmem_max is raised past 8 MiB.
+PACKET_MAX_DEFAULT = 16 * 1024 * 1024
+SCM_MAX_FD = 253  # Linux: the most descriptors one sendmsg() may carry
+_FD_SIZE = array.array("i").itemsize
+# Room for a full batch of descriptors, and for credentials in case someone sets SO_PASSCRED
+# on the socket: without it, they would crowd the descriptors out (MSG_CTRUNC).
+_ANC_SIZE = socket.CMSG_SPACE(SCM_MAX_FD * _FD_SIZE) + socket.CMSG_SPACE(3 * _FD_SIZE)
+
+
+class _HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+FdLike = Union[int, _HasFileno]
 
 
 class Connection:
-    """A blocking connection to a pyuds server (or any peer speaking the same framing).
+    """A blocking connection to a pyuds server (or any peer speaking the same protocol).
 
     request(message) sends one message and returns the next one received; send() and recv()
-    do each half alone, e.g. to pipeline requests or receive pushed messages."""
+    do each half alone, e.g. to pipeline requests or receive pushed messages.
 
-    def __init__(self, sock: socket.socket, framing: str = "u32",
-                 max_message_size: int | None = None) -> None:
+    kind says what a message is: on "stream" a frame cut by framing, on "seqpacket" and
+    "datagram" one packet, with no framing bytes. Any message can carry file descriptors
+    (send(..., fds=...), recv_fds()). Not thread-safe: one thread at a time."""
+
+    def __init__(self, sock: socket.socket, framing: str = "u32", max_message_size: int | None = None,
+                 *, _owned_path: tuple[str, int, int] | None = None) -> None:
+        if sock.family != socket.AF_UNIX or sock.type not in _KIND_OF_TYPE:
+            raise ValueError(f"a Connection needs an AF_UNIX stream, seqpacket or datagram socket, not {sock!r}")
+        self.kind: str = _KIND_OF_TYPE[sock.type]
+        _check_framing(self.kind, framing)
         self._sock = sock
-        self.framing = framing
-        self._decoder = Decoder(framing, max_message_size)
+        if self.kind == "stream":
+            self.framing: str | None = framing
+            self._decoder: Decoder | None = Decoder(framing, max_message_size)
+            self._fd_queue = FdQueue()
+            self.max_message_size = max_message_size
+            self._buf_size = _RECV_SIZE
+        else:
+            self.framing = None
+            self._decoder = None
+            self.max_message_size = _packet_max(max_message_size)
+            self._buf_size = self.max_message_size
+        # An anonymous mapping made at the first receive and reused: its pages become memory
+        # only as messages fill them, so a 16 MiB limit costs nothing until 16 MiB arrive.
+        self._buf: mmap.mmap | None = None
+        self._view: memoryview | None = None
+        self._owned_path = _owned_path
+        self._address = from_sockaddr(sock.getsockname())
+        self._closed = False
 
-    def send(self, message: bytes) -> None:
-        """Sends one message, framed."""
-        self._sock.sendall(encode(self.framing, bytes(message)))
+    @property
+    def address(self) -> str | None:
+        """This end's own address: ``"@name"`` if abstract (a datagram client's autobound name
+        is one), a path, or None if the socket was never bound."""
+        return self._address
+
+    def send(self, message: bytes, fds: Iterable[FdLike] = ()) -> None:
+        """Sends one message (framed on a stream). fds, ints or objects with fileno(), travel with
+        it (SCM_RIGHTS, at most 253); the peer gets duplicates and the caller keeps its own."""
+        fd_list = _fd_numbers(fds)
+        if self.kind == "stream":
+            data = encode(self.framing, bytes(message))
+        else:
+            data = bytes(message)
+        if not fd_list:
+            self._sock.sendall(data)
+            return
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fd_list))]
+        # The descriptors go with the message's first byte, and the whole frame goes in the same
+        # sendmsg(), so the peer's read that brings them ends inside this message. A stream
+        # may take part of it: the rest follows without the descriptors. A packet goes whole.
+        sent = self._sock.sendmsg([data], rights)
+        if sent < len(data):
+            self._sock.sendall(memoryview(data)[sent:])
 
     def recv(self) -> bytes:
-        """Returns the next message, waiting for it. Raises ConnectionClosedError if the server
-        closes the connection first, socket.timeout (TimeoutError) on timeout."""
-        decoder = self._decoder
-        while True:
-            message = decoder.next()
-            if message is not None:
-                return message
-            try:
-                chunk = self._sock.recv(_RECV_SIZE)
-            except ConnectionResetError as exc:
-                raise ConnectionClosedError("the server reset the connection") from exc
-            if not chunk:
-                part = f" in the middle of a message ({decoder.pending} bytes)" if decoder.pending else ""
-                raise ConnectionClosedError(f"the server closed the connection{part}")
-            decoder.feed(chunk)
+        """Returns the next message, waiting for it. Descriptors that came with it are closed;
+        use recv_fds() to keep them. Raises ConnectionClosedError if the server closes the
+        connection first, FramingError if the message is longer than max_message_size,
+        socket.timeout (TimeoutError) on timeout.
 
-    def request(self, message: bytes) -> bytes:
-        """Sends message and returns the reply."""
-        self.send(message)
+        A datagram "connection" never reports its end: a gone server shows as a timeout here,
+        and as ConnectionRefusedError on send(). On seqpacket an empty message that the server
+        sends just before it closes may read as the end (Linux reports both as zero bytes)."""
+        message, fds, _ = self._recv_message()
+        _close_fds(fds)
+        return message
+
+    def recv_fds(self) -> tuple[bytes, list[int]]:
+        """Returns the next message and the file descriptors that came with it, which the caller
+        now owns (they are close-on-exec). Raises FramingError, after closing those that did
+        arrive, if the kernel could not deliver them all (the process is out of descriptors);
+        otherwise as recv()."""
+        message, fds, incomplete = self._recv_message()
+        if incomplete:
+            _close_fds(fds)
+            raise FramingError("a message came with more file descriptors than this process could receive "
+                               "(out of descriptors?); it was dropped, and those that arrived were closed")
+        return message, fds
+
+    def request(self, message: bytes, fds: Iterable[FdLike] = ()) -> bytes:
+        """Sends message (with fds) and returns the reply; descriptors in the reply are closed."""
+        self.send(message, fds)
         return self.recv()
 
+    def request_fds(self, message: bytes, fds: Iterable[FdLike] = ()) -> tuple[bytes, list[int]]:
+        """Sends message (with fds) and returns the reply and the descriptors that came with it."""
+        self.send(message, fds)
+        return self.recv_fds()
+
     def settimeout(self, timeout: float | None) -> None:
+        """Seconds each later send and receive may wait; None waits forever."""
         self._sock.settimeout(timeout)
 
     def fileno(self) -> int:
         return self._sock.fileno()
 
     def close(self) -> None:
-        self._sock.close()
+        """Closes the connection, descriptors received but not yet handed out, and removes the
+        socket file this end was bound to (if it is still the one bound)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._decoder is not None:
+                _close_fds(self._fd_queue.drain())
+            if self._owned_path is not None:
+                # Before the socket closes: while it lives nobody else can bind the path, so
+                # the file checked is not one that a newcomer has just created.
+                _unlink_if_same(*self._owned_path)
+        finally:
+            self._sock.close()
+            if self._view is not None:
+                self._view.release()
+                self._buf.close()
 
     def __enter__(self) -> Connection:
         return self
@@ -64,17 +171,161 @@ class Connection:
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
+    # ---- receiving -------------------------------------------------------------------------
 
-def connect(path: str | os.PathLike[str], framing: str = "u32", *, timeout: float | None = None,
-            max_message_size: int | None = None) -> Connection:
-    """Connects to the server listening on path and returns a blocking Connection.
-    timeout applies to the connect and to every later send and receive."""
-    Decoder(framing, max_message_size)  # validates both before any socket exists
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def _recv_message(self) -> tuple[bytes, list[int], bool]:
+        """The next message, its descriptors, and whether the kernel dropped some of them."""
+        if self._decoder is not None:
+            return self._recv_stream()
+        return self._recv_packet()
+
+    def _recvmsg(self, flags: int = 0) -> tuple[int, list[int], int]:
+        """One recvmsg() into the receive buffer: bytes received, descriptors, msg_flags."""
+        if self._view is None:
+            self._buf = mmap.mmap(-1, self._buf_size)
+            self._view = memoryview(self._buf)
+        try:
+            n, ancdata, msg_flags, _ = self._sock.recvmsg_into(
+                [self._view], _ANC_SIZE, socket.MSG_CMSG_CLOEXEC | flags)
+        except ConnectionResetError as exc:
+            raise ConnectionClosedError("the server reset the connection") from exc
+        return n, _fds_in(ancdata), msg_flags
+
+    def _recv_stream(self) -> tuple[bytes, list[int], bool]:
+        decoder = self._decoder
+        while True:
+            message = decoder.next()
+            if message is not None:
+                fds, incomplete = self._fd_queue.take(decoder.consumed)
+                return message, fds, incomplete
+            n, fds, flags = self._recvmsg()
+            if not n:
+                part = f" in the middle of a message ({decoder.pending} bytes)" if decoder.pending else ""
+                raise ConnectionClosedError(f"the server closed the connection{part}")
+            decoder.feed(self._view[:n])
+            if fds or flags & socket.MSG_CTRUNC:
+                self._fd_queue.add(decoder.received - 1, fds, bool(flags & socket.MSG_CTRUNC))
+
+    def _recv_packet(self) -> tuple[bytes, list[int], bool]:
+        # MSG_TRUNC asks for the packet's real length, so a too long one can be reported as such.
+        n, fds, flags = self._recvmsg(socket.MSG_TRUNC)
+        if flags & socket.MSG_TRUNC or n > self._buf_size:
+            _close_fds(fds)
+            raise FramingError(f"a {self.kind} message of {n} bytes exceeds max_message_size "
+                               f"({self._buf_size} bytes); it was dropped")
+        if not n and not fds and self.kind == "seqpacket" and self._peer_shut_down():
+            # Linux reads the end of a seqpacket connection as an empty packet; an empty
+            # message from a peer still there is one.
+            raise ConnectionClosedError("the server closed the connection")
+        return bytes(self._view[:n]), fds, bool(flags & socket.MSG_CTRUNC)
+
+    def _peer_shut_down(self) -> bool:
+        poller = select.poll()
+        poller.register(self._sock, select.POLLRDHUP)
+        return bool(poller.poll(0))
+
+
+def connect(path: str | bytes | os.PathLike, framing: str = "u32", *, kind: str = "stream",
+            timeout: float | None = None, max_message_size: int | None = None,
+            bind: str | bytes | os.PathLike | None = None) -> Connection:
+    """Connects to the server at path and returns a blocking Connection.
+
+    path is a socket file, or ``"@name"`` for a name in Linux's abstract namespace. kind is
+    "stream" (messages framed by framing), "seqpacket" or "datagram" (a message is one packet;
+    framing does not apply). timeout applies to the connect and to every later send and
+    receive. max_message_size bounds a received message: None means no limit on a stream,
+    16 MiB on the other kinds (their receive buffer; a longer packet raises FramingError).
+
+    bind gives this end an address of its own (a path or ``"@name"``) before it connects. A
+    datagram client needs one for replies to reach it: with bind=None, Linux picks a unique
+    abstract name (Connection.address says which). A socket file bound here is removed by
+    close()."""
+    if kind not in _SOCK_TYPES:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    _check_framing(kind, framing)
+    if kind == "stream":
+        Decoder(framing, max_message_size)  # validates both before any socket exists
+    else:
+        _packet_max(max_message_size)
+    address = to_sockaddr(path, "socket path")
+    local = to_sockaddr(bind, "bind address") if bind is not None else None
+
+    sock = socket.socket(socket.AF_UNIX, _SOCK_TYPES[kind])
+    owned: tuple[str, int, int] | None = None
     try:
         sock.settimeout(timeout)
-        sock.connect(os.fspath(path))
+        if local is not None:
+            sock.bind(local)
+            if not is_abstract(local):
+                st = os.lstat(local)
+                owned = (os.path.abspath(os.fsdecode(local)), st.st_dev, st.st_ino)
+        elif kind == "datagram":
+            sock.bind("")  # autobind: the kernel picks a unique abstract name
+        sock.connect(address)
+        return Connection(sock, framing, max_message_size, _owned_path=owned)
     except BaseException:
-        sock.close()
+        try:
+            if owned is not None:
+                _unlink_if_same(*owned)
+        finally:
+            sock.close()
         raise
-    return Connection(sock, framing, max_message_size)
+
+
+def _check_framing(kind: str, framing: str) -> None:
+    # "u32" is the default, so it cannot tell an explicit choice apart: it is let through.
+    if kind != "stream" and framing != "u32":
+        raise ValueError(f"framing applies to kind='stream' only: a {kind} message is one packet, "
+                         f"with no framing bytes (leave framing at its default, not {framing!r})")
+
+
+def _packet_max(max_message_size: int | None) -> int:
+    if max_message_size is None:
+        return PACKET_MAX_DEFAULT
+    if not isinstance(max_message_size, int) or max_message_size < 1:
+        raise ValueError(f"max_message_size must be None or at least 1, not {max_message_size!r}")
+    return max_message_size
+
+
+def _fd_numbers(fds: Iterable[FdLike]) -> list[int]:
+    numbers = []
+    for f in fds:
+        if isinstance(f, int):
+            fd = f
+        elif hasattr(f, "fileno"):
+            fd = f.fileno()
+        else:
+            raise TypeError(f"fds holds ints or objects with fileno(), not {f!r}")
+        if not isinstance(fd, int) or fd < 0:
+            raise ValueError(f"not a file descriptor: {f!r}")
+        numbers.append(fd)
+    if len(numbers) > SCM_MAX_FD:
+        raise ValueError(f"one message carries at most {SCM_MAX_FD} file descriptors (Linux's SCM_MAX_FD), "
+                         f"not {len(numbers)}")
+    return numbers
+
+
+def _fds_in(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds = array.array("i")
+    for level, type_, data in ancdata:
+        if level == socket.SOL_SOCKET and type_ == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % _FD_SIZE])
+    return fds.tolist()
+
+
+def _close_fds(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _unlink_if_same(path: str, dev: int, ino: int) -> None:
+    """Removes path if it is still the file (device, inode) this client bound."""
+    try:
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino) == (dev, ino):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("could not remove the client socket file %s: %s", path, exc)

@@ -33,4 +33,5 @@ class ConnectionClosedError(PyudsError, ConnectionError):
 
 class FramingError(PyudsError, ValueError):
     """A message cannot be framed (a newline inside a line-framed message, a message too long
-    for its header), or a peer sent a frame larger than allowed."""
+    for its header), or a peer sent a frame larger than allowed, or a message arrived cut short
+    (a packet longer than the receive limit, or more file descriptors than could be received)."""

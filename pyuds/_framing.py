@@ -3,8 +3,15 @@
 Same rules as csrc/framing.c: u32 = 4-byte big-endian payload length, then the payload;
 line = payload, then b"\\n" (a b"\\r" before it belongs to the payload); raw = whatever
 arrives is one message.
+
+File descriptors received on a byte stream belong to the message that holds the last byte of
+the read that brought them. Linux may glue bytes of earlier sends in front of a read, but a read
+that brings descriptors stops within the send that carried them, and a sender puts them on its
+message's first byte (in one sendmsg() with the whole frame). FdQueue applies that rule.
 """
 from __future__ import annotations
+
+from collections import deque
 
 from ._config import FRAMINGS, MAX_U32
 from ._errors import FramingError
@@ -40,6 +47,7 @@ class Decoder:
         self.max = max_message_size
         self._buf = bytearray()
         self._scan = 0  # line framing: bytes already known to hold no newline
+        self.consumed = 0  # stream offset just past the last message next() returned
 
     def feed(self, data: bytes) -> None:
         self._buf += data
@@ -48,6 +56,11 @@ class Decoder:
     def pending(self) -> int:
         """Bytes received and not yet returned as a message."""
         return len(self._buf)
+
+    @property
+    def received(self) -> int:
+        """Bytes fed so far: the stream offset just past the last byte received."""
+        return self.consumed + len(self._buf)
 
     def next(self) -> bytes | None:
         """The next complete message, or None until more bytes arrive."""
@@ -61,6 +74,7 @@ class Decoder:
                 return None
             msg = bytes(buf[4 : 4 + n])
             del buf[: 4 + n]
+            self.consumed += 4 + n
             return msg
         if self.framing == "line":
             i = buf.find(b"\n", self._scan)
@@ -73,14 +87,49 @@ class Decoder:
             msg = bytes(buf[:i])
             del buf[: i + 1]
             self._scan = 0
+            self.consumed += i + 1
             return msg
         if not buf:
             return None
         n = len(buf) if self.max is None else min(len(buf), self.max)
         msg = bytes(buf[:n])
         del buf[:n]
+        self.consumed += n
         return msg
 
     def _check_size(self, n: int) -> None:
         if self.max is not None and n > self.max:
             raise FramingError(f"message of {n}+ bytes exceeds the limit of {self.max} bytes")
+
+
+class FdQueue:
+    """File descriptors received on a byte stream, waiting for the message they belong to.
+
+    add() each batch with the stream offset of the last byte of the read that brought it;
+    take(end) hands a message that ends at offset end (exclusive) every batch before that. The
+    queue never closes anything: whoever takes or drains descriptors owns them."""
+
+    def __init__(self) -> None:
+        # (offset of the read's last byte, descriptors, True if the kernel dropped some)
+        self._batches: deque[tuple[int, list[int], bool]] = deque()
+
+    def add(self, last_offset: int, fds: list[int], incomplete: bool = False) -> None:
+        self._batches.append((last_offset, list(fds), incomplete))
+
+    def take(self, end: int) -> tuple[list[int], bool]:
+        """The descriptors of the message ending before offset end, and whether any batch of
+        them arrived incomplete."""
+        fds: list[int] = []
+        incomplete = False
+        batches = self._batches
+        while batches and batches[0][0] < end:
+            _, batch, lost = batches.popleft()
+            fds += batch
+            incomplete |= lost
+        return fds, incomplete
+
+    def drain(self) -> list[int]:
+        """Every descriptor still waiting (their message never came whole)."""
+        fds = [fd for _, batch, _ in self._batches for fd in batch]
+        self._batches.clear()
+        return fds
