@@ -353,25 +353,6 @@ void uds_conn_settle(uds_server *s, uds_conn *c)
         uds_conn_fail(s, c, UDS_CLOSE_ERROR, ENOMEM);
 }
 
-/* SEQPACKET: the scratch area a packet bigger than the room in its buffer spills into. */
-static char *scratch(uds_server *s)
-{
-    if (s->scratch == NULL) {
-        size_t len = s->cfg.max_message + 1;
-        void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                       -1, 0);
-        if (p == MAP_FAILED)
-            return NULL;
-        s->scratch = p;
-        s->scratch_len = len;
-    }
-    return s->scratch;
-}
-
-/* The bytes a packet spilled into the scratch area are given back to the system once they
- * pass this, so that one large packet does not keep its memory. */
-#define SCRATCH_KEEP (256 * 1024)
-
 /* One SEQPACKET packet into buffer b (which has room for 4 + min(max_message + 1, a chunk)
  * bytes), stored as a u32 frame: the length the packet had, then its bytes. So everything
  * downstream of reading is as for a u32 stream. A packet longer than max_message is stored as
@@ -386,7 +367,7 @@ static ssize_t recv_packet(uds_server *s, uds_conn *c, uds_buf *b)
     struct iovec iov[2] = {{.iov_base = b->data + b->end + 4, .iov_len = room}};
     int iovcnt = 1;
     if (room < limit) {
-        if ((iov[1].iov_base = scratch(s)) == NULL) {
+        if ((iov[1].iov_base = uds_scratch(s)) == NULL) {
             uds_conn_fail(s, c, UDS_CLOSE_ERROR, ENOMEM);
             return -1;
         }
@@ -475,7 +456,7 @@ static void read_packets(uds_server *s, uds_conn *c)
             }
             if (uds_buf_append(b, s->scratch, (size_t)spilled, &s->pool) < 0)
                 uds_conn_fail(s, c, UDS_CLOSE_ERROR, ENOMEM);
-            if ((size_t)spilled > SCRATCH_KEEP)
+            if ((size_t)spilled > UDS_SCRATCH_KEEP)
                 madvise(s->scratch, s->scratch_len, MADV_DONTNEED);
             if (c->flags & UDS_CF_DEAD)
                 return;

@@ -31,6 +31,10 @@
 #define UDS_ACCEPT_BACKOFF_MAX 500    /* ... doubling up to this */
 #define UDS_PACKETS_PER_READ 64       /* SEQPACKET: packets read per readiness, at most */
 #define UDS_FD_OUT_MAX 4096           /* descriptors handed out per batch, at most */
+#define UDS_DGRAMS_PER_READ 256       /* DGRAM: datagrams read per readiness, at most */
+#define UDS_RETRY_MIN_MS 1            /* DGRAM: replies to a full peer are retried after this */
+#define UDS_RETRY_MAX_MS 64           /* ... doubling up to this while none goes out */
+#define UDS_SCRATCH_KEEP (256 * 1024) /* scratch bytes kept resident after a large message */
 
 /* Counters may be read by another thread: store them whole. */
 #define UDS_COUNT(field, delta) __atomic_store_n(&(field), (field) + (delta), __ATOMIC_RELAXED)
@@ -184,8 +188,11 @@ int uds_sock_listen(const char *path, int type, unsigned mode, int backlog, int 
  * when done. Returns 0 or -errno (see uds_server_new()). */
 int uds_sock_adopt(int fd, int type, int backlog, int *out, int *saved_flags);
 
-/* Writes fd's own address as uds_server_address() describes. Returns 0 or -errno. */
-int uds_sock_name(int fd, char *name, size_t *len);
+/* Writes fd's own address (peer: its peer's) as uds_server_address() describes. Returns 0 or
+ * -errno. */
+int uds_sock_name(int fd, int peer, char *name, size_t *len);
+/* The same for an address at hand. Returns 0. */
+int uds_sock_format_name(const struct sockaddr_un *sa, socklen_t salen, char *name, size_t *len);
 
 /* 1 if a supplementary group of fd's peer (SO_PEERGROUPS) is among gids[0..n), else 0. */
 int uds_sock_in_groups(int fd, const uint32_t *gids, int n);
@@ -216,6 +223,31 @@ int uds_sock_peercred(int fd, int32_t *pid, uint32_t *uid, uint32_t *gid);
 #define UDS_CF_PAUSED 0x800u   /* output at the high-water mark: no reading, no delivering */
 #define UDS_CF_FRAMES 0x1000u  /* complete frames may wait in in: read no more until delivered */
 #define UDS_CF_DRAIN 0x2000u   /* shutting down: read until the queue is empty once, then stop */
+
+/* DGRAM peer flags. */
+#define UDS_PF_CLOSING 0x1u /* finish once its queued replies are out (or given up) */
+#define UDS_PF_FINAL 0x2u   /* its CLOSED event was emitted */
+#define UDS_PF_REFUSED 0x4u /* refused: kept (silent) until it expires, its datagrams dropped */
+#define UDS_PF_RETRY 0x8u   /* on the retry list */
+
+typedef struct uds_peer uds_peer;
+struct uds_peer {
+    int slot;                 /* index in uds_server.peers */
+    unsigned flags;           /* UDS_PF_* */
+    uint64_t id;              /* unique for the server's lifetime (shared with connections) */
+    uint64_t hash;            /* of its address */
+    struct sockaddr_un addr;  /* its address, where replies go */
+    socklen_t addr_len;
+    int reason, err;          /* closing: why */
+    uds_stats *stats;         /* where the counters go: own_stats or the caller's */
+    uds_stats own_stats;
+    uds_tnode lru;            /* by last traffic: idle expiry, and who is forgotten first */
+    uds_tnode linger;         /* closing with replies queued: the flush deadline */
+    struct uds_dgram *out_head, *out_tail; /* replies waiting for room in its queue */
+    size_t out_bytes;         /* their bytes */
+    uds_peer *close_next;     /* closing list */
+    uds_peer *retry_next;     /* retry list */
+};
 
 typedef struct uds_conn uds_conn;
 struct uds_conn {
@@ -261,9 +293,22 @@ struct uds_server {
     uint32_t *allow_gid;
     int *fd_out;            /* descriptors handed out with this batch's events */
     int fd_out_n;
-    char *scratch;          /* SEQPACKET: where a packet too big for the buffer spills over;
-                             * max_message + 1 bytes reserved, touched only as far as used */
+    char *scratch;          /* SEQPACKET, DGRAM: where a message too big for the buffer spills
+                             * over; max_message + 1 bytes reserved, touched only as used */
     size_t scratch_len;
+    /* DGRAM (dgram.c) */
+    uds_peer **peers;       /* by slot */
+    int peers_cap, npeers;
+    int32_t *htab;          /* address -> slot + 1, open addressing; 0: empty */
+    size_t htab_size;       /* a power of two, at least twice npeers */
+    uds_peer *closing;      /* peers closing */
+    uds_peer *retry;        /* peers with replies queued */
+    uint64_t retry_at;      /* when to retry them (0: none) */
+    int retry_backoff_ms;
+    uds_buf big;            /* this turn's datagram that did not fit the arena */
+    uint64_t dgram_drain_until; /* shutting down: datagrams already queued are still read
+                                 * (until none is left, or this deadline); 0: not draining */
+    int dgram_empty;        /* the last read found the socket's queue empty */
     dev_t file_dev;         /* identity of the socket file we made */
     ino_t file_ino;
     int ep;                 /* the epoll descriptor */
@@ -293,6 +338,25 @@ struct uds_server {
     uds_pool pool;          /* large buffers kept warm between connections and messages */
     uds_ready ready[UDS_EPOLL_BATCH]; /* what epoll_wait reported */
 };
+
+/* Reads the clock into s->now_ms (monotonic, never going back). */
+void uds_server_clock(uds_server *s);
+/* Empties the wakeup pipe. */
+void uds_server_drain_wakeups(uds_server *s);
+/* The scratch area (see uds_server.scratch), made on first use; NULL if it cannot be. */
+char *uds_scratch(uds_server *s);
+
+/* ---- datagrams (dgram.c): the DGRAM kind's side of each API call --------------------------- */
+
+int uds_dgram_poll(uds_server *s, uds_event *ev, int cap, int timeout_ms);
+int uds_dgram_send(uds_server *s, int slot, uint64_t id, const char *data, size_t len,
+                   const int *fds, int nfds);
+int uds_dgram_close(uds_server *s, int slot, uint64_t id, int reason);
+int uds_dgram_peer_address(uds_server *s, int slot, uint64_t id, char *name, size_t *len);
+int uds_dgram_set_stats(uds_server *s, int slot, uint64_t id, uds_stats *stats);
+/* Stops hearing new datagrams and closes every peer (their queued replies still go out). */
+void uds_dgram_shutdown(uds_server *s);
+void uds_dgram_free(uds_server *s);
 
 /* ---- connections (conn.c): used by the loop in server.c -------------------------------------- */
 

@@ -23,7 +23,7 @@
 
 #define CONN_OF(node, field) ((uds_conn *)((char *)(node) - offsetof(uds_conn, field)))
 
-static void clock_now(uds_server *s)
+void uds_server_clock(uds_server *s)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -216,7 +216,7 @@ static int wait_timeout(const uds_server *s, int timeout_ms)
     return t > INT_MAX ? INT_MAX : (int)t;
 }
 
-static void drain_wakeups(uds_server *s)
+void uds_server_drain_wakeups(uds_server *s)
 {
     char sink[64];
     for (;;) {
@@ -227,12 +227,31 @@ static void drain_wakeups(uds_server *s)
     }
 }
 
+char *uds_scratch(uds_server *s)
+{
+    if (s->scratch == NULL) {
+        size_t len = s->cfg.max_message + 1;
+        void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                       -1, 0);
+        if (p == MAP_FAILED)
+            return NULL;
+        s->scratch = p;
+        s->scratch_len = len;
+    }
+    return s->scratch;
+}
+
 int uds_poll(uds_server *s, uds_event *ev, int cap, int timeout_ms)
 {
     if (cap < 1)
         return -EINVAL;
     s->turn++;
-    clock_now(s);
+    uds_server_clock(s);
+    if (s->cfg.kind == UDS_KIND_DGRAM) {
+        s->arena_used = 0;
+        s->fd_out_n = 0;
+        return uds_dgram_poll(s, ev, cap, timeout_ms);
+    }
     uds_conn_bury(s);
     /* The last batch's messages are done with; reads not parsed yet (their connections wait
      * on the attention list) move to their own buffers before the arena is reused. */
@@ -250,14 +269,14 @@ int uds_poll(uds_server *s, uds_event *ev, int cap, int timeout_ms)
     int k = uds_poller_wait(s->ep, s->ready, cap - n, n > 0 ? 0 : wait_timeout(s, timeout_ms));
     if (k < 0)
         return n > 0 ? n : k;
-    clock_now(s); /* the wait may have been long: reads below renew deadlines from now */
+    uds_server_clock(s); /* the wait may have been long: reads below renew deadlines from now */
     for (int i = 0; i < k; i++) {
         int fd = s->ready[i].fd;
         unsigned what = s->ready[i].events;
         if (fd == s->listen_fd) {
             n = accept_some(s, ev, n, cap);
         } else if (fd == s->wake_rd) {
-            drain_wakeups(s);
+            uds_server_drain_wakeups(s);
         } else if (fd >= 0 && fd < s->nconns && s->conns[fd] != NULL) {
             uds_conn *c = s->conns[fd];
             if ((what & (UDS_POLL_OUT | UDS_POLL_HUP)) && (c->flags & UDS_CF_WANT_OUT))
@@ -273,6 +292,8 @@ int uds_poll(uds_server *s, uds_event *ev, int cap, int timeout_ms)
 
 int uds_send(uds_server *s, int slot, uint64_t id, const char *data, size_t len)
 {
+    if (s->cfg.kind == UDS_KIND_DGRAM)
+        return uds_dgram_send(s, slot, id, data, len, NULL, 0);
     uds_conn *c = conn_get(s, slot, id);
     if (c == NULL || (c->flags & UDS_CF_DEAD))
         return -ENOTCONN;
@@ -282,6 +303,8 @@ int uds_send(uds_server *s, int slot, uint64_t id, const char *data, size_t len)
 int uds_send_fds(uds_server *s, int slot, uint64_t id, const char *data, size_t len,
                  const int *fds, int nfds)
 {
+    if (s->cfg.kind == UDS_KIND_DGRAM)
+        return uds_dgram_send(s, slot, id, data, len, fds, nfds);
     uds_conn *c = conn_get(s, slot, id);
     if (c == NULL || (c->flags & UDS_CF_DEAD))
         return -ENOTCONN;
@@ -296,7 +319,7 @@ int uds_poll_batch(uds_server *s, uds_event *ev, int cap, int timeout_ms, uds_ba
     for (int i = 0; i < n; i++) {
         b->slot[i] = ev[i].slot;
         size_t len = ev[i].len;
-        if (ev[i].type == UDS_EV_MESSAGE && ev[i].nfds == 0 && len <= UDS_PACK_MAX &&
+        if (ev[i].type == UDS_EV_MESSAGE && ev[i].nfds == 0 && ev[i].slot >= 0 && len <= UDS_PACK_MAX &&
             b->pack_cap - used >= len) {
             if (len > 0)
                 memcpy(b->pack + used, ev[i].data, len);
@@ -322,10 +345,14 @@ int uds_reply_batch(uds_server *s, const uds_event *ev, int first, int n, const 
         if (lens[i] < 0)
             continue;
         const uds_event *e = &ev[first + i];
-        uds_conn *c = conn_get(s, e->slot, e->id);
-        int rc = (c == NULL || (c->flags & UDS_CF_DEAD))
-                     ? -ENOTCONN
-                     : uds_conn_send(s, c, data + off, (size_t)lens[i]);
+        int rc;
+        if (s->cfg.kind == UDS_KIND_DGRAM) {
+            rc = uds_dgram_send(s, e->slot, e->id, data + off, (size_t)lens[i], NULL, 0);
+        } else {
+            uds_conn *c = conn_get(s, e->slot, e->id);
+            rc = (c == NULL || (c->flags & UDS_CF_DEAD)) ? -ENOTCONN
+                                                         : uds_conn_send(s, c, data + off, (size_t)lens[i]);
+        }
         off += (size_t)lens[i];
         if (rc < 0) {
             rcs[i] = rc;
@@ -337,16 +364,20 @@ int uds_reply_batch(uds_server *s, const uds_event *ev, int first, int n, const 
 
 int uds_close(uds_server *s, int slot, uint64_t id, int reason)
 {
+    if (s->cfg.kind == UDS_KIND_DGRAM)
+        return uds_dgram_close(s, slot, id, reason);
     uds_conn *c = conn_get(s, slot, id);
     if (c == NULL)
         return -ENOTCONN;
-    clock_now(s);
+    uds_server_clock(s);
     uds_conn_close(s, c, reason, 0, 0);
     return 0;
 }
 
 int uds_conn_set_stats(uds_server *s, int slot, uint64_t id, uds_stats *stats)
 {
+    if (s->cfg.kind == UDS_KIND_DGRAM)
+        return uds_dgram_set_stats(s, slot, id, stats);
     uds_conn *c = conn_get(s, slot, id);
     if (c == NULL)
         return -ENOTCONN;
@@ -376,20 +407,28 @@ static void close_master(uds_server *s)
 
 int uds_shutdown(uds_server *s)
 {
-    if (!s->shutting_down) {
+    if (!s->shutting_down && s->cfg.kind == UDS_KIND_DGRAM) {
+        /* The socket stays open: replies still go out from it. */
+        s->shutting_down = 1;
+        uds_server_clock(s);
+        if (s->path[0] != '\0')
+            uds_sock_unlink_if_same(s->path, s->file_dev, s->file_ino);
+        uds_poller_del(s->ep, s->listen_fd);
+        uds_dgram_shutdown(s);
+    } else if (!s->shutting_down) {
         s->shutting_down = 1;
         close_master(s);
-        clock_now(s);
+        uds_server_clock(s);
         for (int i = 0; i < s->nconns; i++) {
             uds_conn *c = s->conns[i];
             if (c != NULL && !(c->flags & UDS_CF_FINAL))
                 uds_conn_close(s, c, UDS_CLOSE_SHUTDOWN, 0, 1);
         }
     }
-    return s->live;
+    return uds_live(s);
 }
 
-int uds_live(const uds_server *s) { return s->live; }
+int uds_live(const uds_server *s) { return s->live + (s->dgram_drain_until > 0); }
 
 void uds_server_stats_get(const uds_server *s, uds_server_stats *out)
 {
@@ -417,7 +456,17 @@ int uds_server_address(const uds_server *s, char *name, size_t *len)
 {
     if (s->listen_fd < 0)
         return -EBADF;
-    return uds_sock_name(s->listen_fd, name, len);
+    return uds_sock_name(s->listen_fd, 0, name, len);
+}
+
+int uds_peer_address(uds_server *s, int slot, uint64_t id, char *name, size_t *len)
+{
+    if (s->cfg.kind == UDS_KIND_DGRAM)
+        return uds_dgram_peer_address(s, slot, id, name, len);
+    uds_conn *c = conn_get(s, slot, id);
+    if (c == NULL)
+        return -ENOTCONN;
+    return uds_sock_name(c->fd, 1, name, len);
 }
 
 /* Copies a policy list, so that the caller's may go away. */
@@ -437,7 +486,9 @@ int uds_server_new(uds_server **out, const char *path, const uds_config *cfg)
         cfg->max_message > 0xFFFFFFFFu || cfg->flush_timeout_ms < 0 || cfg->max_connections < 0 ||
         cfg->idle_timeout_ms < 0 || cfg->frame_timeout_ms < 0 || cfg->max_fds < 0 ||
         cfg->max_fds > UDS_MAX_FDS ||
-        (cfg->kind != UDS_KIND_STREAM && cfg->kind != UDS_KIND_SEQPACKET))
+        (cfg->kind != UDS_KIND_STREAM && cfg->kind != UDS_KIND_SEQPACKET &&
+         cfg->kind != UDS_KIND_DGRAM) ||
+        (cfg->kind == UDS_KIND_DGRAM && cfg->idle_timeout_ms < 1))
         return -EINVAL;
     if (!cfg->adopt && path[0] != '@' && strlen(path) >= sizeof ((uds_server *)0)->path)
         return -ENAMETOOLONG;
@@ -446,7 +497,10 @@ int uds_server_new(uds_server **out, const char *path, const uds_config *cfg)
         return -ENOMEM;
     s->cfg = *cfg;
     s->listen_fd = s->ep = s->wake_rd = s->wake_wr = s->saved_flags = -1;
-    s->sock_type = cfg->kind == UDS_KIND_SEQPACKET ? SOCK_SEQPACKET : SOCK_STREAM;
+    s->sock_type = cfg->kind == UDS_KIND_SEQPACKET ? SOCK_SEQPACKET
+                   : cfg->kind == UDS_KIND_DGRAM   ? SOCK_DGRAM
+                                                   : SOCK_STREAM;
+    s->retry_backoff_ms = UDS_RETRY_MIN_MS;
     if (cfg->kind == UDS_KIND_SEQPACKET)
         s->cfg.framing = UDS_FRAMING_U32; /* how packets are kept in buffers (see conn.c) */
     s->cfg.allow_uid = s->cfg.allow_gid = NULL;
@@ -493,9 +547,10 @@ int uds_server_new(uds_server **out, const char *path, const uds_config *cfg)
     if (rc < 0)
         goto fail;
     /* SEQPACKET: every packet then comes with its sender's credentials, which is how a packet
-     * of no bytes tells itself apart from end-of-file. Accepted sockets inherit it. */
+     * of no bytes tells itself apart from end-of-file (accepted sockets inherit it). DGRAM:
+     * every datagram's sender, for the uid/gid policy and the caller. */
     int on = 1;
-    if (s->sock_type == SOCK_SEQPACKET &&
+    if (s->sock_type != SOCK_STREAM &&
         setsockopt(s->listen_fd, SOL_SOCKET, SO_PASSCRED, &on, sizeof on) < 0) {
         rc = -errno;
         goto fail;
@@ -524,6 +579,7 @@ void uds_server_free(uds_server *s)
         free(c);
     }
     free(s->conns);
+    uds_dgram_free(s);
     free(s->allow_uid);
     free(s->allow_gid);
     free(s->fd_out);

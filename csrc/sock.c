@@ -304,25 +304,32 @@ int uds_sock_adopt(int fd, int type, int backlog, int *fdp, int *saved_flags)
     return 0;
 }
 
-int uds_sock_name(int fd, char *name, size_t *len)
+int uds_sock_format_name(const struct sockaddr_un *sa, socklen_t salen, char *name, size_t *len)
 {
-    struct sockaddr_un sa;
-    socklen_t salen = sizeof sa;
-    if (getsockname(fd, (struct sockaddr *)&sa, &salen) < 0)
-        return -errno;
     size_t n = salen > offsetof(struct sockaddr_un, sun_path)
                    ? salen - offsetof(struct sockaddr_un, sun_path)
                    : 0;
-    if (n > 0 && sa.sun_path[0] == '\0') {
+    if (n > sizeof sa->sun_path)
+        n = sizeof sa->sun_path;
+    if (n > 0 && sa->sun_path[0] == '\0') {
         name[0] = '@'; /* abstract: '@', then exactly the name's bytes */
-        memcpy(name + 1, sa.sun_path + 1, n - 1);
-        *len = n;
+        memcpy(name + 1, sa->sun_path + 1, n - 1);
     } else {
-        n = strnlen(sa.sun_path, n);
-        memcpy(name, sa.sun_path, n);
-        *len = n;
+        n = strnlen(sa->sun_path, n);
+        memcpy(name, sa->sun_path, n);
     }
+    *len = n;
     return 0;
+}
+
+int uds_sock_name(int fd, int peer, char *name, size_t *len)
+{
+    struct sockaddr_un sa;
+    socklen_t salen = sizeof sa;
+    if ((peer ? getpeername(fd, (struct sockaddr *)&sa, &salen)
+              : getsockname(fd, (struct sockaddr *)&sa, &salen)) < 0)
+        return -errno;
+    return uds_sock_format_name(&sa, salen, name, len);
 }
 
 int uds_sock_in_groups(int fd, const uint32_t *gids, int n)

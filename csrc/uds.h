@@ -28,6 +28,8 @@
 /* Socket kinds (uds_config.kind). */
 #define UDS_KIND_STREAM 0    /* SOCK_STREAM: connections, messages cut by the framing */
 #define UDS_KIND_SEQPACKET 1 /* SOCK_SEQPACKET: connections, the kernel keeps boundaries */
+#define UDS_KIND_DGRAM 2     /* SOCK_DGRAM: no connections; each sender address is a peer,
+                              * reported like a connection (see dgram.c) */
 
 /* Event types filled in by uds_poll(). */
 #define UDS_EV_CONNECTED 1 /* a client was accepted; pid/uid/gid hold its credentials */
@@ -51,6 +53,7 @@
 #define UDS_CLOSE_SLOW_CONSUMER 10 /* its unsent output would exceed max_output */
 #define UDS_CLOSE_UNAUTHORIZED 11 /* refused by the uid/gid policy or the application */
 #define UDS_CLOSE_TOO_MANY_FDS 12 /* it sent more descriptors with a message than max_fds */
+#define UDS_CLOSE_EVICTED 13      /* DGRAM: forgotten to make room for a new peer */
 #define UDS_CLOSE_REASONS 16      /* length of uds_server_stats.closed */
 
 /* Framing helpers. */
@@ -119,13 +122,15 @@ typedef struct uds_config {
 /* One event of a batch. Pointers stay valid until the next uds_poll() on the same server. */
 typedef struct uds_event {
     int type;          /* UDS_EV_* */
-    int slot;          /* the connection's slot: unique among live connections, reused later */
+    int slot;          /* the connection's slot: unique among live connections, reused later;
+                        * DGRAM: -1 for a message from a sender with no address (unanswerable) */
     uint64_t id;       /* the connection's id: unique for the server's lifetime, from 1 */
     const char *data;  /* MESSAGE: the payload */
     size_t len;        /* MESSAGE: payload length; CLOSED: output bytes discarded unsent */
     int reason;        /* CLOSED: UDS_CLOSE_* */
     int err;           /* CLOSED: the errno for UDS_CLOSE_ERROR, else 0 */
-    int32_t pid;       /* CONNECTED: peer's pid (SO_PEERCRED at accept) */
+    int32_t pid;       /* CONNECTED: peer's pid (SO_PEERCRED at accept); DGRAM: also MESSAGE,
+                        * the sender's (SCM_CREDENTIALS of that datagram) */
     uint32_t uid;      /* CONNECTED: peer's uid */
     uint32_t gid;      /* CONNECTED: peer's gid */
     int nfds;          /* MESSAGE: descriptors that came with it (see fds) */
@@ -153,6 +158,11 @@ typedef struct uds_server_stats {
     uint64_t accept_pauses; /* times accepting paused because descriptors ran out */
     uint64_t fds_in;        /* descriptors received with messages, and sent */
     uint64_t fds_out;
+    uint64_t dgrams_truncated; /* DGRAM: datagrams dropped for being longer than max_message
+                                * or bringing more than max_fds descriptors */
+    uint64_t dgrams_refused;   /* DGRAM: datagrams dropped by the uid/gid policy or from a
+                                * refused peer */
+    uint64_t replies_unroutable; /* DGRAM: replies to senders with no address, not sent */
     uint64_t closed[16];    /* connections closed, by reason: closed[UDS_CLOSE_*]; connections
                              * closed at accept for max_connections count as REJECTED */
 } uds_server_stats;
@@ -252,6 +262,11 @@ int uds_wakeup_fd(const uds_server *s);
 
 /* The master socket's descriptor, or -1 once it is closed. */
 int uds_listen_fd(const uds_server *s);
+
+/* Writes the address of connection or peer (slot, id) to name as uds_server_address() does:
+ * for a connection, the address its client bound (length 0 if none); for a DGRAM peer, its
+ * address. Returns 0, -ENOTCONN, or -errno. */
+int uds_peer_address(uds_server *s, int slot, uint64_t id, char *name, size_t *len);
 
 /* Writes the master socket's address to name (room for 110 bytes), as uds_server_new() takes
  * it: a path, or '@' and the abstract name (which may hold NUL bytes, hence *len). Returns 0

@@ -154,7 +154,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 SD_LISTEN_FDS_START = 3
-_SOCK_KINDS = {socket.SOCK_STREAM: "stream", socket.SOCK_SEQPACKET: "seqpacket"}
+_SOCK_KINDS = {socket.SOCK_STREAM: "stream", socket.SOCK_SEQPACKET: "seqpacket", socket.SOCK_DGRAM: "datagram"}
 
 
 def _activation_socket(fd_name: str | None) -> tuple[int, str, str] | None:

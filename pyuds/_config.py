@@ -7,7 +7,9 @@ import socket
 from typing import Optional, Tuple
 
 FRAMINGS = ("u32", "line", "raw")
-KINDS = ("stream", "seqpacket")
+KINDS = ("stream", "seqpacket", "datagram")
+DGRAM_PEERS = 65536        # datagram peers remembered at most, by default
+DGRAM_IDLE_TIMEOUT = 60.0  # seconds after which a silent datagram peer is forgotten, by default
 MAX_FDS = 253  # the most descriptors Linux passes with one message (SCM_MAX_FD)
 MAX_U32 = 0xFFFFFFFF
 FD_RESERVE = 64  # descriptors kept for the server itself and the application by default
@@ -17,9 +19,11 @@ FD_RESERVE = 64  # descriptors kept for the server itself and the application by
 class ServerConfig:
     """How a :class:`pyuds.Server` listens and what it accepts.
 
-    kind: the socket type: ``"stream"`` (SOCK_STREAM, messages cut by ``framing``) or
-        ``"seqpacket"`` (SOCK_SEQPACKET: connections whose messages the kernel keeps apart;
-        ``framing`` does not apply).
+    kind: the socket type: ``"stream"`` (SOCK_STREAM, messages cut by ``framing``),
+        ``"seqpacket"`` (SOCK_SEQPACKET: connections whose messages the kernel keeps apart)
+        or ``"datagram"`` (SOCK_DGRAM: no connections; each datagram is a message and each
+        sender address a client, remembered up to max_connections (default 65536) and until
+        idle for idle_timeout (default 60 s)). ``framing`` applies to streams only.
     framing: how a byte stream is cut into messages: ``"u32"`` (4-byte big-endian length,
         then the payload), ``"line"`` (payload, then ``\\n``) or ``"raw"`` (each read is one
         message).
@@ -98,6 +102,8 @@ class ServerConfig:
         """max_connections, or the default it stands for."""
         if self.max_connections is not None:
             return self.max_connections
+        if self.kind == "datagram":
+            return DGRAM_PEERS
         soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft == resource.RLIM_INFINITY:
             return 2**31 - 1

@@ -16,7 +16,7 @@ import os
 import stat
 from typing import TYPE_CHECKING, Any
 
-from ._config import ServerConfig
+from ._config import DGRAM_IDLE_TIMEOUT, ServerConfig
 from ._errors import (
     AddressInUseError,
     ClientClosedError,
@@ -46,7 +46,10 @@ FRAMING_CODES = {
 KIND_CODES = {
     "stream": lib.UDS_KIND_STREAM,
     "seqpacket": lib.UDS_KIND_SEQPACKET,
+    "datagram": lib.UDS_KIND_DGRAM,
 }
+
+SOCK_TYPE_NAMES = {"stream": "SOCK_STREAM", "seqpacket": "SOCK_SEQPACKET", "datagram": "SOCK_DGRAM"}
 
 REASON_NAMES = {
     lib.UDS_CLOSE_PEER: "peer",
@@ -61,6 +64,7 @@ REASON_NAMES = {
     lib.UDS_CLOSE_SLOW_CONSUMER: "slow_consumer",
     lib.UDS_CLOSE_UNAUTHORIZED: "unauthorized",
     lib.UDS_CLOSE_TOO_MANY_FDS: "too_many_fds",
+    lib.UDS_CLOSE_EVICTED: "evicted",
 }
 REASON_CODES = {name: code for code, name in REASON_NAMES.items()}
 
@@ -120,7 +124,7 @@ def _adopt_error(err: int, fd: int, kind: str) -> OSError:
         errno.ENOTSOCK: "is not a socket",
         errno.EBADF: "is not an open file descriptor",
         errno.EAFNOSUPPORT: "is not an AF_UNIX socket",
-        errno.EPROTOTYPE: f"is not a {kind} socket ({'SOCK_SEQPACKET' if kind == 'seqpacket' else 'SOCK_STREAM'})",
+        errno.EPROTOTYPE: f"is not a {kind} socket ({SOCK_TYPE_NAMES[kind]})",
         errno.EDESTADDRREQ: "is not bound to an address",
     }.get(err, os.strerror(err))
     return OSError(err, f"cannot serve on file descriptor {fd}: it {why}")
@@ -158,7 +162,10 @@ class Core:
         cfg.flush_timeout_ms = _ms(config.flush_timeout)
         cfg.max_connections = config.connection_limit()
         cfg.max_output = config.max_output_buffer
-        cfg.idle_timeout_ms = _ms(config.idle_timeout)
+        idle = config.idle_timeout
+        if idle is None and config.kind == "datagram":
+            idle = DGRAM_IDLE_TIMEOUT  # datagram peers must be forgotten some time
+        cfg.idle_timeout_ms = _ms(idle)
         cfg.frame_timeout_ms = _ms(config.frame_timeout)
         cfg.kind = KIND_CODES[config.kind]
         cfg.max_fds = config.max_fds
@@ -268,6 +275,13 @@ class Core:
         """Whether data can be sent as one message (pure, any thread): 0 or a negated errno."""
         return lib.uds_frame_check(self._framing, data, len(data))
 
+    def peer_address(self, slot: int, cid: int) -> str | None:
+        """The address the client bound (a datagram peer's, where replies go); None if none."""
+        name, length = ffi.new("char[]", 112), ffi.new("size_t *")
+        if lib.uds_peer_address(self._srv, slot, cid, name, length) < 0 or length[0] == 0:
+            return None
+        return os.fsdecode(ffi.unpack(name, length[0]))
+
     def bind_stats(self, slot: int, cid: int) -> Any:
         """Moves the client's counters to memory this object owns; returns it (opaque)."""
         stats = ffi.new("uds_stats *")
@@ -295,6 +309,9 @@ class Core:
             "accept_pauses": st.accept_pauses,
             "fds_in": st.fds_in,
             "fds_out": st.fds_out,
+            "dgrams_truncated": st.dgrams_truncated,
+            "dgrams_refused": st.dgrams_refused,
+            "replies_unroutable": st.replies_unroutable,
             "closed": {name: st.closed[code] for code, name in REASON_NAMES.items()},
         }
 
@@ -374,7 +391,8 @@ class Core:
             kind = ev.type
             if kind == MESSAGE:
                 slot = ev.slot
-                client = handles[slot]
+                # slot -1: a datagram from a sender with no address, heard but unanswerable.
+                client = handles[slot] if slot >= 0 else server._anonymous(ev.pid, ev.uid, ev.gid)
                 nfds = ev.nfds
                 if nfds:
                     # Ours now: the handler may take them; the rest are closed after it.

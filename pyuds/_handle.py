@@ -28,6 +28,7 @@ class CloseReason(str, enum.Enum):
     UNAUTHORIZED = "unauthorized"    #: authorize() refused it (allow_uid/allow_gid refusals
                                      #: never become clients; they are only counted)
     TOO_MANY_FDS = "too_many_fds"    #: it passed more file descriptors with a message than max_fds
+    EVICTED = "evicted"              #: a datagram peer forgotten to make room (max_connections)
 
     def __str__(self) -> str:
         return self.value
@@ -37,12 +38,15 @@ class ClientHandle:
     """One connected client (a data socket of the server), kept in ``server.clients``.
 
     id: unique for the server's lifetime. pid, uid, gid: the peer process's credentials,
-    taken by the kernel when it connected (SO_PEERCRED). connected_at: time.time() then.
+    taken by the kernel when it connected (SO_PEERCRED; for a datagram peer, those its first
+    datagram came with). connected_at: time.time() then. For a datagram server, a client is
+    a sender address; a datagram from a sender with no address gets a handle of its own (id
+    0, not in the registry) that can read but not be answered.
     data: a dict for the application's per-client state.
     """
 
     __slots__ = ("id", "pid", "uid", "gid", "connected_at", "data", "close_reason",
-                 "_server", "_slot", "_stats", "_closed", "_admitted", "_fds")
+                 "_server", "_slot", "_stats", "_closed", "_admitted", "_fds", "_address")
 
     def __init__(self, server: Server, slot: int, cid: int, pid: int, uid: int, gid: int) -> None:
         self.id = cid
@@ -58,6 +62,7 @@ class ClientHandle:
         self._closed = False     # close() was called or the connection is gone
         self._admitted = False   # on_connect accepted it: it is (or was) in the registry
         self._fds: list[int] | None = None  # descriptors that came with the message in hand
+        self._address: str | None | bool = False  # False: not asked yet
 
     def send(self, message: bytes, fds: Iterable[int | Any] = ()) -> None:
         """Pushes a message to this client, framed like replies. Any thread. From a handler it
@@ -93,6 +98,16 @@ class ClientHandle:
         """Disconnects this client once the replies already queued for it are sent. No more
         messages from it reach the handler. Any thread; closing twice is harmless."""
         self._server._close(self, "closed")
+
+    @property
+    def address(self) -> str | None:
+        """The address the client's socket is bound to: a path, or "@name" for an abstract
+        name (a datagram client's, where replies go); None if it has none. Known while the
+        client is connected (and afterwards, once asked)."""
+        if self._address is False:
+            self._address = None if self._closed or self._slot < 0 else \
+                self._server._core.peer_address(self._slot, self.id)
+        return self._address  # type: ignore[return-value]
 
     @property
     def closed(self) -> bool:

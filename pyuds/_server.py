@@ -212,7 +212,11 @@ class Server:
         """Counters since the server was made (any thread, also after shutdown):
         connections_accepted / _rejected / _current, messages_in / _out and bytes_in / _out
         (payload bytes), handler_errors, accept_pauses (times accepting paused because file
-        descriptors ran out), fds_received / fds_sent (descriptors passed with messages), and
+        descriptors ran out), fds_received / fds_sent (descriptors passed with messages);
+        for datagram servers datagrams_truncated (dropped: longer than max_message_size, or
+        with more descriptors than max_fds), datagrams_refused (dropped by allow_uid /
+        allow_gid, or from a peer authorize() refused) and replies_unroutable (replies to
+        senders with no address); and
         closed: how many connections ended for each CloseReason (``unauthorized`` counts the
         clients allow_uid / allow_gid refused at accept as well as those authorize() refused).
         A connection refused by on_connect counts as accepted and as rejected; one closed at
@@ -231,6 +235,9 @@ class Server:
             "accept_pauses": core["accept_pauses"],
             "fds_received": core["fds_in"],
             "fds_sent": core["fds_out"],
+            "datagrams_truncated": core["dgrams_truncated"],
+            "datagrams_refused": core["dgrams_refused"],
+            "replies_unroutable": core["replies_unroutable"],
             "closed": dict(core["closed"]),
         }
 
@@ -266,6 +273,8 @@ class Server:
             return
         client._admitted = True
         self._clients[cid] = client
+        if self._config.kind == "datagram":
+            client._address = self._core.peer_address(slot, cid)
         log.debug("client %d connected (pid %d, uid %d, gid %d)", cid, pid, uid, gid)
 
     def _passes(self, client: ClientHandle, hook: Callable[[ClientHandle], Any], name: str, reason: str) -> bool:
@@ -323,6 +332,13 @@ class Server:
             except Exception:
                 log.exception("on_disconnect raised for client %d", client.id)
 
+    def _anonymous(self, pid: int, uid: int, gid: int) -> ClientHandle:
+        """A handle for one datagram from a sender with no address: never in the registry,
+        and nothing sent to it can arrive."""
+        client = ClientHandle(self, -1, 0, pid, uid, gid)
+        client._address = None
+        return client
+
     def _refused(self, pid: int, uid: int, gid: int) -> None:
         """A client the uid/gid policy refused at accept. Logged at most once a second, so that
         a flood of them cannot flood the log."""
@@ -370,6 +386,9 @@ class Server:
     # ---- requests from any thread ----
 
     def _send(self, client: ClientHandle, message: bytes, fds: Iterable[Any] = ()) -> None:
+        if client._slot < 0:
+            raise ClientClosedError("this datagram's sender has no address of its own (it never bound "
+                                    "one), so nothing sent to it can arrive")
         if client._closed:
             raise ClientClosedError(f"client {client.id} is {'disconnected' if client.close_reason else 'closed'}")
         data = self._as_bytes(message)

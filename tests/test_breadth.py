@@ -576,3 +576,223 @@ class TestSocketActivation:
         finally:
             err = stop(proc)
         assert f"listening on {sock_path}" in err
+
+
+# ---- DATAGRAM --------------------------------------------------------------------------------
+
+
+def dgram_client(bind: str | None = "") -> socket.socket:
+    """A datagram socket bound to an address of its own ("": one Linux makes up; None: none)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.settimeout(TIMEOUT)
+    if bind is not None:
+        sock.bind(bind)
+    return sock
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds a process has used (user + system), from /proc."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class TestDatagram:
+    def test_hundred_clients_a_handle_per_address(self, serve, sock_path):
+        addresses = {}
+
+        def handler(client, message):
+            addresses.setdefault(client.id, client.address)
+            assert client.pid == os.getpid() and client.uid == os.getuid()
+            return message.upper()
+
+        server = serve(handler, kind="datagram")
+        clients = [dgram_client() for _ in range(100)]
+        try:
+            for k in range(3):
+                for i, sock in enumerate(clients):
+                    sock.sendto(b"c%d-m%d" % (i, k), sock_path)
+            for i, sock in enumerate(clients):
+                assert [sock.recv(100) for _ in range(3)] == [b"C%d-M%d" % (i, k) for k in range(3)]
+            assert len(server.clients) == 100
+            names = {"@" + s.getsockname()[1:].decode() for s in clients}
+            assert set(addresses.values()) == names
+            assert {c.address for c in server.clients.values()} == names
+        finally:
+            for sock in clients:
+                sock.close()
+        assert server.stats()["messages_in"] == 300
+
+    def test_sender_without_address_is_heard_not_answered(self, serve, sock_path):
+        seen = []
+
+        def handler(client, message):
+            seen.append((client.id, client.address, client.pid))
+            if client.id == 0:
+                try:
+                    client.send(b"push")
+                except pyuds.ClientClosedError as exc:
+                    seen.append(str(exc))
+            return b"a reply that cannot arrive"
+
+        server = serve(handler, kind="datagram")
+        with dgram_client(bind=None) as anon, dgram_client() as named:
+            anon.sendto(b"who am I", sock_path)
+            named.sendto(b"ping", sock_path)
+            assert named.recv(100) == b"a reply that cannot arrive"
+        wait_until(lambda: len(seen) == 3)
+        assert seen[0] == (0, None, os.getpid()) and "no address" in seen[1]
+        assert server.stats()["replies_unroutable"] == 1
+        assert len(server.clients) == 1  # the anonymous sender is not a client
+
+    def test_truncated_datagrams_counted_and_dropped(self, serve, sock_path):
+        server = serve(kind="datagram", max_message_size=1000)
+        with dgram_client() as sock:
+            sock.sendto(b"x" * 1001, sock_path)
+            sock.sendto(b"y" * 1000, sock_path)
+            assert sock.recv(2000) == b"y" * 1000
+        assert server.stats()["datagrams_truncated"] == 1
+
+    def test_large_datagram_spills_past_the_arena(self, serve, sock_path):
+        serve(kind="datagram", max_message_size=4 << 20)
+        with dgram_client() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            payload = os.urandom(150_000)
+            sock.sendto(payload, sock_path)
+            assert sock.recv(1 << 20) == payload
+
+    def test_full_peer_waits_without_spinning_and_loses_nothing(self, serve, sock_path):
+        """A client that does not read: its queue fills, replies wait on the server (the loop
+        does not spin meanwhile), and every reply arrives, in order, once it reads."""
+        server = serve(kind="datagram")
+        count = 3000
+        with dgram_client() as sock:
+            for i in range(count):
+                sock.sendto(b"%06d" % i, sock_path)
+            wait_until(lambda: server.stats()["messages_in"] == count)
+            cpu = process_cpu(os.getpid())
+            time.sleep(1.0)
+            assert process_cpu(os.getpid()) - cpu < 0.3  # the test process holds the server thread
+            got = [sock.recv(100) for _ in range(count)]
+        assert got == [b"%06d" % i for i in range(count)]
+
+    def test_peer_gone_ends_its_handle(self, serve, sock_path):
+        reasons = []
+        release = threading.Event()
+
+        def handler(client, message):
+            release.wait(TIMEOUT)  # the client closes before the reply leaves
+            return message
+
+        server = serve(handler, kind="datagram", on_disconnect=lambda c, r: reasons.append(r))
+        sock = dgram_client()
+        sock.sendto(b"bye", sock_path)
+        wait_until(lambda: len(server.clients) == 1)
+        sock.close()
+        release.set()
+        wait_until(lambda: reasons == [pyuds.CloseReason.PEER])
+
+    def test_idle_peers_expire_and_the_table_is_bounded(self, serve, sock_path):
+        reasons = []
+        server = serve(kind="datagram", idle_timeout=0.3, max_connections=10,
+                       on_disconnect=lambda c, r: reasons.append(str(r)))
+        clients = [dgram_client() for _ in range(20)]
+        try:
+            for sock in clients:
+                sock.sendto(b"x", sock_path)
+                assert sock.recv(10) == b"x"
+            assert len(server.clients) == 10
+            assert reasons.count("evicted") == 10
+            wait_until(lambda: len(server.clients) == 0, timeout=3)
+            assert reasons.count("idle_timeout") == 10
+        finally:
+            for sock in clients:
+                sock.close()
+
+    def test_fds_with_datagrams(self, serve, sock_path):
+        def handler(client, message):
+            for fd in client.take_fds():
+                os.write(fd, message)
+                os.close(fd)
+            return b"ok"
+
+        server = serve(handler, kind="datagram")
+        baseline = open_fds()
+        r, w = os.pipe()
+        with dgram_client() as sock:
+            socket.socket.sendmsg(sock, [b"through a pipe"],
+                                  [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", w))], 0, sock_path)
+            assert sock.recv(10) == b"ok"
+        os.close(w)
+        assert os.read(r, 100) == b"through a pipe"
+        os.close(r)
+        assert open_fds() == baseline  # the server closed its copy
+        assert server.stats()["fds_received"] == 1
+
+    def test_uid_policy_drops_datagrams(self, serve, sock_path):
+        server = serve(kind="datagram", allow_uid=[os.getuid() + 1])
+        with dgram_client() as sock:
+            sock.sendto(b"refused", sock_path)
+            wait_until(lambda: server.stats()["datagrams_refused"] == 1)
+        assert server.clients == {}
+
+    def test_authorize_refuses_a_peer_until_it_expires(self, serve, sock_path):
+        calls = []
+        server = serve(kind="datagram", authorize=lambda c: calls.append(c.address) or False)
+        with dgram_client() as sock:
+            sock.sendto(b"knock", sock_path)
+            wait_until(lambda: server.stats()["closed"]["unauthorized"] == 1)
+            for _ in range(4):
+                sock.sendto(b"knock", sock_path)
+            wait_until(lambda: server.stats()["datagrams_refused"] == 4)
+        assert len(calls) == 1  # asked once; the rest dropped in C
+        assert server.stats()["closed"]["unauthorized"] == 1
+
+    def test_shutdown_answers_what_was_already_sent(self, sock_path):
+        # As many as the server's queue holds before senders must wait (net.unix.max_dgram_qlen).
+        with open("/proc/sys/net/unix/max_dgram_qlen") as f:
+            count = min(int(f.read()), 200)
+        server = pyuds.Server(sock_path, kind="datagram")
+        with dgram_client() as sock:
+            for i in range(count):
+                sock.sendto(b"%d" % i, sock_path)
+            server.start()
+            server.shutdown()
+            assert [sock.recv(10) for _ in range(count)] == [b"%d" % i for i in range(count)]
+        assert not os.path.exists(sock_path)
+
+
+# ---- the client API against the server -------------------------------------------------------
+
+
+class TestClientAgainstServer:
+    @pytest.mark.parametrize("kind", ["stream", "seqpacket", "datagram"])
+    def test_fds_both_ways(self, serve, sock_path, kind):
+        def handler(client, message):
+            fds = client.take_fds()
+            r, w = os.pipe()
+            client.send(message + b"!", fds=[r])
+            os.close(r)
+            os.write(w, b"from the server")
+            os.close(w)
+            for fd in fds:
+                os.write(fd, b"from the handler")
+                os.close(fd)
+
+        serve(handler, kind=kind)
+        r, w = os.pipe()
+        with pyuds.connect(sock_path, kind=kind, timeout=TIMEOUT) as conn:
+            message, fds = conn.request_fds(b"hello", fds=[w])
+            os.close(w)
+            assert message == b"hello!" and len(fds) == 1
+            with os.fdopen(fds[0], "rb") as f:
+                assert f.read() == b"from the server"
+        with os.fdopen(r, "rb") as f:
+            assert f.read() == b"from the handler"
+
+    def test_abstract_seqpacket(self, serve):
+        name = abstract_name()
+        serve(path=name, kind="seqpacket")
+        with pyuds.connect(name, kind="seqpacket", timeout=TIMEOUT) as conn:
+            assert conn.request(b"") == b""
+            assert conn.request(b"abstract") == b"abstract"
