@@ -13,7 +13,8 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(HERE, "csrc")
-SOURCES = ["framing.c", "buf.c", "poller.c", "sock.c", "timers.c", "conn.c", "msg.c", "dgram.c", "server.c"]
+SOURCES = ["framing.c", "buf.c", "poller.c", "sock.c", "timers.c", "conn.c", "conn_io.c", "msg.c",
+           "peers.c", "dgram.c", "server.c"]
 
 
 def _cdef() -> str:

@@ -1,6 +1,7 @@
 /*
- * conn.c - one connection's life: reading and cutting frames, queueing and flushing output,
- * backpressure, timeouts, closing. The loop that drives connections is in server.c.
+ * conn.c - one connection's life: its state, cutting frames and delivering them, backpressure,
+ * timeouts, closing. Its reads and writes are in conn_io.c; the loop that drives connections
+ * is in server.c.
  *
  * Rules this file keeps:
  * - A MESSAGE event points into the server's read arena or its connection's own input buffer.
@@ -27,7 +28,6 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -79,7 +79,7 @@ static void update_interest(uds_server *s, uds_conn *c)
         uds_conn_fail(s, c, UDS_CLOSE_ERROR, -rc);
 }
 
-static void set_want_out(uds_server *s, uds_conn *c, int on)
+void uds_conn_set_want_out(uds_server *s, uds_conn *c, int on)
 {
     if (!!(c->flags & UDS_CF_WANT_OUT) == on)
         return;
@@ -88,7 +88,7 @@ static void set_want_out(uds_server *s, uds_conn *c, int on)
 }
 
 /* Traffic in either direction renews the idle deadline. */
-static void touch(uds_server *s, uds_conn *c)
+void uds_conn_touch(uds_server *s, uds_conn *c)
 {
     if (s->cfg.idle_timeout_ms > 0 && !(c->flags & UDS_CF_CLOSING))
         uds_tlist_append(&s->idle, &c->idle, s->now_ms + (uint64_t)s->cfg.idle_timeout_ms);
@@ -113,20 +113,20 @@ static void time_frame(uds_server *s, uds_conn *c, int delivered)
 }
 
 /* Reading ends for good (a shutdown drain ends with it); also_flags says why, e.g. EOF. */
-static void stop_reading(uds_server *s, uds_conn *c, unsigned also_flags)
+void uds_conn_stop_reading(uds_server *s, uds_conn *c, unsigned also_flags)
 {
     c->flags = (c->flags & ~UDS_CF_DRAIN) | UDS_CF_NO_READ | also_flags;
     update_interest(s, c);
 }
 
-static void pause_reading(uds_server *s, uds_conn *c)
+void uds_conn_pause_reading(uds_server *s, uds_conn *c)
 {
     c->flags |= UDS_CF_PAUSED;
     update_interest(s, c);
     uds_tlist_remove(&s->frames, &c->frame);
 }
 
-static void resume_if_drained(uds_server *s, uds_conn *c)
+void uds_conn_resume_if_drained(uds_server *s, uds_conn *c)
 {
     if (!(c->flags & UDS_CF_PAUSED) || uds_buf_len(&c->out) > s->high_water / 2)
         return;
@@ -163,7 +163,7 @@ void uds_conn_close(uds_server *s, uds_conn *c, int reason, int err, int keep_in
     untime(s, c);
     if (c->flags & UDS_CF_CLOSING) {
         if (!keep_input && (c->flags & UDS_CF_DRAIN))
-            stop_reading(s, c, 0);
+            uds_conn_stop_reading(s, c, 0);
         return;
     }
     /* Requests a client sent before a shutdown are owed replies even if they still wait in the
@@ -204,7 +204,7 @@ uds_conn *uds_conn_new(uds_server *s, int fd)
     s->conns[fd] = c;
     s->live++;
     UDS_COUNT(s->stats.current, 1);
-    touch(s, c);
+    uds_conn_touch(s, c);
     return c;
 }
 
@@ -242,459 +242,6 @@ void uds_conn_bury(uds_server *s)
         free(c);
     }
     s->accept_retry_ms = 0; /* descriptors were freed: if accepting paused, try now */
-}
-
-/* ---- I/O ------------------------------------------------------------------------------------- */
-
-/* Bytes the frame in progress is known to lack (a large u32 frame arriving), else 0. */
-static size_t frame_need(const uds_server *s, const uds_conn *c)
-{
-    if (c->in.data == NULL)
-        return 0;
-    return uds_frame_missing(s->cfg.framing, c->in.data + c->in.start, uds_buf_len(&c->in),
-                             s->cfg.max_message);
-}
-
-/* Input from offset c->rx_total on came with too many descriptors (or ones that could not be
- * kept): refuse the frames it reaches, read no more. */
-static void refuse_fds_from_here(uds_server *s, uds_conn *c)
-{
-    if (c->bad_fds_at == 0)
-        c->bad_fds_at = c->rx_total + 1;
-    stop_reading(s, c, 0);
-}
-
-/* Queues the descriptors a read of r bytes brought, at the offset of its last byte. */
-static void keep_fds(uds_server *s, uds_conn *c, uds_recv_info *info, size_t r)
-{
-    if (info->nfds == 0)
-        return;
-    UDS_COUNT(s->stats.fds_in, (uint64_t)info->nfds);
-    /* More than fit (MSG_CTRUNC: the kernel closed the rest), or more than two messages' worth
-     * waiting (a message takes at most max_fds; the one after it may have begun). */
-    if ((info->flags & MSG_CTRUNC) || r == 0 ||
-        uds_fdq_len(&c->in_fds) + info->nfds > 2 * s->cfg.max_fds) {
-        uds_recv_info_close_fds(info);
-        refuse_fds_from_here(s, c);
-        return;
-    }
-    for (int i = 0; i < info->nfds; i++) {
-        if (uds_fdq_push(&c->in_fds, info->fds[i], c->rx_total + r - 1) < 0) {
-            for (int j = i; j < info->nfds; j++)
-                close(info->fds[j]);
-            refuse_fds_from_here(s, c);
-            return;
-        }
-    }
-}
-
-/* The end of a readiness: nothing more for now (a shutdown drain ends there), end-of-file (the
- * peer shut its writing end, but it may still read: what it sent is delivered and answered
- * before the close), or a failure (the connection is failing). err: 0 for end-of-file. */
-static void read_ended(uds_server *s, uds_conn *c, int err)
-{
-    if (err == 0)
-        stop_reading(s, c, UDS_CF_EOF);
-    else if (err != EAGAIN)
-        uds_conn_fail(s, c, err == ECONNRESET ? UDS_CLOSE_PEER : UDS_CLOSE_ERROR, err);
-    else if (c->flags & UDS_CF_DRAIN)
-        stop_reading(s, c, 0); /* drained */
-}
-
-/* One read of a stream into `into`. Returns the bytes read (> 0), or 0 when this readiness is
- * over (see read_ended). */
-static size_t recv_some(uds_server *s, uds_conn *c, char *into, size_t room)
-{
-    ssize_t r;
-    if (s->cfg.max_fds > 0) {
-        uds_recv_info info;
-        struct iovec iov = {.iov_base = into, .iov_len = room};
-        info.want_addr = info.want_creds = info.real_len = 0;
-        r = uds_recv_msg(c->fd, &iov, 1, s->cfg.max_fds, &info);
-        if (r >= 0)
-            keep_fds(s, c, &info, (size_t)r);
-        else
-            errno = (int)-r;
-    } else {
-        do
-            r = recv(c->fd, into, room, 0);
-        while (r < 0 && errno == EINTR);
-    }
-    if (r > 0) {
-        c->rx_total += (size_t)r;
-        return (size_t)r;
-    }
-    read_ended(s, c, r == 0 ? 0 : errno);
-    return 0;
-}
-
-/* A read for a connection with nothing buffered: one chunk, into the arena. */
-static void read_into_arena(uds_server *s, uds_conn *c)
-{
-    char *at = s->arena + s->arena_used;
-    size_t room = UDS_ARENA_SIZE - s->arena_used;
-    size_t got = recv_some(s, c, at, room < UDS_READ_CHUNK ? room : UDS_READ_CHUNK);
-    if (got > 0) {
-        c->view = at;
-        c->view_len = got;
-        s->arena_used += got;
-        touch(s, c);
-    }
-    uds_conn_attn_push(s, c);
-}
-
-void uds_conn_settle(uds_server *s, uds_conn *c)
-{
-    if (c->view == NULL)
-        return;
-    int rc = uds_buf_append(&c->in, c->view, c->view_len, &s->pool);
-    c->view = NULL;
-    if (rc < 0)
-        uds_conn_fail(s, c, UDS_CLOSE_ERROR, ENOMEM);
-}
-
-/* One SEQPACKET packet into buffer b (which has room for 4 + min(max_message + 1, a chunk)
- * bytes), stored as a u32 frame: the length the packet had, then its bytes. So everything
- * downstream of reading is as for a u32 stream. A packet longer than max_message is stored as
- * its header alone: parsing refuses it as too large, after the packets before it.
- * Returns -1 if no packet came (the readiness is over, see read_ended), else how many of its
- * bytes did not fit in b and wait at the start of the scratch area. */
-static ssize_t recv_packet(uds_server *s, uds_conn *c, uds_buf *b)
-{
-    size_t limit = s->cfg.max_message + 1, room = b->cap - b->end - 4;
-    if (room > limit)
-        room = limit;
-    struct iovec iov[2] = {{.iov_base = b->data + b->end + 4, .iov_len = room}};
-    int iovcnt = 1;
-    if (room < limit) {
-        if ((iov[1].iov_base = uds_scratch(s)) == NULL) {
-            uds_conn_fail(s, c, UDS_CLOSE_ERROR, ENOMEM);
-            return -1;
-        }
-        iov[1].iov_len = limit - room;
-        iovcnt = 2;
-    }
-    uds_recv_info info;
-    info.want_addr = info.real_len = 0;
-    info.want_creds = 1; /* SO_PASSCRED is on: see uds_server_new() */
-    ssize_t r = uds_recv_msg(c->fd, iov, iovcnt, s->cfg.max_fds, &info);
-    /* A packet of no bytes reads as 0, as end-of-file does; but every packet comes with its
-     * sender's credentials, and end-of-file with none. */
-    if (r < 0 || (r == 0 && !info.has_creds)) {
-        read_ended(s, c, r < 0 ? (int)-r : 0);
-        return -1;
-    }
-    size_t len = (size_t)r;
-    int too_large = (info.flags & MSG_TRUNC) || len > s->cfg.max_message;
-    uint64_t claim = too_large ? limit : len; /* too large: more than max_message */
-    if (claim > 0xFFFFFFFFu)
-        claim = 0xFFFFFFFFu;
-    unsigned char *h = (unsigned char *)b->data + b->end;
-    h[0] = (unsigned char)(claim >> 24);
-    h[1] = (unsigned char)(claim >> 16);
-    h[2] = (unsigned char)(claim >> 8);
-    h[3] = (unsigned char)claim;
-    size_t stored = too_large ? 0 : len, in_room = stored < room ? stored : room;
-    b->end += 4 + in_room;
-    if (too_large) {
-        uds_recv_info_close_fds(&info);
-        stop_reading(s, c, 0); /* the packets before it are still delivered and answered */
-    } else {
-        keep_fds(s, c, &info, 4 + stored);
-    }
-    c->rx_total += 4 + stored;
-    return (ssize_t)(stored - in_room);
-}
-
-/* The packets read into the arena so far become the connection's view, and move on to its
- * own buffer (further packets of this readiness go there). */
-static void arena_to_buffer(uds_server *s, uds_conn *c, uds_buf *arena)
-{
-    if (arena->end == 0)
-        return;
-    c->view = arena->data;
-    c->view_len = arena->end;
-    s->arena_used += arena->end;
-    uds_conn_settle(s, c);
-}
-
-/* SEQPACKET: reads packets while there are some, within a bound; into the arena while the
- * connection holds nothing and the arena has room, else into its own buffer. */
-static void read_packets(uds_server *s, uds_conn *c)
-{
-    size_t need = 4 + (s->cfg.max_message + 1 < UDS_READ_CHUNK ? s->cfg.max_message + 1
-                                                                 : UDS_READ_CHUNK);
-    uds_buf *b = &c->in, arena = {0};
-    int to_arena = 0, got = 0;
-    if (b->start == b->end) {
-        uds_buf_release(b, &s->pool);
-        if (c->view == NULL && UDS_ARENA_SIZE - s->arena_used >= need) {
-            /* The arena's free part, posing as a buffer that never grows. */
-            arena.data = s->arena + s->arena_used;
-            arena.cap = UDS_ARENA_SIZE - s->arena_used;
-            to_arena = 1;
-        }
-    }
-    for (int i = 0; i < UDS_PACKETS_PER_READ && !(c->flags & UDS_CF_NO_READ); i++) {
-        if (to_arena && arena.cap - arena.end < need) {
-            arena_to_buffer(s, c, &arena);
-            to_arena = 0;
-        }
-        if (!to_arena && uds_buf_reserve(b, need, &s->pool) < 0)
-            uds_conn_fail(s, c, UDS_CLOSE_ERROR, ENOMEM);
-        if (c->flags & UDS_CF_DEAD)
-            return;
-        ssize_t spilled = recv_packet(s, c, to_arena ? &arena : b);
-        if (spilled < 0)
-            break;
-        got = 1;
-        if (spilled > 0) {
-            /* Longer than the room it had: the rest waits in the scratch area. */
-            if (to_arena) {
-                arena_to_buffer(s, c, &arena);
-                to_arena = 0;
-            }
-            if (uds_buf_append(b, s->scratch, (size_t)spilled, &s->pool) < 0)
-                uds_conn_fail(s, c, UDS_CLOSE_ERROR, ENOMEM);
-            if ((size_t)spilled > UDS_SCRATCH_KEEP)
-                madvise(s->scratch, s->scratch_len, MADV_DONTNEED);
-            if (c->flags & UDS_CF_DEAD)
-                return;
-        }
-    }
-    if (to_arena && arena.end > 0) {
-        c->view = arena.data;
-        c->view_len = arena.end;
-        s->arena_used += arena.end;
-    }
-    if (got)
-        touch(s, c);
-    uds_conn_attn_push(s, c);
-}
-
-void uds_conn_read(uds_server *s, uds_conn *c)
-{
-    if (c->flags & (UDS_CF_NO_READ | UDS_CF_PAUSED | UDS_CF_FRAMES))
-        return; /* complete frames wait: the kernel keeps the rest until they are delivered */
-    if (c->msg_turn == s->turn)
-        return; /* its buffer must not move in this turn; epoll reports it again */
-    if (s->sock_type == SOCK_SEQPACKET) {
-        read_packets(s, c);
-        return;
-    }
-    uds_buf *b = &c->in;
-    if (b->start == b->end) {
-        uds_buf_release(b, &s->pool); /* nothing outlived the last turn: hold nothing */
-        if (c->view == NULL && UDS_ARENA_SIZE - s->arena_used >= UDS_ARENA_MIN_READ) {
-            read_into_arena(s, c);
-            return;
-        }
-    }
-    size_t budget = UDS_READ_BUDGET, got = 0;
-    for (;;) {
-        size_t want = UDS_READ_CHUNK, need = frame_need(s, c);
-        if (need > want)
-            want = need < budget ? need : budget;
-        if (uds_buf_reserve(b, want, &s->pool) < 0) {
-            uds_conn_fail(s, c, UDS_CLOSE_ERROR, ENOMEM);
-            return;
-        }
-        /* Ask for want, not for all the room the buffer happens to have: what one read takes
-         * in bounds the replies one turn can add to the output. */
-        size_t room = b->cap - b->end;
-        if (room > want)
-            room = want;
-        size_t r = recv_some(s, c, b->data + b->end, room);
-        if (r == 0) {
-            if (c->flags & UDS_CF_DEAD)
-                return;
-            break;
-        }
-        b->end += r;
-        budget -= r;
-        got += r;
-        /* More in this readiness only for a large frame still arriving. */
-        if (r < room || budget == 0 || frame_need(s, c) == 0 || (c->flags & UDS_CF_NO_READ))
-            break;
-    }
-    if (got)
-        touch(s, c);
-    uds_conn_attn_push(s, c);
-}
-
-/* What the next send() takes from the output: n bytes from p, with the nfds descriptors that
- * go with them (in fds). A stream sends up to the next message that carries descriptors, and
- * that message's first byte carries them; a SEQPACKET connection sends one packet at a time
- * (the output holds u32 frames; the header is ours, not sent). */
-static void next_send(uds_server *s, uds_conn *c, const char **p, size_t *n, int *fds, int *nfds,
-                      size_t *skip)
-{
-    uds_buf *b = &c->out;
-    size_t len = uds_buf_len(b);
-    uint64_t start = c->tx_total - len;
-    *p = b->data + b->start;
-    *n = len;
-    *nfds = 0;
-    *skip = 0;
-    if (s->sock_type == SOCK_SEQPACKET) {
-        const unsigned char *h = (const unsigned char *)*p;
-        *skip = 4;
-        *n = ((size_t)h[0] << 24) | ((size_t)h[1] << 16) | ((size_t)h[2] << 8) | h[3];
-        *p += 4;
-    }
-    uds_fdq *q = &c->out_fds;
-    int k = uds_fdq_len(q);
-    if (k == 0)
-        return;
-    uint64_t at = uds_fdq_head_at(q);
-    if (at > start) {
-        if (at - start < *n)
-            *n = (size_t)(at - start); /* plain bytes up to the message with descriptors */
-        return;
-    }
-    while (*nfds < k && q->at[q->head + *nfds] == start) {
-        fds[*nfds] = q->fd[q->head + *nfds];
-        (*nfds)++;
-    }
-    if (*nfds < k && q->at[q->head + *nfds] - start < *n)
-        *n = (size_t)(q->at[q->head + *nfds] - start); /* the next one's go with its own bytes */
-}
-
-void uds_conn_flush(uds_server *s, uds_conn *c)
-{
-    uds_buf *b = &c->out;
-    if (uds_buf_len(b) == 0 || (c->flags & UDS_CF_DEAD))
-        return;
-    int sent_any = 0, fds[UDS_MAX_FDS];
-    while (uds_buf_len(b) > 0) {
-        const char *p;
-        size_t n, skip;
-        int nfds;
-        next_send(s, c, &p, &n, fds, &nfds, &skip);
-        ssize_t w;
-        if (nfds > 0 || s->sock_type == SOCK_SEQPACKET) {
-            w = uds_send_msg(c->fd, p, n, fds, nfds, NULL, 0);
-        } else {
-            do
-                w = send(c->fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
-            while (w < 0 && errno == EINTR);
-            if (w < 0)
-                w = -errno;
-        }
-        if (w < 0) {
-            if (w == -EAGAIN)
-                break;
-            uds_conn_fail(s, c, (w == -EPIPE || w == -ECONNRESET) ? UDS_CLOSE_PEER : UDS_CLOSE_ERROR,
-                          (int)-w);
-            return;
-        }
-        sent_any = 1;
-        if (nfds > 0) {
-            /* Sent with the first byte: ours to close now (the peer has its own). */
-            UDS_COUNT(s->stats.fds_out, (uint64_t)nfds);
-            for (int i = 0; i < nfds; i++)
-                close(uds_fdq_pop(&c->out_fds));
-        }
-        b->start += skip + (size_t)w;
-        if ((size_t)w < n)
-            break; /* the socket is full */
-    }
-    if (sent_any)
-        touch(s, c);
-    if (b->start < b->end) {
-        set_want_out(s, c, 1); /* the rest when the peer has read */
-        resume_if_drained(s, c);
-        return;
-    }
-    uds_buf_release(b, &s->pool); /* drained: an idle connection holds nothing */
-    set_want_out(s, c, 0);
-    resume_if_drained(s, c);
-    if (c->flags & UDS_CF_CLOSING)
-        uds_conn_attn_push(s, c); /* drained: it may be finished now */
-}
-
-int uds_conn_send(uds_server *s, uds_conn *c, const char *data, size_t len)
-{
-    unsigned char hdr[4];
-    int trailer;
-    int h = uds_frame_header(s->cfg.framing, len, hdr, &trailer);
-    if (h < 0)
-        return h;
-    int rc = uds_frame_check(s->cfg.framing, data, len);
-    if (rc < 0)
-        return rc;
-    if (len > SIZE_MAX - 8)
-        return -ENOMEM;
-    size_t frame = (size_t)h + len + (size_t)trailer;
-    uds_buf *b = &c->out;
-    if (s->cfg.max_output > 0 && uds_buf_len(b) + frame > s->cfg.max_output) {
-        if (!(c->flags & UDS_CF_WANT_OUT))
-            uds_conn_flush(s, c); /* a reading client may make room right now */
-        if (c->flags & UDS_CF_DEAD)
-            return -ENOTCONN;
-        if (uds_buf_len(b) + frame > s->cfg.max_output) {
-            uds_conn_fail(s, c, UDS_CLOSE_SLOW_CONSUMER, 0);
-            return -ENOBUFS;
-        }
-    }
-    if ((rc = uds_buf_reserve(b, frame, &s->pool)) < 0)
-        return rc;
-    memcpy(b->data + b->end, hdr, (size_t)h);
-    b->end += (size_t)h;
-    if (len > 0)
-        memcpy(b->data + b->end, data, len);
-    b->end += len;
-    if (trailer)
-        b->data[b->end++] = '\n';
-    c->tx_total += frame;
-    UDS_COUNT(c->stats->msgs_out, 1);
-    UDS_COUNT(c->stats->bytes_out, len);
-    UDS_COUNT(s->stats.msgs_out, 1);
-    UDS_COUNT(s->stats.bytes_out, len);
-    if (uds_buf_len(b) >= s->high_water && !(c->flags & UDS_CF_PAUSED))
-        pause_reading(s, c);
-    uds_conn_dirty_push(s, c);
-    return 0;
-}
-
-int uds_conn_send_fds(uds_server *s, uds_conn *c, const char *data, size_t len, const int *fds,
-                      int nfds)
-{
-    if (nfds < 0 || nfds > UDS_MAX_FDS)
-        return -EINVAL;
-    if (nfds == 0)
-        return uds_conn_send(s, c, data, len);
-    unsigned char hdr[4];
-    int trailer;
-    int h = uds_frame_header(s->cfg.framing, len, hdr, &trailer);
-    if (h < 0)
-        return h;
-    if (s->sock_type == SOCK_STREAM && h + len + (size_t)trailer == 0)
-        return -EINVAL; /* a stream carries descriptors only with at least one byte */
-    /* Duplicates, queued before the message so that a failure leaves nothing half done. */
-    uds_fdq *q = &c->out_fds;
-    uint64_t at = c->tx_total;
-    int rc = 0, pushed = 0;
-    for (; pushed < nfds; pushed++) {
-        int dup = fcntl(fds[pushed], F_DUPFD_CLOEXEC, 3);
-        if (dup < 0) {
-            rc = -errno;
-            break;
-        }
-        if ((rc = uds_fdq_push(q, dup, at)) < 0) {
-            close(dup);
-            break;
-        }
-    }
-    if (rc == 0)
-        rc = uds_conn_send(s, c, data, len);
-    if (rc < 0) {
-        /* Take ours back off the tail. A slow-consumer close may have emptied the queue. */
-        for (; pushed > 0 && uds_fdq_len(q) > 0; pushed--)
-            close(q->fd[--q->n]);
-        return rc;
-    }
-    return 0;
 }
 
 /* ---- attention: delivering frames and finishing connections ---------------------------------- */

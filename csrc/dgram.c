@@ -39,91 +39,7 @@ struct uds_dgram {
 
 static char *dgram_bytes(struct uds_dgram *d) { return (char *)(d->fds + d->nfds); }
 
-/* ---- the peer table -------------------------------------------------------------------------- */
-
-static uint64_t addr_hash(const struct sockaddr_un *a, socklen_t len)
-{
-    uint64_t h = 1469598103934665603u; /* FNV-1a */
-    const unsigned char *p = (const unsigned char *)a;
-    for (socklen_t i = 0; i < len; i++)
-        h = (h ^ p[i]) * 1099511628211u;
-    return h;
-}
-
-static int same_addr(const uds_peer *p, const struct sockaddr_un *a, socklen_t len)
-{
-    return p->addr_len == len && memcmp(&p->addr, a, len) == 0;
-}
-
-/* Open addressing, linear probing; entries are slot + 1 (0: empty). */
-static uds_peer *peer_find(const uds_server *s, const struct sockaddr_un *a, socklen_t len,
-                           uint64_t h)
-{
-    if (s->htab_size == 0)
-        return NULL;
-    size_t mask = s->htab_size - 1;
-    for (size_t i = h & mask;; i = (i + 1) & mask) {
-        int32_t e = s->htab[i];
-        if (e == 0)
-            return NULL;
-        uds_peer *p = s->peers[e - 1];
-        if (p->hash == h && same_addr(p, a, len))
-            return p;
-    }
-}
-
-static void htab_put(uds_server *s, uds_peer *p)
-{
-    size_t mask = s->htab_size - 1, i = p->hash & mask;
-    while (s->htab[i] != 0)
-        i = (i + 1) & mask;
-    s->htab[i] = p->slot + 1;
-}
-
-/* Removes p's entry, shifting back the entries after it that would otherwise be cut off from
- * their home position (no tombstones). */
-static void htab_del(uds_server *s, const uds_peer *p)
-{
-    size_t mask = s->htab_size - 1, i = p->hash & mask;
-    while (s->htab[i] != p->slot + 1)
-        i = (i + 1) & mask;
-    for (size_t j = (i + 1) & mask; s->htab[j] != 0; j = (j + 1) & mask) {
-        size_t home = s->peers[s->htab[j] - 1]->hash & mask;
-        /* Move j into the hole at i unless its home lies cyclically in (i, j]. */
-        if (((j - home) & mask) >= ((j - i) & mask)) {
-            s->htab[i] = s->htab[j];
-            i = j;
-        }
-    }
-    s->htab[i] = 0;
-}
-
-/* Room for one more peer: the slot array and a table at most half full. */
-static int peer_room(uds_server *s)
-{
-    if (s->npeers + 1 > s->peers_cap) {
-        int cap = s->peers_cap ? s->peers_cap * 2 : 64;
-        uds_peer **t = realloc(s->peers, (size_t)cap * sizeof *t);
-        if (t == NULL)
-            return -ENOMEM;
-        memset(t + s->peers_cap, 0, (size_t)(cap - s->peers_cap) * sizeof *t);
-        s->peers = t;
-        s->peers_cap = cap;
-    }
-    if ((size_t)(s->npeers + 1) * 2 > s->htab_size) {
-        size_t size = s->htab_size ? s->htab_size * 2 : 128;
-        int32_t *t = calloc(size, sizeof *t);
-        if (t == NULL)
-            return -ENOMEM;
-        free(s->htab);
-        s->htab = t;
-        s->htab_size = size;
-        for (int i = 0; i < s->peers_cap; i++)
-            if (s->peers[i] != NULL)
-                htab_put(s, s->peers[i]);
-    }
-    return 0;
-}
+/* ---- peers --------------------------------------------------------------------------------------- */
 
 static void drop_queue(uds_peer *p)
 {
@@ -146,7 +62,7 @@ static void peer_free(uds_server *s, uds_peer *p)
             link = &(*link)->retry_next;
         *link = p->retry_next;
     }
-    htab_del(s, p);
+    uds_peers_del(s, p);
     uds_tlist_remove(&s->idle, &p->lru);
     uds_tlist_remove(&s->linger, &p->linger);
     drop_queue(p);
@@ -367,8 +283,8 @@ static void retry_full_peers(uds_server *s)
  * CLOSED event of the peer forgotten to make room for it). NULL if it cannot be made. */
 static uds_peer *peer_for(uds_server *s, const uds_recv_info *info, uds_event *ev, int *n)
 {
-    uint64_t h = addr_hash(&info->addr, info->addr_len);
-    uds_peer *p = peer_find(s, &info->addr, info->addr_len, h);
+    uint64_t h = uds_peers_hash(&info->addr, info->addr_len);
+    uds_peer *p = uds_peers_find(s, &info->addr, info->addr_len, h);
     if (p != NULL)
         return p;
     if (s->cfg.max_connections > 0 && s->npeers >= s->cfg.max_connections) {
@@ -388,7 +304,7 @@ static uds_peer *peer_for(uds_server *s, const uds_recv_info *info, uds_event *e
             *n = peer_finish(s, gone, ev, *n);
         }
     }
-    if (peer_room(s) < 0 || (p = calloc(1, sizeof *p)) == NULL)
+    if (uds_peers_room(s) < 0 || (p = calloc(1, sizeof *p)) == NULL)
         return NULL;
     int slot = 0;
     while (s->peers[slot] != NULL)
@@ -401,7 +317,7 @@ static uds_peer *peer_for(uds_server *s, const uds_recv_info *info, uds_event *e
     p->stats = &p->own_stats;
     s->peers[slot] = p;
     s->npeers++;
-    htab_put(s, p);
+    uds_peers_put(s, p);
     s->live++;
     UDS_COUNT(s->stats.current, 1);
     UDS_COUNT(s->stats.accepted, 1);

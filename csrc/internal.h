@@ -346,6 +346,18 @@ void uds_server_drain_wakeups(uds_server *s);
 /* The scratch area (see uds_server.scratch), made on first use; NULL if it cannot be. */
 char *uds_scratch(uds_server *s);
 
+/* ---- the peer table (peers.c) ------------------------------------------------------------- */
+
+uint64_t uds_peers_hash(const struct sockaddr_un *a, socklen_t len);
+/* The peer with this address (and hash), or NULL. */
+uds_peer *uds_peers_find(const uds_server *s, const struct sockaddr_un *a, socklen_t len, uint64_t h);
+/* Indexes p (its slot and hash are set). There must be room (uds_peers_room). */
+void uds_peers_put(uds_server *s, uds_peer *p);
+/* Takes p out of the index. */
+void uds_peers_del(uds_server *s, const uds_peer *p);
+/* Makes room for one more peer in the slots and the index. Returns 0 or -ENOMEM. */
+int uds_peers_room(uds_server *s);
+
 /* ---- datagrams (dgram.c): the DGRAM kind's side of each API call --------------------------- */
 
 int uds_dgram_poll(uds_server *s, uds_event *ev, int cap, int timeout_ms);
@@ -358,9 +370,15 @@ int uds_dgram_set_stats(uds_server *s, int slot, uint64_t id, uds_stats *stats);
 void uds_dgram_shutdown(uds_server *s);
 void uds_dgram_free(uds_server *s);
 
-/* ---- connections (conn.c): used by the loop in server.c -------------------------------------- */
+/* ---- connections (conn.c, conn_io.c): used by the loop in server.c -------------------------------------- */
 
 uds_conn *uds_conn_new(uds_server *s, int fd);
+/* State changes shared by conn.c and conn_io.c. */
+void uds_conn_touch(uds_server *s, uds_conn *c);         /* traffic: renew the idle deadline */
+void uds_conn_stop_reading(uds_server *s, uds_conn *c, unsigned also_flags); /* for good */
+void uds_conn_set_want_out(uds_server *s, uds_conn *c, int on); /* wait for EPOLLOUT, or not */
+void uds_conn_pause_reading(uds_server *s, uds_conn *c); /* output at the high-water mark */
+void uds_conn_resume_if_drained(uds_server *s, uds_conn *c);
 /* Frees a connection's buffers and closes the descriptors it holds. */
 void uds_conn_free_buffers(uds_server *s, uds_conn *c);
 /* Frees finished connections (closing their descriptors) at the start of a turn. */
