@@ -74,19 +74,19 @@ class ServeProcess:
         with open(self.stderr_path, "rb") as f:
             return f.read().decode(errors="replace")
 
-    def wait_listening(self, path: str, framing: str = "u32") -> None:
+    def wait_listening(self, path: str, framing: str = "u32", kind: str = "stream") -> None:
         """Waits until the server answers a request on path: its loop runs, so its signal
         handlers are in place. (The socket file appears at bind(), a moment before listen():
         a connect in between is refused, so refusals are retried.)"""
         def answers() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"pyuds serve exited with {self.proc.returncode}:\n{self.stderr}")
-            if not is_socket(path):
+            if not path.startswith("@") and not is_socket(path):
                 return False
             try:
-                with pyuds.connect(path, framing, timeout=START_TIMEOUT) as conn:
+                with pyuds.connect(path, framing, kind=kind, timeout=START_TIMEOUT) as conn:
                     conn.request(b"ready")
-            except ConnectionRefusedError:
+            except (ConnectionRefusedError, FileNotFoundError):
                 return False
             return True
 
@@ -462,3 +462,44 @@ class TestBench:
     def test_a_bad_handler_spec_is_a_usage_error(self):
         result = run([*self.ARGS, "--handler", "no_such_module_here:handle"])
         assert result.returncode == 2 and "cannot import" in result.stderr
+
+
+# ---- socket kinds, abstract names, credentials -----------------------------------------------
+
+
+class TestKinds:
+    @pytest.mark.parametrize("kind", ["seqpacket", "datagram"])
+    def test_kind_round_trip(self, spawn, sock_path, kind):
+        server = spawn([sock_path, "--kind", kind])
+        server.wait_listening(sock_path, kind=kind)
+        result = run(["send", "--kind", kind, sock_path, "one", "", "three"])
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "one\n\nthree\n"
+        assert f"listening on {sock_path} ({kind}" in server.stderr
+        assert server.signal(signal.SIGTERM) == 0
+        assert not os.path.exists(sock_path)
+
+    def test_abstract_name(self, spawn, sockdir):
+        name = f"@pyuds-cli-{os.getpid()}-{time.monotonic_ns()}"
+        server = spawn([name])
+        server.wait_listening(name)
+        result = run(["send", name, "abstract"])
+        assert (result.returncode, result.stdout) == (0, "abstract\n"), result.stderr
+        assert "abstract namespace" in server.stderr
+        assert server.signal(signal.SIGTERM) == 0
+
+    def test_allow_uid_refuses_others(self, spawn, sock_path):
+        server = spawn([sock_path, "--allow-uid", str(os.getuid() + 1), "--allow-gid", str(os.getgid() + 1)])
+        wait_until(lambda: "listening on" in server.stderr, timeout=START_TIMEOUT)
+        result = run(["send", sock_path, "let me in"])
+        assert result.returncode == 1
+        assert_clean_error(result.stderr, "pyuds send: ")
+        wait_until(lambda: "not in allow_uid / allow_gid" in server.stderr)
+        assert server.signal(signal.SIGTERM) == 0
+
+    def test_bad_kind_and_fd_name(self, sock_path):
+        result = run(["serve", sock_path, "--kind", "carrier-pigeon"])
+        assert result.returncode == 2 and "invalid choice" in result.stderr
+        result = run(["serve", sock_path, "--fd-name", "web"])
+        assert result.returncode == 1
+        assert_clean_error(result.stderr, "no socket activation")
