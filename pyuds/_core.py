@@ -189,7 +189,8 @@ class Core:
             name, length = ffi.new("char[]", 112), ffi.new("size_t *")
             check(lib.uds_server_address(self._srv, name, length))
             self.address = os.fsdecode(ffi.unpack(name, length[0]))
-        self._cap = cap = config.batch_size
+        # At least 4: a datagram may need three events (a peer forgotten, one new, its message).
+        self._cap = cap = max(config.batch_size, 4)
         self._events = ffi.new("uds_event[]", cap)
         self._framing = cfg.framing
         # The batch as arrays C fills and Python reads whole (one tolist() each).

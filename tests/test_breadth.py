@@ -796,3 +796,12 @@ class TestClientAgainstServer:
         with pyuds.connect(name, kind="seqpacket", timeout=TIMEOUT) as conn:
             assert conn.request(b"") == b""
             assert conn.request(b"abstract") == b"abstract"
+
+
+def test_datagram_with_the_smallest_batch(serve, sock_path):
+    """A batch of one event must still hear datagrams (a new peer takes two events)."""
+    serve(kind="datagram", batch_size=1)
+    with dgram_client() as sock:
+        for i in range(3):
+            sock.sendto(b"%d" % i, sock_path)
+            assert sock.recv(10) == b"%d" % i
