@@ -281,28 +281,46 @@ static void retry_full_peers(uds_server *s)
 
 /* The peer for a datagram from addr: found, or made (with its CONNECTED event, after the
  * CLOSED event of the peer forgotten to make room for it). NULL if it cannot be made. */
+/* Forgets p at once, whatever it was doing: reports it closed for reason (unless it was
+ * already reported), gives up what was queued for it. */
+static int forget(uds_server *s, uds_peer *p, int reason, uds_event *ev, int n)
+{
+    if (p->flags & UDS_PF_FINAL) {
+        peer_free(s, p); /* a refused one: nothing more to report */
+        return n;
+    }
+    if (p->flags & UDS_PF_CLOSING) {
+        uds_peer **link = &s->closing;
+        while (*link != p)
+            link = &(*link)->close_next;
+        *link = p->close_next;
+    }
+    drop_queue(p);
+    p->reason = reason;
+    p->err = 0;
+    return peer_finish(s, p, ev, n);
+}
+
+static int same_creds(const struct ucred *a, const struct ucred *b)
+{
+    return a->pid == b->pid && a->uid == b->uid && a->gid == b->gid;
+}
+
 static uds_peer *peer_for(uds_server *s, const uds_recv_info *info, uds_event *ev, int *n)
 {
     uint64_t h = uds_peers_hash(&info->addr, info->addr_len);
     uds_peer *p = uds_peers_find(s, &info->addr, info->addr_len, h);
-    if (p != NULL)
+    if (p != NULL && same_creds(&p->creds, &info->creds))
         return p;
-    if (s->cfg.max_connections > 0 && s->npeers >= s->cfg.max_connections) {
+    if (p != NULL) {
+        /* Another process behind the same address (the last one's socket closed, this one
+         * bound the name): another peer, to be admitted (and authorized) afresh. */
+        *n = forget(s, p, UDS_CLOSE_PEER, ev, *n);
+    } else if (s->cfg.max_connections > 0 && s->npeers >= s->cfg.max_connections) {
         /* Full: forget the least recently active peer (the head of the idle list). */
-        uds_tnode *oldest = s->idle.head;
-        while (oldest != NULL && (PEER_OF(oldest, lru)->flags & UDS_PF_CLOSING))
-            oldest = oldest->next;
-        if (oldest == NULL)
-            return NULL;
-        uds_peer *gone = PEER_OF(oldest, lru);
-        if (gone->flags & UDS_PF_FINAL) {
-            peer_free(s, gone); /* a refused one: nothing to report */
-        } else {
-            drop_queue(gone);
-            gone->reason = UDS_CLOSE_EVICTED;
-            gone->err = 0;
-            *n = peer_finish(s, gone, ev, *n);
-        }
+        if (s->idle.head == NULL)
+            return NULL; /* every one is closing: this datagram is not heard */
+        *n = forget(s, PEER_OF(s->idle.head, lru), UDS_CLOSE_EVICTED, ev, *n);
     }
     if (uds_peers_room(s) < 0 || (p = calloc(1, sizeof *p)) == NULL)
         return NULL;
@@ -314,6 +332,7 @@ static uds_peer *peer_for(uds_server *s, const uds_recv_info *info, uds_event *e
     p->hash = h;
     memcpy(&p->addr, &info->addr, info->addr_len);
     p->addr_len = info->addr_len;
+    p->creds = info->creds;
     p->stats = &p->own_stats;
     s->peers[slot] = p;
     s->npeers++;
@@ -347,7 +366,7 @@ static int read_dgrams(uds_server *s, uds_event *ev, int n, int cap)
 {
     size_t limit = s->cfg.max_message + 1;
     s->dgram_empty = 0;
-    for (int i = 0; i < UDS_DGRAMS_PER_READ && n + 3 <= cap; i++) {
+    for (int i = 0; i < UDS_DGRAMS_PER_READ && n + 3 <= cap; i++) { /* CLOSED, CONNECTED, MESSAGE */
         size_t room = UDS_ARENA_SIZE - s->arena_used;
         if (room < (limit < UDS_ARENA_MIN_READ ? limit : UDS_ARENA_MIN_READ) || s->big.data != NULL)
             break; /* the rest next turn, when the arena is empty again */

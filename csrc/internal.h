@@ -238,6 +238,7 @@ struct uds_peer {
     uint64_t hash;            /* of its address */
     struct sockaddr_un addr;  /* its address, where replies go */
     socklen_t addr_len;
+    struct ucred creds;       /* the process behind the address (another one: another peer) */
     int reason, err;          /* closing: why */
     uds_stats *stats;         /* where the counters go: own_stats or the caller's */
     uds_stats own_stats;

@@ -38,8 +38,9 @@ class ClientHandle:
     """One connected client (a data socket of the server), kept in ``server.clients``.
 
     id: unique for the server's lifetime. pid, uid, gid: the peer process's credentials,
-    taken by the kernel when it connected (SO_PEERCRED; for a datagram peer, those its first
-    datagram came with). connected_at: time.time() then. For a datagram server, a client is
+    taken by the kernel when it connected (SO_PEERCRED; for a datagram peer, those its
+    datagrams come with: datagrams from the same address with other credentials make another
+    client). connected_at: time.time() then. For a datagram server, a client is
     a sender address; a datagram from a sender with no address gets a handle of its own (id
     0, not in the registry) that can read but not be answered.
     data: a dict for the application's per-client state.

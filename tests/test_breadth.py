@@ -805,3 +805,34 @@ def test_datagram_with_the_smallest_batch(serve, sock_path):
         for i in range(3):
             sock.sendto(b"%d" % i, sock_path)
             assert sock.recv(10) == b"%d" % i
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to send as another uid")
+def test_datagram_address_taken_over_by_another_process_is_another_peer(serve, sockdir, sock_path):
+    """A client's socket file reused by a process with other credentials: a new peer,
+    authorized afresh, not the old one's handle."""
+    authorized = []
+    server = serve(kind="datagram", mode=0o666, authorize=lambda c: authorized.append((c.uid, c.address)) or True)
+    os.chmod(sockdir, 0o777)
+    client_path = os.path.join(sockdir, "client.sock")
+    with dgram_client(client_path) as sock:
+        sock.sendto(b"as root", sock_path)
+        assert sock.recv(100) == b"as root"
+    os.unlink(client_path)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            with dgram_client(client_path) as sock:
+                sock.sendto(b"as nobody", sock_path)
+                code = 0 if sock.recv(100) == b"as nobody" else 1
+        except BaseException:
+            code = 2
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert authorized == [(0, client_path), (65534, client_path)]
+    wait_until(lambda: len(server.clients) == 1)
+    assert next(iter(server.clients.values())).uid == 65534
