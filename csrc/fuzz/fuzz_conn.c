@@ -1,13 +1,16 @@
 /*
- * fuzz_conn.c - libFuzzer harness: a real server (one per framing, made once) and, per input,
- * one real client connection fed arbitrary bytes in arbitrary pieces, with the server polled
- * in between, echoing what it delivers and sometimes closing the client. Checks that events
- * are well formed and that every connection is finished and its descriptor freed.
- * Input: framing, then pairs (piece length, action), then the bytes.
+ * fuzz_conn.c - libFuzzer harness: a real server (one per stream framing, and a SEQPACKET one,
+ * made once) and, per input, one real client connection fed arbitrary bytes in arbitrary
+ * pieces (packets, for SEQPACKET), some carrying descriptors, with the server polled in
+ * between, echoing what it delivers and sometimes closing the client. Checks that events are
+ * well formed, that no message brings more than max_fds descriptors, and that every
+ * connection is finished and its descriptor freed.
+ * Input: server, then pairs (piece length, action), then the bytes.
  */
 #define _GNU_SOURCE
 #include "uds.h"
 
+#include <dirent.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,18 +20,27 @@
 #include <unistd.h>
 
 #define MAX 4096
+#define MAX_FDS 2
+#define SERVERS 4 /* the three stream framings, then SEQPACKET */
 
-static uds_server *servers[3];
-static char paths[3][108];
+static uds_server *servers[SERVERS];
+static char paths[SERVERS][108];
+static int spare_fd; /* what clients pass: the read end of a pipe */
 
 static void setup(void)
 {
     static char dir[] = "/tmp/uds-fuzz-XXXXXX";
     if (mkdtemp(dir) == NULL)
         abort();
-    for (int f = 0; f < 3; f++) {
+    int pipefd[2];
+    if (pipe(pipefd) < 0)
+        abort();
+    spare_fd = pipefd[0];
+    for (int f = 0; f < SERVERS; f++) {
         uds_config cfg = {0};
-        cfg.framing = f;
+        cfg.framing = f < 3 ? f : UDS_FRAMING_U32;
+        cfg.kind = f < 3 ? UDS_KIND_STREAM : UDS_KIND_SEQPACKET;
+        cfg.max_fds = MAX_FDS;
         cfg.max_message = MAX;
         cfg.backlog = 16;
         cfg.mode = 0600;
@@ -38,6 +50,19 @@ static void setup(void)
         if (uds_server_new(&servers[f], paths[f], &cfg) < 0)
             abort();
     }
+}
+
+/* Open descriptors of this process: passed ones that nobody closed would pile up. */
+static int count_fds(void)
+{
+    DIR *d = opendir("/proc/self/fd");
+    if (d == NULL)
+        abort();
+    int n = 0;
+    while (readdir(d) != NULL)
+        n++;
+    closedir(d);
+    return n;
 }
 
 static int turn(uds_server *s, int close_on_message)
@@ -52,6 +77,15 @@ static int turn(uds_server *s, int close_on_message)
                 abort();
             volatile char touch = ev[i].len ? ev[i].data[ev[i].len - 1] : 0; /* readable */
             (void)touch;
+            if (ev[i].nfds < 0 || ev[i].nfds > MAX_FDS) {
+                fprintf(stderr, "nfds %d\n", ev[i].nfds);
+                abort();
+            }
+            for (int k = 0; k < ev[i].nfds; k++) /* the caller's to close */
+                if (close(ev[i].fds[k]) < 0) {
+                    fprintf(stderr, "close fd %d failed\n", ev[i].fds[k]);
+                    abort();
+                }
             if (close_on_message)
                 uds_close(s, ev[i].slot, ev[i].id, UDS_CLOSE_LOCAL);
             else
@@ -69,8 +103,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         setup();
     if (size < 1)
         return 0;
-    uds_server *s = servers[data[0] % 3];
-    const char *path = paths[data[0] % 3];
+    int which = data[0] % SERVERS;
+    uds_server *s = servers[which];
+    const char *path = paths[which];
     data++, size--;
     uds_server_stats st;
     uds_server_stats_get(s, &st);
@@ -79,7 +114,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     struct sockaddr_un sa = {0};
     sa.sun_family = AF_UNIX;
     strcpy(sa.sun_path, path);
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    int fd = socket(AF_UNIX, (which < 3 ? SOCK_STREAM : SOCK_SEQPACKET) | SOCK_NONBLOCK, 0);
     if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0)
         abort();
     char sink[8192];
@@ -90,7 +125,26 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         pos += 2;
         if (piece > size - pos)
             piece = size - pos;
-        if (piece > 0 && send(fd, data + pos, piece, MSG_NOSIGNAL) > 0)
+        /* action bits 1-2: pass that many descriptors (3 is more than the server takes). */
+        int nfds = (action >> 1) & 3;
+        int fds[3] = {spare_fd, spare_fd, spare_fd};
+        union {
+            char buf[CMSG_SPACE(sizeof fds)];
+            struct cmsghdr align;
+        } ctl;
+        struct iovec iov = {.iov_base = (void *)(data + pos), .iov_len = piece};
+        struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
+        if (nfds > 0) {
+            memset(ctl.buf, 0, sizeof ctl.buf);
+            mh.msg_control = ctl.buf;
+            mh.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
+            struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+            cm->cmsg_level = SOL_SOCKET;
+            cm->cmsg_type = SCM_RIGHTS;
+            cm->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+            memcpy(CMSG_DATA(cm), fds, sizeof(int) * (size_t)nfds);
+        }
+        if ((piece > 0 || which == 3) && sendmsg(fd, &mh, MSG_NOSIGNAL) >= 0)
             pos += piece;
         turn(s, action == 0xff);
         if (action & 1)
@@ -108,7 +162,25 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             break;
     }
     turn(s, 0); /* frees what the last turn finished */
-    if (st.accepted != accepted + 1 || uds_live(s) != 0)
-        abort(); /* a connection that never finishes */
+    if (st.accepted != accepted + 1 || uds_live(s) != 0) {
+        fprintf(stderr, "a connection that never finishes: accepted %llu of %llu, live %d\n",
+                (unsigned long long)st.accepted, (unsigned long long)accepted + 1, uds_live(s));
+        abort();
+    }
+    static int baseline = -1;
+    static unsigned inputs;
+    if (++inputs % 256 == 0) {
+        int n = count_fds();
+        if (baseline < 0)
+            baseline = n;
+        else if (n > baseline) {
+            char cmd[64];
+            snprintf(cmd, sizeof cmd, "ls -l /proc/%d/fd >&2", (int)getpid());
+            if (system(cmd) != 0)
+                abort();
+            fprintf(stderr, "baseline %d now %d\n", baseline, n);
+            abort(); /* a descriptor leaked */
+        }
+    }
     return 0;
 }
