@@ -836,3 +836,26 @@ def test_datagram_address_taken_over_by_another_process_is_another_peer(serve, s
     assert authorized == [(0, client_path), (65534, client_path)]
     wait_until(lambda: len(server.clients) == 1)
     assert next(iter(server.clients.values())).uid == 65534
+
+
+def test_inherited_datagram_socket(sock_path):
+    own = bound_socket(sock_path, socket.SOCK_DGRAM, listen=False)
+    with own, pyuds.Server(sock=own, kind="datagram") as server:
+        server.start()
+        with dgram_client() as sock:
+            sock.sendto(b"inherited datagram", sock_path)
+            assert sock.recv(100) == b"inherited datagram"
+    assert is_socket(sock_path)
+
+
+def test_activation_with_a_datagram_socket(sock_path):
+    with bound_socket(sock_path, socket.SOCK_DGRAM, listen=False) as own:
+        proc = activated_serve([own.fileno()], {"LISTEN_FDS": "1"})
+        try:
+            with dgram_client() as sock:  # queued until the server reads: it may still start
+                sock.sendto(b"activated datagram", sock_path)
+                assert sock.recv(100) == b"activated datagram"
+        finally:
+            err = stop(proc)
+        assert proc.returncode == 0, err
+        assert "datagram, inherited socket" in err
