@@ -315,11 +315,13 @@ int uds_poll_batch(uds_server *s, uds_event *ev, int cap, int timeout_ms, uds_ba
 {
     int n = uds_poll(s, ev, cap, timeout_ms);
     size_t used = 0;
-    int all = 1;
+    int all = 1, fds = 0;
     for (int i = 0; i < n; i++) {
         b->slot[i] = ev[i].slot;
         size_t len = ev[i].len;
-        if (ev[i].type == UDS_EV_MESSAGE && ev[i].nfds == 0 && ev[i].slot >= 0 && len <= UDS_PACK_MAX &&
+        int message = ev[i].type == UDS_EV_MESSAGE;
+        fds |= message && ev[i].nfds > 0;
+        if (message && ev[i].nfds == 0 && ev[i].slot >= 0 && len <= UDS_PACK_MAX &&
             b->pack_cap - used >= len) {
             if (len > 0)
                 memcpy(b->pack + used, ev[i].data, len);
@@ -332,6 +334,7 @@ int uds_poll_batch(uds_server *s, uds_event *ev, int cap, int timeout_ms, uds_ba
     }
     b->pack_used = used;
     b->all_packed = all;
+    b->any_fds = fds;
     return n;
 }
 

@@ -181,6 +181,7 @@ typedef struct uds_batch {
     size_t pack_cap;  /* bytes of pack, at most 4 GiB - 2 */
     size_t pack_used; /* out: bytes of pack filled */
     int all_packed;   /* out: 1 if every event is a MESSAGE whose payload is packed */
+    int any_fds;      /* out: 1 if some event brings descriptors */
 } uds_batch;
 
 /* Creates the master socket and binds it to path, then listens. A path that starts with '@'

@@ -352,7 +352,7 @@ class Core:
                 check(n)
             self._first = 0
             if n <= SMALL_BATCH or not batch.all_packed:
-                self._dispatch_events(server, n)
+                self._dispatch_events(server, n, batch.any_fds)
             else:
                 # Every event is a message whose payload is in pack: one bytes object for all
                 # of them, cut per message; the replies are collected and sent in one call.
@@ -381,7 +381,7 @@ class Core:
             if pending:
                 server._run_pending()
 
-    def _dispatch_events(self, server: Server, n: int) -> None:
+    def _dispatch_events(self, server: Server, n: int, any_fds: int) -> None:
         """The per-event path: small batches, and those with connects, closes or payloads too
         big to pack. Replies go out one call each (large ones without an extra copy)."""
         srv, events, unpack, send = self._srv, self._events, ffi.unpack, lib.uds_send
@@ -394,7 +394,7 @@ class Core:
                 slot = ev.slot
                 # slot -1: a datagram from a sender with no address, heard but unanswerable.
                 client = handles[slot] if slot >= 0 else server._anonymous(ev.pid, ev.uid, ev.gid)
-                nfds = ev.nfds
+                nfds = ev.nfds if any_fds else 0  # (a field read less per message when none has)
                 if nfds:
                     # Ours now: the handler may take them; the rest are closed after it.
                     client._fds = unpack(ev.fds, nfds)
