@@ -51,7 +51,8 @@ class ServerConfig:
         kernel's SO_PEERCRED / SO_PEERGROUPS, taken at accept); the others are closed before
         any handler runs and counted as ``unauthorized``.
     max_fds: file descriptors a client may pass with one message (SCM_RIGHTS), at most; a
-        client that passes more is disconnected (``too_many_fds``). 0: none may be passed.
+        client that passes more is disconnected (``too_many_fds``). 0: none are taken (the
+        kernel discards any that are sent), and stream reads are a little cheaper.
     """
 
     framing: str = "u32"
