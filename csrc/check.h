@@ -16,4 +16,15 @@ static int failures;
         }                                                                                      \
     } while (0)
 
+/* The test program's verdict: prints it, returns its exit status. */
+static inline int check_done(const char *name)
+{
+    if (failures) {
+        fprintf(stderr, "%s: %d failed\n", name, failures);
+        return 1;
+    }
+    printf("%s: all passed\n", name);
+    return 0;
+}
+
 #endif /* UDS_CHECK_H */

@@ -107,10 +107,5 @@ int main(void)
         CHECK(uds_frame_check(UDS_FRAMING_U32, "", (size_t)0xFFFFFFFFu + 1) == -EMSGSIZE);
     }
 
-    if (failures) {
-        fprintf(stderr, "test_framing: %d failed\n", failures);
-        return 1;
-    }
-    printf("test_framing: all passed\n");
-    return 0;
+    return check_done("test_framing");
 }

@@ -226,10 +226,5 @@ int main(void)
     uds_server_free(s);
     rmdir(dir);
 
-    if (failures) {
-        fprintf(stderr, "test_server: %d failed\n", failures);
-        return 1;
-    }
-    printf("test_server: all passed\n");
-    return 0;
+    return check_done("test_server");
 }

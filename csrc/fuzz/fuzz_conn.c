@@ -8,7 +8,7 @@
  * Input: server, then pairs (piece length, action), then the bytes.
  */
 #define _GNU_SOURCE
-#include "uds.h"
+#include "internal.h" /* uds_send_msg() */
 
 #include <dirent.h>
 #include <stdint.h>
@@ -128,23 +128,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         /* action bits 1-2: pass that many descriptors (3 is more than the server takes). */
         int nfds = (action >> 1) & 3;
         int fds[3] = {spare_fd, spare_fd, spare_fd};
-        union {
-            char buf[CMSG_SPACE(sizeof fds)];
-            struct cmsghdr align;
-        } ctl;
-        struct iovec iov = {.iov_base = (void *)(data + pos), .iov_len = piece};
-        struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
-        if (nfds > 0) {
-            memset(ctl.buf, 0, sizeof ctl.buf);
-            mh.msg_control = ctl.buf;
-            mh.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
-            struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
-            cm->cmsg_level = SOL_SOCKET;
-            cm->cmsg_type = SCM_RIGHTS;
-            cm->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
-            memcpy(CMSG_DATA(cm), fds, sizeof(int) * (size_t)nfds);
-        }
-        if ((piece > 0 || which == 3) && sendmsg(fd, &mh, MSG_NOSIGNAL) >= 0)
+        if ((piece > 0 || which == 3) &&
+            uds_send_msg(fd, (const char *)data + pos, piece, fds, nfds, NULL, 0) >= 0)
             pos += piece;
         turn(s, action == 0xff);
         if (action & 1)

@@ -1,0 +1,297 @@
+/*
+ * test_kinds.c - the socket kinds and ancillary data end to end, in C alone (so that valgrind
+ * sees them too): a SEQPACKET server on an abstract name passing descriptors both ways, a
+ * DATAGRAM server with its peers (replies, the sender with no address, eviction, a full peer,
+ * idle expiry), an adopted socket that outlives its server, and servers freed while they still
+ * hold descriptors, which must all be closed.
+ */
+#define _GNU_SOURCE
+#include "internal.h" /* uds_send_msg() */
+#include "check.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+static int open_fds(void)
+{
+    DIR *d = opendir("/proc/self/fd");
+    int n = 0;
+    while (d != NULL && readdir(d) != NULL)
+        n++;
+    if (d != NULL)
+        closedir(d);
+    return n;
+}
+
+static socklen_t address(const char *name, struct sockaddr_un *sa)
+{
+    memset(sa, 0, sizeof *sa);
+    sa->sun_family = AF_UNIX;
+    size_t n = strlen(name);
+    memcpy(sa->sun_path, name, n);
+    if (name[0] == '@') {
+        sa->sun_path[0] = '\0';
+        return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n);
+    }
+    return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n + 1);
+}
+
+static int connect_kind(const char *name, int type)
+{
+    struct sockaddr_un sa;
+    socklen_t len = address(name, &sa);
+    int fd = socket(AF_UNIX, type, 0);
+    if (fd < 0 || connect(fd, (struct sockaddr *)&sa, len) < 0) {
+        perror("connect");
+        exit(2);
+    }
+    struct timeval tv = {.tv_sec = 10};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    return fd;
+}
+
+/* sendmsg() of data with nfds descriptors: the core's own helper, on the client's side. */
+static ssize_t send_with(int fd, const void *data, size_t len, const int *fds, int nfds)
+{
+    return uds_send_msg(fd, data, len, fds, nfds, NULL, 0);
+}
+
+/* recvmsg() of one message; *fd gets the first descriptor that came (else -1). */
+static ssize_t recv_with(int fd, void *buf, size_t len, int *got_fd)
+{
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * 4)];
+        struct cmsghdr align;
+    } ctl;
+    struct iovec iov = {.iov_base = buf, .iov_len = len};
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.buf,
+                        .msg_controllen = sizeof ctl.buf};
+    ssize_t r = recvmsg(fd, &mh, MSG_CMSG_CLOEXEC);
+    *got_fd = -1;
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+    if (r >= 0 && cm != NULL && cm->cmsg_type == SCM_RIGHTS)
+        memcpy(got_fd, CMSG_DATA(cm), sizeof(int));
+    return r;
+}
+
+/* Polls and answers: each message is echoed; with descriptors, "x" is written to each, they
+ * are closed, and the reply carries reply_fd. Returns the events seen; counts CLOSED by
+ * reason in closed[] when given. */
+static int serve(uds_server *s, int timeout_ms, int reply_fd, int *closed)
+{
+    uds_event ev[16];
+    int n = uds_poll(s, ev, 16, timeout_ms);
+    CHECK(n >= 0);
+    for (int i = 0; i < n; i++) {
+        if (ev[i].type == UDS_EV_MESSAGE) {
+            for (int k = 0; k < ev[i].nfds; k++) {
+                CHECK(write(ev[i].fds[k], "x", 1) == 1);
+                close(ev[i].fds[k]);
+            }
+            int rc = ev[i].nfds > 0
+                         ? uds_send_fds(s, ev[i].slot, ev[i].id, ev[i].data, ev[i].len, &reply_fd, 1)
+                         : uds_send(s, ev[i].slot, ev[i].id, ev[i].data, ev[i].len);
+            CHECK(rc == 0 || (ev[i].slot < 0 && rc == -ENOTCONN));
+        } else if (ev[i].type == UDS_EV_CLOSED && closed != NULL) {
+            closed[ev[i].reason]++;
+        }
+    }
+    return n;
+}
+
+static void seqpacket(void)
+{
+    char name[64];
+    snprintf(name, sizeof name, "@uds-test-kinds-%d", (int)getpid());
+    uds_config cfg = {.max_message = 1 << 20, .backlog = 8, .flush_timeout_ms = 1000,
+                      .kind = UDS_KIND_SEQPACKET, .max_fds = 4};
+    uds_server *s = NULL;
+    CHECK(uds_server_new(&s, name, &cfg) == 0);
+    if (s == NULL)
+        return;
+    int pipefd[2];
+    CHECK(pipe(pipefd) == 0);
+    int c = connect_kind(name, SOCK_SEQPACKET);
+    int big = 1 << 20;
+    setsockopt(c, SOL_SOCKET, SO_SNDBUF, &big, sizeof big);
+    setsockopt(c, SOL_SOCKET, SO_RCVBUF, &big, sizeof big);
+    size_t large_len = 150000;
+    char *large = malloc(large_len), *back = malloc(large_len + 1);
+    for (size_t k = 0; k < large_len; k++)
+        large[k] = (char)(k * 7);
+    int two[2] = {pipefd[1], pipefd[1]};
+    CHECK(send_with(c, "", 0, NULL, 0) == 0);
+    CHECK(send_with(c, "abc", 3, two, 2) == 3);
+    CHECK(send_with(c, large, large_len, NULL, 0) == (ssize_t)large_len);
+    for (int round = 0; round < 50; round++)
+        serve(s, 10, pipefd[0], NULL);
+    int fd;
+    CHECK(recv_with(c, back, large_len + 1, &fd) == 0 && fd == -1);
+    CHECK(recv_with(c, back, large_len + 1, &fd) == 3 && memcmp(back, "abc", 3) == 0 && fd >= 0);
+    if (fd >= 0) {
+        close(fd); /* our pipe's read end, passed back */
+    }
+    CHECK(recv_with(c, back, large_len + 1, &fd) == (ssize_t)large_len &&
+          memcmp(back, large, large_len) == 0);
+    char xs[4];
+    CHECK(read(pipefd[0], xs, sizeof xs) == 2); /* the server wrote to both passed copies */
+    /* Freed while a packet with descriptors waits unread: the server closes what it holds. */
+    CHECK(send_with(c, "late", 4, two, 2) == 4);
+    serve(s, 10, pipefd[0], NULL);
+    CHECK(send_with(c, "later", 5, two, 2) == 5);
+    uds_server_free(s);
+    close(c);
+    close(pipefd[0]);
+    close(pipefd[1]);
+    free(large);
+    free(back);
+}
+
+static int dgram_client(void)
+{
+    int fd = socket(AF_UNIX, SOCK_DGRAM, 0);
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    if (fd < 0 || bind(fd, (struct sockaddr *)&sa, sizeof(sa_family_t)) < 0) { /* autobind */
+        perror("bind");
+        exit(2);
+    }
+    struct timeval tv = {.tv_sec = 10};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    return fd;
+}
+
+static void datagram(const char *dir)
+{
+    char path[128];
+    snprintf(path, sizeof path, "%s/d.sock", dir);
+    struct sockaddr_un sa;
+    socklen_t salen = address(path, &sa);
+    uds_config cfg = {.max_message = 4096, .mode = 0600, .backlog = 1, .flush_timeout_ms = 1000,
+                      .kind = UDS_KIND_DGRAM, .max_fds = 2, .idle_timeout_ms = 200,
+                      .max_connections = 2, .max_output = 1 << 20};
+    uds_server *s = NULL;
+    CHECK(uds_server_new(&s, path, &cfg) == 0);
+    if (s == NULL)
+        return;
+    int closed[UDS_CLOSE_REASONS] = {0};
+    int c[3];
+    char buf[64];
+    for (int i = 0; i < 3; i++) {
+        c[i] = dgram_client();
+        CHECK(sendto(c[i], "ping", 4, 0, (struct sockaddr *)&sa, salen) == 4);
+        serve(s, 10, -1, closed);
+        CHECK(recv(c[i], buf, sizeof buf, 0) == 4);
+    }
+    CHECK(closed[UDS_CLOSE_EVICTED] == 1); /* two peers at most: the first was forgotten */
+    int anon = socket(AF_UNIX, SOCK_DGRAM, 0);
+    CHECK(sendto(anon, "who", 3, 0, (struct sockaddr *)&sa, salen) == 3);
+    serve(s, 10, -1, closed);
+    /* A full peer: replies wait on the server, then all arrive in order. */
+    int tiny = 1;
+    setsockopt(c[2], SOL_SOCKET, SO_RCVBUF, &tiny, sizeof tiny);
+    for (int i = 0; i < 40; i++) {
+        snprintf(buf, sizeof buf, "%02d", i);
+        CHECK(sendto(c[2], buf, 2, 0, (struct sockaddr *)&sa, salen) == 2);
+        serve(s, 0, -1, closed);
+    }
+    for (int i = 0; i < 40; i++) {
+        char want[8];
+        snprintf(want, sizeof want, "%02d", i);
+        ssize_t r;
+        while ((r = recv(c[2], buf, sizeof buf, MSG_DONTWAIT)) < 0)
+            serve(s, 5, -1, closed); /* the retry timer sends more as room appears */
+        CHECK(r == 2 && memcmp(buf, want, 2) == 0);
+    }
+    for (int round = 0; round < 100 && uds_live(s) > 0; round++)
+        serve(s, 10, -1, closed); /* idle expiry */
+    CHECK(closed[UDS_CLOSE_IDLE_TIMEOUT] == 2);
+    uds_server_stats st;
+    uds_server_stats_get(s, &st);
+    CHECK(st.replies_unroutable == 1 && st.msgs_in == 44);
+    /* Freed with a datagram and its descriptors unread, and replies queued for a full peer. */
+    int pipefd[2];
+    CHECK(pipe(pipefd) == 0);
+    CHECK(sendto(c[2], "q", 1, 0, (struct sockaddr *)&sa, salen) == 1);
+    serve(s, 10, -1, closed);
+    for (int i = 0; i < 8; i++) { /* (the server's queue holds net.unix.max_dgram_qlen) */
+        CHECK(sendto(c[2], "fill", 4, MSG_DONTWAIT, (struct sockaddr *)&sa, salen) == 4);
+        serve(s, 10, -1, closed);
+    }
+    struct iovec iov = {.iov_base = "f", .iov_len = 1};
+    union {
+        char b[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr a;
+    } ctl;
+    memset(&ctl, 0, sizeof ctl);
+    struct msghdr mh = {.msg_name = &sa, .msg_namelen = salen, .msg_iov = &iov, .msg_iovlen = 1,
+                        .msg_control = ctl.b, .msg_controllen = sizeof ctl.b};
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(cm), &pipefd[1], sizeof(int));
+    sendmsg(c[0], &mh, MSG_DONTWAIT);
+    uds_server_free(s);
+    for (int i = 0; i < 3; i++)
+        close(c[i]);
+    close(anon);
+    close(pipefd[0]);
+    close(pipefd[1]);
+}
+
+static void adopted(const char *dir)
+{
+    char path[128];
+    snprintf(path, sizeof path, "%s/a.sock", dir);
+    struct sockaddr_un sa;
+    socklen_t salen = address(path, &sa);
+    int own = socket(AF_UNIX, SOCK_STREAM, 0);
+    CHECK(bind(own, (struct sockaddr *)&sa, salen) == 0);
+    uds_config cfg = {.max_message = 4096, .backlog = 8, .flush_timeout_ms = 1000,
+                      .adopt = 1, .adopt_fd = own};
+    uds_server *s = NULL;
+    CHECK(uds_server_new(&s, "", &cfg) == 0);
+    if (s == NULL)
+        return;
+    char name[112];
+    size_t len = 0;
+    CHECK(uds_server_address(s, name, &len) == 0 && len == strlen(path) &&
+          memcmp(name, path, len) == 0);
+    int c = connect_kind(path, SOCK_STREAM);
+    CHECK(send(c, "\0\0\0\2hi", 6, 0) == 6);
+    for (int round = 0; round < 5; round++)
+        serve(s, 10, -1, NULL);
+    char buf[8];
+    CHECK(recv(c, buf, sizeof buf, 0) == 6);
+    close(c);
+    uds_server_free(s);
+    CHECK(access(path, F_OK) == 0); /* not ours to remove */
+    c = connect_kind(path, SOCK_STREAM); /* the owner's socket still listens */
+    close(c);
+    close(own);
+    unlink(path);
+}
+
+int main(void)
+{
+    char dir[] = "/tmp/uds-kinds-XXXXXX";
+    if (mkdtemp(dir) == NULL) {
+        perror("mkdtemp");
+        return 2;
+    }
+    int before = open_fds();
+    seqpacket();
+    datagram(dir);
+    adopted(dir);
+    CHECK(open_fds() == before); /* every descriptor received or duplicated was closed */
+    rmdir(dir);
+    return check_done("test_kinds");
+}
