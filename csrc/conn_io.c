@@ -16,7 +16,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-/* ---- reading ------------------------------------------------------------------------------------- */
+/* ---- reading ------------------------------------------------------------------------------ */
 
 /* Bytes the frame in progress is known to lack (a large u32 frame arriving), else 0. */
 static size_t frame_need(const uds_server *s, const uds_conn *c)
@@ -294,7 +294,7 @@ void uds_conn_read(uds_server *s, uds_conn *c)
     uds_conn_attn_push(s, c);
 }
 
-/* ---- writing ------------------------------------------------------------------------------------- */
+/* ---- writing ------------------------------------------------------------------------------ */
 
 /* What the next send() takes from the output: n bytes from p, with the nfds descriptors that
  * go with them (in fds). A stream sends up to the next message that carries descriptors, and
@@ -358,8 +358,8 @@ void uds_conn_flush(uds_server *s, uds_conn *c)
         if (w < 0) {
             if (w == -EAGAIN)
                 break;
-            uds_conn_fail(s, c, (w == -EPIPE || w == -ECONNRESET) ? UDS_CLOSE_PEER : UDS_CLOSE_ERROR,
-                          (int)-w);
+            int peer = w == -EPIPE || w == -ECONNRESET;
+            uds_conn_fail(s, c, peer ? UDS_CLOSE_PEER : UDS_CLOSE_ERROR, (int)-w);
             return;
         }
         sent_any = 1;

@@ -39,7 +39,7 @@ struct uds_dgram {
 
 static char *dgram_bytes(struct uds_dgram *d) { return (char *)(d->fds + d->nfds); }
 
-/* ---- peers --------------------------------------------------------------------------------------- */
+/* ---- peers -------------------------------------------------------------------------------- */
 
 static void drop_queue(uds_peer *p)
 {
@@ -84,7 +84,7 @@ static void touch_peer(uds_server *s, uds_peer *p)
     uds_tlist_append(&s->idle, &p->lru, s->now_ms + (uint64_t)s->cfg.idle_timeout_ms);
 }
 
-/* ---- events ---------------------------------------------------------------------------------- */
+/* ---- events ------------------------------------------------------------------------------- */
 
 static uds_event *next_event(uds_event *ev, int *n, int type, int slot, uint64_t id)
 {
@@ -139,7 +139,7 @@ static void peer_fail(uds_server *s, uds_peer *p, int reason, int err)
     peer_close(s, p, reason, err);
 }
 
-/* ---- sending --------------------------------------------------------------------------------- */
+/* ---- sending ------------------------------------------------------------------------------ */
 
 /* One datagram to p. Returns 0 if sent, -EAGAIN if its queue is full, else -errno (the peer is
  * then failing, except for -EMSGSIZE: that datagram alone cannot be sent). */
@@ -277,7 +277,7 @@ static void retry_full_peers(uds_server *s)
     s->retry_at = still ? s->now_ms + (uint64_t)s->retry_backoff_ms : 0;
 }
 
-/* ---- receiving ------------------------------------------------------------------------------- */
+/* ---- receiving ---------------------------------------------------------------------------- */
 
 /* The peer for a datagram from addr: found, or made (with its CONNECTED event, after the
  * CLOSED event of the peer forgotten to make room for it). NULL if it cannot be made. */
@@ -347,19 +347,6 @@ static uds_peer *peer_for(uds_server *s, const uds_recv_info *info, uds_event *e
     return p;
 }
 
-static int dgram_allowed(const uds_server *s, const struct ucred *cr)
-{
-    if (s->cfg.n_allow_uid == 0 && s->cfg.n_allow_gid == 0)
-        return 1;
-    for (int i = 0; i < s->cfg.n_allow_uid; i++)
-        if (s->allow_uid[i] == cr->uid)
-            return 1;
-    for (int i = 0; i < s->cfg.n_allow_gid; i++)
-        if (s->allow_gid[i] == cr->gid)
-            return 1;
-    return 0; /* a datagram brings its sender's primary group only */
-}
-
 /* Reads datagrams while there are some and the batch and the arena have room (within a
  * bound), turning each into events. Returns n. */
 static int read_dgrams(uds_server *s, uds_event *ev, int n, int cap)
@@ -398,7 +385,8 @@ static int read_dgrams(uds_server *s, uds_event *ev, int n, int cap)
         }
         if (!info.has_creds)
             info.creds.pid = -1, info.creds.uid = info.creds.gid = (uint32_t)-1;
-        if (!dgram_allowed(s, &info.creds)) {
+        /* (A datagram brings its sender's primary group only.) */
+        if (!uds_policy_allows(s, info.creds.uid, info.creds.gid)) {
             uds_recv_info_close_fds(&info);
             UDS_COUNT(s->stats.dgrams_refused, 1);
             uds_event *e = next_event(ev, &n, UDS_EV_REFUSED, -1, 0);
@@ -464,7 +452,7 @@ static int read_dgrams(uds_server *s, uds_event *ev, int n, int cap)
     return n;
 }
 
-/* ---- the turn --------------------------------------------------------------------------------- */
+/* ---- the turn ----------------------------------------------------------------------------- */
 
 /* Finishes the peers that are closing and owe nothing more, and those idle too long. */
 static int settle_peers(uds_server *s, uds_event *ev, int n, int cap)
@@ -557,7 +545,7 @@ int uds_dgram_poll(uds_server *s, uds_event *ev, int cap, int timeout_ms)
     return n;
 }
 
-/* ---- the caller's requests --------------------------------------------------------------------- */
+/* ---- the caller's requests ---------------------------------------------------------------- */
 
 int uds_dgram_peer_address(uds_server *s, int slot, uint64_t id, char *name, size_t *len)
 {

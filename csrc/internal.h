@@ -340,6 +340,8 @@ struct uds_server {
     uds_ready ready[UDS_EPOLL_BATCH]; /* what epoll_wait reported */
 };
 
+/* The uid/gid policy: with no list, everyone; else a listed uid or a listed gid. */
+int uds_policy_allows(const uds_server *s, uint32_t uid, uint32_t gid);
 /* Reads the clock into s->now_ms (monotonic, never going back). */
 void uds_server_clock(uds_server *s);
 /* Empties the wakeup pipe. */

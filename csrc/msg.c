@@ -17,7 +17,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-/* ---- descriptor queues --------------------------------------------------------------------- */
+/* ---- descriptor queues -------------------------------------------------------------------- */
 
 int uds_fdq_push(uds_fdq *q, int fd, uint64_t at)
 {
@@ -73,7 +73,7 @@ void uds_fdq_clear(uds_fdq *q)
     memset(q, 0, sizeof *q);
 }
 
-/* ---- sendmsg / recvmsg with ancillary data ----------------------------------------------- */
+/* ---- sendmsg / recvmsg with ancillary data ------------------------------------------------ */
 
 /* Room for the most descriptors one message may bring and one set of credentials. */
 #define CMSG_ROOM (CMSG_SPACE(sizeof(int) * UDS_MAX_FDS) + CMSG_SPACE(sizeof(struct ucred)))

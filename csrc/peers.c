@@ -9,7 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* ---- the table -------------------------------------------------------------------------- */
+/* ---- the table ---------------------------------------------------------------------------- */
 
 uint64_t uds_peers_hash(const struct sockaddr_un *a, socklen_t len)
 {

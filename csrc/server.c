@@ -71,9 +71,7 @@ static void resume_accepting(uds_server *s)
         s->accept_paused = 0;
 }
 
-/* The uid/gid policy: with no list, everyone; else a listed uid, or a listed gid as the peer's
- * primary group or one of its supplementary groups. */
-static int allowed(const uds_server *s, int fd, uint32_t uid, uint32_t gid)
+int uds_policy_allows(const uds_server *s, uint32_t uid, uint32_t gid)
 {
     if (s->cfg.n_allow_uid == 0 && s->cfg.n_allow_gid == 0)
         return 1;
@@ -83,7 +81,14 @@ static int allowed(const uds_server *s, int fd, uint32_t uid, uint32_t gid)
     for (int i = 0; i < s->cfg.n_allow_gid; i++)
         if (s->allow_gid[i] == gid)
             return 1;
-    return s->cfg.n_allow_gid > 0 && uds_sock_in_groups(fd, s->allow_gid, s->cfg.n_allow_gid);
+    return 0;
+}
+
+/* A connecting client may also be let in by one of its supplementary groups. */
+static int allowed(const uds_server *s, int fd, uint32_t uid, uint32_t gid)
+{
+    return uds_policy_allows(s, uid, gid) ||
+           (s->cfg.n_allow_gid > 0 && uds_sock_in_groups(fd, s->allow_gid, s->cfg.n_allow_gid));
 }
 
 static int accept_some(uds_server *s, uds_event *ev, int n, int cap)

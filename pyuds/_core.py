@@ -16,6 +16,7 @@ import os
 import stat
 from typing import TYPE_CHECKING, Any
 
+from ._address import SUN_PATH_MAX, to_sockaddr
 from ._config import DGRAM_IDLE_TIMEOUT, ServerConfig
 from ._errors import (
     AddressInUseError,
@@ -68,7 +69,6 @@ REASON_NAMES = {
 }
 REASON_CODES = {name: code for code, name in REASON_NAMES.items()}
 
-SUN_PATH_MAX = 107  # bytes of a path name, leaving room for the terminating NUL
 
 # A batch this small takes the per-event path: the batch path's fixed cost per turn (a few
 # list conversions, a join, one more crossing) would outweigh what it saves per message.
@@ -138,6 +138,15 @@ def _ms(seconds: float | None) -> int:
     return min(2**31 - 1, max(1, int(-(-seconds * 1000 // 1)))) if seconds > 0 else 0
 
 
+def _name(get: Any, *args: Any) -> str | None:
+    """A socket address from C (uds_server_address, uds_peer_address) as pyuds spells it: a
+    path, or "@name"; None if there is none."""
+    name, length = ffi.new("char[]", 112), ffi.new("size_t *")
+    if get(*args, name, length) < 0 or length[0] == 0:
+        return None
+    return os.fsdecode(ffi.unpack(name, length[0]))
+
+
 class Core:
     """One C server, its event batch and the loop that dispatches it."""
 
@@ -147,13 +156,8 @@ class Core:
         raw_path = b""
         if sock_fd is None:
             assert path is not None
+            to_sockaddr(path)  # fits in sun_path, no NUL byte, not empty: or a clear error
             raw_path = os.fsencode(path)
-            if len(raw_path) > SUN_PATH_MAX + raw_path.startswith(b"@"):
-                raise _listen_error(errno.ENAMETOOLONG, path)
-            if b"\0" in raw_path:
-                raise ValueError("socket path contains a NUL byte")
-            if raw_path in (b"", b"@"):
-                raise ValueError("socket path is empty")
         cfg = ffi.new("uds_config *")
         cfg.framing = FRAMING_CODES[config.framing]
         cfg.max_message = config.max_message_size
@@ -186,9 +190,7 @@ class Core:
         # temporary one it was bound under before being renamed into place.)
         self.address = path
         if sock_fd is not None:
-            name, length = ffi.new("char[]", 112), ffi.new("size_t *")
-            check(lib.uds_server_address(self._srv, name, length))
-            self.address = os.fsdecode(ffi.unpack(name, length[0]))
+            self.address = _name(lib.uds_server_address, self._srv) or ""
         # At least 4: a datagram may need three events (a peer forgotten, one new, its message).
         self._cap = cap = max(config.batch_size, 4)
         self._events = ffi.new("uds_event[]", cap)
@@ -278,10 +280,7 @@ class Core:
 
     def peer_address(self, slot: int, cid: int) -> str | None:
         """The address the client bound (a datagram peer's, where replies go); None if none."""
-        name, length = ffi.new("char[]", 112), ffi.new("size_t *")
-        if lib.uds_peer_address(self._srv, slot, cid, name, length) < 0 or length[0] == 0:
-            return None
-        return os.fsdecode(ffi.unpack(name, length[0]))
+        return _name(lib.uds_peer_address, self._srv, slot, cid)
 
     def bind_stats(self, slot: int, cid: int) -> Any:
         """Moves the client's counters to memory this object owns; returns it (opaque)."""
