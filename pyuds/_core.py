@@ -126,7 +126,11 @@ def _adopt_error(err: int, fd: int, kind: str) -> OSError:
         errno.EAFNOSUPPORT: "is not an AF_UNIX socket",
         errno.EPROTOTYPE: f"is not a {kind} socket ({SOCK_TYPE_NAMES[kind]})",
         errno.EDESTADDRREQ: "is not bound to an address",
-    }.get(err, os.strerror(err))
+        # listen() refuses a connected socket (systemd's Accept=yes passes those).
+        errno.EINVAL: "is a connected socket, not one to accept on (with systemd: Accept=no)",
+    }.get(err)
+    if why is None:
+        return OSError(err, f"cannot serve on file descriptor {fd}: {os.strerror(err)}")
     return OSError(err, f"cannot serve on file descriptor {fd}: it {why}")
 
 

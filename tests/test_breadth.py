@@ -496,6 +496,12 @@ class TestInherited:
                 pyuds.Server(sock=f.fileno())
         with pytest.raises(TypeError):
             pyuds.Server(sock_path, sock=3)
+        # An accepted connection (what systemd passes with Accept=yes): bound, but connected.
+        listening = bound_socket(os.path.join(sockdir, "l.sock"))
+        with listening, stream_client(os.path.join(sockdir, "l.sock")):
+            accepted, _ = listening.accept()
+            with accepted, pytest.raises(OSError, match="connected socket"):
+                pyuds.Server(sock=accepted)
 
 
 # ---- systemd socket activation ---------------------------------------------------------------
