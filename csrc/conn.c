@@ -296,13 +296,9 @@ static int parse(uds_server *s, uds_conn *c, uds_event *ev, int n, int cap)
         e->id = c->id;
         e->data = base + pos + off;
         e->len = plen;
-        e->nfds = nfds;
-        e->fds = NULL;
-        if (nfds > 0) {
-            e->fds = s->fd_out + s->fd_out_n;
-            for (int i = 0; i < nfds; i++)
-                s->fd_out[s->fd_out_n++] = uds_fdq_pop(&c->in_fds);
-        }
+        int *fds = uds_fd_out(s, e, nfds);
+        for (int i = 0; i < nfds; i++)
+            fds[i] = uds_fdq_pop(&c->in_fds);
         pos += (size_t)r;
         c->scan = 0;
         c->msg_turn = s->turn;

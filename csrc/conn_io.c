@@ -12,7 +12,6 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -82,34 +81,39 @@ static size_t recv_some(uds_server *s, uds_conn *c, char *into, size_t room)
         uds_recv_info info;
         struct iovec iov = {.iov_base = into, .iov_len = room};
         info.want_addr = info.want_creds = info.real_len = 0;
-        r = uds_recv_msg(c->fd, &iov, 1, s->cfg.max_fds, &info);
+        r = uds_recv_msg(c->fd, &iov, 1, s->cfg.max_fds, &info); /* -errno on failure */
         if (r >= 0)
             keep_fds(s, c, &info, (size_t)r);
-        else
-            errno = (int)-r;
     } else {
         do
             r = recv(c->fd, into, room, 0);
         while (r < 0 && errno == EINTR);
+        if (r < 0)
+            r = -errno;
     }
     if (r > 0) {
         c->rx_total += (size_t)r;
         return (size_t)r;
     }
-    read_ended(s, c, r == 0 ? 0 : errno);
+    read_ended(s, c, (int)-r);
     return 0;
+}
+
+/* The len bytes read at the arena's free part become c's view (unparsed input of this turn). */
+static void take_arena(uds_server *s, uds_conn *c, size_t len)
+{
+    c->view = s->arena + s->arena_used;
+    c->view_len = len;
+    s->arena_used += len;
 }
 
 /* A read for a connection with nothing buffered: one chunk, into the arena. */
 static void read_into_arena(uds_server *s, uds_conn *c)
 {
-    char *at = s->arena + s->arena_used;
     size_t room = UDS_ARENA_SIZE - s->arena_used;
-    size_t got = recv_some(s, c, at, room < UDS_READ_CHUNK ? room : UDS_READ_CHUNK);
+    size_t got = recv_some(s, c, s->arena + s->arena_used, room < UDS_READ_CHUNK ? room : UDS_READ_CHUNK);
     if (got > 0) {
-        c->view = at;
-        c->view_len = got;
-        s->arena_used += got;
+        take_arena(s, c, got);
         uds_conn_touch(s, c);
     }
     uds_conn_attn_push(s, c);
@@ -133,19 +137,13 @@ void uds_conn_settle(uds_server *s, uds_conn *c)
  * bytes did not fit in b and wait at the start of the scratch area. */
 static ssize_t recv_packet(uds_server *s, uds_conn *c, uds_buf *b)
 {
-    size_t limit = s->cfg.max_message + 1, room = b->cap - b->end - 4;
-    if (room > limit)
-        room = limit;
-    struct iovec iov[2] = {{.iov_base = b->data + b->end + 4, .iov_len = room}};
-    int iovcnt = 1;
-    if (room < limit) {
-        if ((iov[1].iov_base = uds_scratch(s)) == NULL) {
-            uds_conn_fail(s, c, UDS_CLOSE_ERROR, ENOMEM);
-            return -1;
-        }
-        iov[1].iov_len = limit - room;
-        iovcnt = 2;
+    struct iovec iov[2];
+    int iovcnt = uds_scratch_iov(s, iov, b->data + b->end + 4, b->cap - b->end - 4);
+    if (iovcnt < 0) {
+        uds_conn_fail(s, c, UDS_CLOSE_ERROR, ENOMEM);
+        return -1;
     }
+    size_t room = iov[0].iov_len;
     uds_recv_info info;
     info.want_addr = info.real_len = 0;
     info.want_creds = 1; /* SO_PASSCRED is on: see uds_server_new() */
@@ -158,14 +156,10 @@ static ssize_t recv_packet(uds_server *s, uds_conn *c, uds_buf *b)
     }
     size_t len = (size_t)r;
     int too_large = (info.flags & MSG_TRUNC) || len > s->cfg.max_message;
-    uint64_t claim = too_large ? limit : len; /* too large: more than max_message */
-    if (claim > 0xFFFFFFFFu)
-        claim = 0xFFFFFFFFu;
-    unsigned char *h = (unsigned char *)b->data + b->end;
-    h[0] = (unsigned char)(claim >> 24);
-    h[1] = (unsigned char)(claim >> 16);
-    h[2] = (unsigned char)(claim >> 8);
-    h[3] = (unsigned char)claim;
+    uint64_t claim = too_large ? s->cfg.max_message + 1 : len; /* too large: over max_message */
+    int trailer;
+    uds_frame_header(UDS_FRAMING_U32, claim > 0xFFFFFFFFu ? 0xFFFFFFFFu : claim,
+                     (unsigned char *)b->data + b->end, &trailer);
     size_t stored = too_large ? 0 : len, in_room = stored < room ? stored : room;
     b->end += 4 + in_room;
     if (too_large) {
@@ -184,9 +178,7 @@ static void arena_to_buffer(uds_server *s, uds_conn *c, uds_buf *arena)
 {
     if (arena->end == 0)
         return;
-    c->view = arena->data;
-    c->view_len = arena->end;
-    s->arena_used += arena->end;
+    take_arena(s, c, arena->end);
     uds_conn_settle(s, c);
 }
 
@@ -228,17 +220,13 @@ static void read_packets(uds_server *s, uds_conn *c)
             }
             if (uds_buf_append(b, s->scratch, (size_t)spilled, &s->pool) < 0)
                 uds_conn_fail(s, c, UDS_CLOSE_ERROR, ENOMEM);
-            if ((size_t)spilled > UDS_SCRATCH_KEEP)
-                madvise(s->scratch, s->scratch_len, MADV_DONTNEED);
+            uds_scratch_used(s, (size_t)spilled);
             if (c->flags & UDS_CF_DEAD)
                 return;
         }
     }
-    if (to_arena && arena.end > 0) {
-        c->view = arena.data;
-        c->view_len = arena.end;
-        s->arena_used += arena.end;
-    }
+    if (to_arena && arena.end > 0)
+        take_arena(s, c, arena.end);
     if (got)
         uds_conn_touch(s, c);
     uds_conn_attn_push(s, c);
@@ -297,11 +285,11 @@ void uds_conn_read(uds_server *s, uds_conn *c)
 /* ---- writing ------------------------------------------------------------------------------ */
 
 /* What the next send() takes from the output: n bytes from p, with the nfds descriptors that
- * go with them (in fds). A stream sends up to the next message that carries descriptors, and
- * that message's first byte carries them; a SEQPACKET connection sends one packet at a time
- * (the output holds u32 frames; the header is ours, not sent). */
-static void next_send(uds_server *s, uds_conn *c, const char **p, size_t *n, int *fds, int *nfds,
-                      size_t *skip)
+ * go with them (*fds: the head of the queue). A stream sends up to the next message that
+ * carries descriptors, and that message's first byte carries them; a SEQPACKET connection
+ * sends one packet at a time (the output holds u32 frames; the header is ours, not sent). */
+static void next_send(uds_server *s, uds_conn *c, const char **p, size_t *n, const int **fds,
+                      int *nfds, size_t *skip)
 {
     uds_buf *b = &c->out;
     size_t len = uds_buf_len(b);
@@ -311,10 +299,9 @@ static void next_send(uds_server *s, uds_conn *c, const char **p, size_t *n, int
     *nfds = 0;
     *skip = 0;
     if (s->sock_type == SOCK_SEQPACKET) {
-        const unsigned char *h = (const unsigned char *)*p;
-        *skip = 4;
-        *n = ((size_t)h[0] << 24) | ((size_t)h[1] << 16) | ((size_t)h[2] << 8) | h[3];
-        *p += 4;
+        size_t scan = 0;
+        uds_frame_next(UDS_FRAMING_U32, *p, len, 0xFFFFFFFFu, &scan, skip, n);
+        *p += *skip;
     }
     uds_fdq *q = &c->out_fds;
     int k = uds_fdq_len(q);
@@ -326,10 +313,9 @@ static void next_send(uds_server *s, uds_conn *c, const char **p, size_t *n, int
             *n = (size_t)(at - start); /* plain bytes up to the message with descriptors */
         return;
     }
-    while (*nfds < k && q->at[q->head + *nfds] == start) {
-        fds[*nfds] = q->fd[q->head + *nfds];
+    *fds = q->fd + q->head;
+    while (*nfds < k && q->at[q->head + *nfds] == start)
         (*nfds)++;
-    }
     if (*nfds < k && q->at[q->head + *nfds] - start < *n)
         *n = (size_t)(q->at[q->head + *nfds] - start); /* the next one's go with its own bytes */
 }
@@ -339,12 +325,13 @@ void uds_conn_flush(uds_server *s, uds_conn *c)
     uds_buf *b = &c->out;
     if (uds_buf_len(b) == 0 || (c->flags & UDS_CF_DEAD))
         return;
-    int sent_any = 0, fds[UDS_MAX_FDS];
+    int sent_any = 0;
     while (uds_buf_len(b) > 0) {
         const char *p;
+        const int *fds = NULL;
         size_t n, skip;
         int nfds;
-        next_send(s, c, &p, &n, fds, &nfds, &skip);
+        next_send(s, c, &p, &n, &fds, &nfds, &skip);
         ssize_t w;
         if (nfds > 0 || s->sock_type == SOCK_SEQPACKET) {
             w = uds_send_msg(c->fd, p, n, fds, nfds, NULL, 0);

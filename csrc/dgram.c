@@ -22,7 +22,6 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -353,21 +352,19 @@ static int read_dgrams(uds_server *s, uds_event *ev, int n, int cap)
 {
     size_t limit = s->cfg.max_message + 1;
     s->dgram_empty = 0;
-    for (int i = 0; i < UDS_DGRAMS_PER_READ && n + 3 <= cap; i++) { /* CLOSED, CONNECTED, MESSAGE */
+    /* Room in the batch for three events (CLOSED, CONNECTED, MESSAGE) and for the descriptors
+     * a datagram may bring; else the rest waits for the next turn. */
+    for (int i = 0; i < UDS_DGRAMS_PER_READ && n + 3 <= cap &&
+                    UDS_FD_OUT_MAX - s->fd_out_n >= s->cfg.max_fds; i++) {
         size_t room = UDS_ARENA_SIZE - s->arena_used;
         if (room < (limit < UDS_ARENA_MIN_READ ? limit : UDS_ARENA_MIN_READ) || s->big.data != NULL)
             break; /* the rest next turn, when the arena is empty again */
-        if (room > limit)
-            room = limit;
         char *at = s->arena + s->arena_used;
-        struct iovec iov[2] = {{.iov_base = at, .iov_len = room}};
-        int iovcnt = 1;
-        if (room < limit) {
-            if ((iov[1].iov_base = uds_scratch(s)) == NULL)
-                break;
-            iov[1].iov_len = limit - room;
-            iovcnt = 2;
-        }
+        struct iovec iov[2];
+        int iovcnt = uds_scratch_iov(s, iov, at, room);
+        if (iovcnt < 0)
+            break;
+        room = iov[0].iov_len;
         uds_recv_info info;
         info.want_addr = info.want_creds = info.real_len = 1;
         ssize_t r = uds_recv_msg(s->listen_fd, iov, iovcnt, s->cfg.max_fds, &info);
@@ -395,21 +392,6 @@ static int read_dgrams(uds_server *s, uds_event *ev, int n, int cap)
             e->gid = info.creds.gid;
             continue;
         }
-        const char *data = at;
-        if (len > room) {
-            /* It spilled past the arena: whole, into a buffer of its own for this turn. */
-            if (uds_buf_append(&s->big, at, room, &s->pool) < 0 ||
-                uds_buf_append(&s->big, s->scratch, len - room, &s->pool) < 0) {
-                uds_buf_release(&s->big, &s->pool);
-                uds_recv_info_close_fds(&info);
-                break;
-            }
-            data = s->big.data;
-            if (len - room > UDS_SCRATCH_KEEP)
-                madvise(s->scratch, s->scratch_len, MADV_DONTNEED);
-        } else {
-            s->arena_used += len;
-        }
         uds_peer *p = NULL;
         int slot = -1;
         uint64_t id = 0;
@@ -430,6 +412,21 @@ static int read_dgrams(uds_server *s, uds_event *ev, int n, int cap)
             UDS_COUNT(p->stats->msgs_in, 1);
             UDS_COUNT(p->stats->bytes_in, len);
         }
+        /* Heard: it keeps its place in the arena, or, if it spilled past it, goes whole into a
+         * buffer of its own for this turn. */
+        const char *data = at;
+        if (len > room) {
+            if (uds_buf_append(&s->big, at, room, &s->pool) < 0 ||
+                uds_buf_append(&s->big, s->scratch, len - room, &s->pool) < 0) {
+                uds_buf_release(&s->big, &s->pool);
+                uds_recv_info_close_fds(&info);
+                break;
+            }
+            data = s->big.data;
+            uds_scratch_used(s, len - room);
+        } else {
+            s->arena_used += len;
+        }
         UDS_COUNT(s->stats.msgs_in, 1);
         UDS_COUNT(s->stats.bytes_in, len);
         uds_event *e = next_event(ev, &n, UDS_EV_MESSAGE, slot, id);
@@ -438,16 +435,8 @@ static int read_dgrams(uds_server *s, uds_event *ev, int n, int cap)
         e->pid = info.creds.pid;
         e->uid = info.creds.uid;
         e->gid = info.creds.gid;
-        if (info.nfds > 0) {
-            if (info.nfds > UDS_FD_OUT_MAX - s->fd_out_n) {
-                uds_recv_info_close_fds(&info); /* cannot happen with cap * max_fds <= room */
-            } else {
-                e->fds = s->fd_out + s->fd_out_n;
-                e->nfds = info.nfds;
-                memcpy(s->fd_out + s->fd_out_n, info.fds, (size_t)info.nfds * sizeof(int));
-                s->fd_out_n += info.nfds;
-            }
-        }
+        if (info.nfds > 0) /* (there is room: see the loop's condition) */
+            memcpy(uds_fd_out(s, e, info.nfds), info.fds, (size_t)info.nfds * sizeof(int));
     }
     return n;
 }

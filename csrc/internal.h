@@ -346,8 +346,16 @@ int uds_policy_allows(const uds_server *s, uint32_t uid, uint32_t gid);
 void uds_server_clock(uds_server *s);
 /* Empties the wakeup pipe. */
 void uds_server_drain_wakeups(uds_server *s);
-/* The scratch area (see uds_server.scratch), made on first use; NULL if it cannot be. */
-char *uds_scratch(uds_server *s);
+/* Sets iov[] for one message of at most max_message + 1 bytes: iov[0] the room at `at`, and
+ * iov[1] the scratch area (see uds_server.scratch, made on first use) for what the room cannot
+ * hold. Returns the iovec count (1 or 2), or -ENOMEM. */
+int uds_scratch_iov(uds_server *s, struct iovec iov[2], char *at, size_t room);
+/* A message spilled n bytes into the scratch area (now copied out): large spills give the
+ * memory back. */
+void uds_scratch_used(uds_server *s, size_t n);
+/* Hands n descriptors out with event e: returns where to put them (room for n must be left:
+ * UDS_FD_OUT_MAX - fd_out_n), or NULL for n == 0. */
+int *uds_fd_out(uds_server *s, uds_event *e, int n);
 
 /* ---- the peer table (peers.c) ------------------------------------------------------------- */
 

@@ -232,18 +232,42 @@ void uds_server_drain_wakeups(uds_server *s)
     }
 }
 
-char *uds_scratch(uds_server *s)
+int uds_scratch_iov(uds_server *s, struct iovec iov[2], char *at, size_t room)
 {
+    size_t limit = s->cfg.max_message + 1;
+    iov[0].iov_base = at;
+    iov[0].iov_len = room < limit ? room : limit;
+    if (room >= limit)
+        return 1;
     if (s->scratch == NULL) {
-        size_t len = s->cfg.max_message + 1;
-        void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                       -1, 0);
+        void *p = mmap(NULL, limit, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         if (p == MAP_FAILED)
-            return NULL;
+            return -ENOMEM;
         s->scratch = p;
-        s->scratch_len = len;
+        s->scratch_len = limit;
     }
-    return s->scratch;
+    iov[1].iov_base = s->scratch;
+    iov[1].iov_len = limit - room;
+    return 2;
+}
+
+void uds_scratch_used(uds_server *s, size_t n)
+{
+    if (n > UDS_SCRATCH_KEEP)
+        madvise(s->scratch, s->scratch_len, MADV_DONTNEED);
+}
+
+int *uds_fd_out(uds_server *s, uds_event *e, int n)
+{
+    e->nfds = n;
+    e->fds = NULL;
+    if (n == 0)
+        return NULL;
+    int *at = s->fd_out + s->fd_out_n;
+    s->fd_out_n += n;
+    e->fds = at;
+    return at;
 }
 
 int uds_poll(uds_server *s, uds_event *ev, int cap, int timeout_ms)
