@@ -15,6 +15,7 @@ import socket
 from typing import Any, Iterable, Protocol, Union
 
 from ._address import from_sockaddr, is_abstract, to_sockaddr
+from ._config import MAX_FDS
 from ._errors import ConnectionClosedError, FramingError
 from ._framing import Decoder, FdQueue, encode
 
@@ -29,11 +30,10 @@ _RECV_SIZE = 256 * 1024  # a stream read takes at most this much
 # None. The server's default limit too; more than Linux lets one Unix datagram carry unless
 # net.core.wmem_max is raised past 8 MiB.
 PACKET_MAX_DEFAULT = 16 * 1024 * 1024
-SCM_MAX_FD = 253  # Linux: the most descriptors one sendmsg() may carry
 _FD_SIZE = array.array("i").itemsize
 # Room for a full batch of descriptors, and for credentials in case someone sets SO_PASSCRED
 # on the socket: without it, they would crowd the descriptors out (MSG_CTRUNC).
-_ANC_SIZE = socket.CMSG_SPACE(SCM_MAX_FD * _FD_SIZE) + socket.CMSG_SPACE(3 * _FD_SIZE)
+_ANC_SIZE = socket.CMSG_SPACE(MAX_FDS * _FD_SIZE) + socket.CMSG_SPACE(3 * _FD_SIZE)
 
 
 class _HasFileno(Protocol):
@@ -88,7 +88,7 @@ class Connection:
     def send(self, message: bytes, fds: Iterable[FdLike] = ()) -> None:
         """Sends one message (framed on a stream). fds, ints or objects with fileno(), travel with
         it (SCM_RIGHTS, at most 253); the peer gets duplicates and the caller keeps its own."""
-        fd_list = _fd_numbers(fds)
+        fd_list = fd_numbers(fds)
         if self.kind == "stream":
             data = encode(self.framing, bytes(message))
         else:
@@ -114,7 +114,7 @@ class Connection:
         and as ConnectionRefusedError on send(). On seqpacket an empty message that the server
         sends just before it closes may read as the end (Linux reports both as zero bytes)."""
         message, fds, _ = self._recv_message()
-        _close_fds(fds)
+        close_fds(fds)
         return message
 
     def recv_fds(self) -> tuple[bytes, list[int]]:
@@ -124,7 +124,7 @@ class Connection:
         otherwise as recv()."""
         message, fds, incomplete = self._recv_message()
         if incomplete:
-            _close_fds(fds)
+            close_fds(fds)
             raise FramingError("a message came with more file descriptors than this process could receive "
                                "(out of descriptors?); it was dropped, and those that arrived were closed")
         return message, fds
@@ -154,7 +154,7 @@ class Connection:
         self._closed = True
         try:
             if self._decoder is not None:
-                _close_fds(self._fd_queue.drain())
+                close_fds(self._fd_queue.drain())
             if self._owned_path is not None:
                 # Before the socket closes: while it lives nobody else can bind the path, so
                 # the file checked is not one that a newcomer has just created.
@@ -210,7 +210,7 @@ class Connection:
         # MSG_TRUNC asks for the packet's real length, so a too long one can be reported as such.
         n, fds, flags = self._recvmsg(socket.MSG_TRUNC)
         if flags & socket.MSG_TRUNC or n > self._buf_size:
-            _close_fds(fds)
+            close_fds(fds)
             raise FramingError(f"a {self.kind} message of {n} bytes exceeds max_message_size "
                                f"({self._buf_size} bytes); it was dropped")
         if not n and not fds and self.kind == "seqpacket" and self._peer_shut_down():
@@ -287,7 +287,9 @@ def _packet_max(max_message_size: int | None) -> int:
     return max_message_size
 
 
-def _fd_numbers(fds: Iterable[FdLike]) -> list[int]:
+def fd_numbers(fds: Iterable[FdLike]) -> list[int]:
+    """File descriptors as ints (objects with fileno() allowed), at most 253 (SCM_MAX_FD):
+    ValueError or TypeError otherwise. The server's send() checks its fds with it too."""
     numbers = []
     for f in fds:
         if isinstance(f, int):
@@ -299,8 +301,8 @@ def _fd_numbers(fds: Iterable[FdLike]) -> list[int]:
         if not isinstance(fd, int) or fd < 0:
             raise ValueError(f"not a file descriptor: {f!r}")
         numbers.append(fd)
-    if len(numbers) > SCM_MAX_FD:
-        raise ValueError(f"one message carries at most {SCM_MAX_FD} file descriptors (Linux's SCM_MAX_FD), "
+    if len(numbers) > MAX_FDS:
+        raise ValueError(f"one message carries at most {MAX_FDS} file descriptors (Linux's SCM_MAX_FD), "
                          f"not {len(numbers)}")
     return numbers
 
@@ -313,7 +315,8 @@ def _fds_in(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     return fds.tolist()
 
 
-def _close_fds(fds: Iterable[int]) -> None:
+def close_fds(fds: Iterable[int]) -> None:
+    """Closes each descriptor; one already closed is passed over."""
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import enum
-import os
 import time
 from typing import TYPE_CHECKING, Any, Iterable
 
 from . import _core
+from ._client import close_fds
 
 if TYPE_CHECKING:
     from ._server import Server
@@ -89,11 +89,8 @@ class ClientHandle:
 
     def _close_fds(self) -> None:
         fds, self._fds = self._fds, None
-        for fd in fds or ():
-            try:
-                os.close(fd)
-            except OSError:
-                pass  # the handler closed it without taking it
+        if fds:
+            close_fds(fds)
 
     def close(self) -> None:
         """Disconnects this client once the replies already queued for it are sent. No more

@@ -21,7 +21,8 @@ import warnings
 import weakref
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
-from ._config import MAX_FDS, ServerConfig
+from ._client import fd_numbers
+from ._config import ServerConfig
 from ._core import Core, send_error
 from ._errors import ClientClosedError
 from ._handle import ClientHandle, CloseReason
@@ -392,7 +393,7 @@ class Server:
         if client._closed:
             raise ClientClosedError(f"client {client.id} is {'disconnected' if client.close_reason else 'closed'}")
         data = self._as_bytes(message)
-        fd_list = _fd_list(fds) if fds else []
+        fd_list = fd_numbers(fds) if fds else []
         if fd_list and not data and self._config.kind == "stream" and self._config.framing == "raw":
             raise ValueError("a stream carries file descriptors only with at least one byte: "
                              "an empty raw-framed message cannot")
@@ -507,16 +508,6 @@ class Server:
     def _on_signal(self, signum: int, frame: Any) -> None:
         log.info("received %s: shutting down", signal.Signals(signum).name)
         self._stopping = True
-
-
-def _fd_list(fds: Iterable[Any]) -> list[int]:
-    """File descriptors as ints (objects with fileno() allowed), at most 253 (SCM_MAX_FD)."""
-    out = [fd if isinstance(fd, int) else fd.fileno() for fd in fds]
-    if len(out) > MAX_FDS:
-        raise ValueError(f"at most {MAX_FDS} file descriptors go with one message, not {len(out)}")
-    if any(fd < 0 for fd in out):
-        raise ValueError("a file descriptor cannot be negative")
-    return out
 
 
 def _collect(core: Core, path: str) -> None:
