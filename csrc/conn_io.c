@@ -320,6 +320,41 @@ static void next_send(uds_server *s, uds_conn *c, const char **p, size_t *n, con
         *n = (size_t)(q->at[q->head + *nfds] - start); /* the next one's go with its own bytes */
 }
 
+/* SEQPACKET: the packets at the head of the output that carry no descriptors, up to
+ * UDS_PACKETS_PER_SEND, in one sendmmsg() rather than a send() each. Sets *want to how many
+ * were offered; returns how many went, or -errno (-EAGAIN: none had room). */
+static int send_packets(uds_conn *c, int *want)
+{
+    struct mmsghdr mm[UDS_PACKETS_PER_SEND];
+    struct iovec iov[UDS_PACKETS_PER_SEND];
+    uds_buf *b = &c->out;
+    uint64_t offset = c->tx_total - uds_buf_len(b); /* of b->start */
+    uint64_t fds_at = uds_fdq_len(&c->out_fds) > 0 ? uds_fdq_head_at(&c->out_fds) : UINT64_MAX;
+    size_t pos = b->start;
+    int k = 0;
+    while (k < UDS_PACKETS_PER_SEND && pos < b->end && offset + (pos - b->start) < fds_at) {
+        size_t scan = 0, off = 0, len = 0;
+        uds_frame_next(UDS_FRAMING_U32, b->data + pos, b->end - pos, 0xFFFFFFFFu, &scan, &off, &len);
+        iov[k].iov_base = b->data + pos + off;
+        iov[k].iov_len = len;
+        memset(&mm[k], 0, sizeof mm[k]);
+        mm[k].msg_hdr.msg_iov = &iov[k];
+        mm[k].msg_hdr.msg_iovlen = 1;
+        pos += off + len;
+        k++;
+    }
+    *want = k;
+    int r;
+    do
+        r = sendmmsg(c->fd, mm, (unsigned)k, MSG_NOSIGNAL | MSG_DONTWAIT);
+    while (r < 0 && errno == EINTR);
+    if (r < 0)
+        return -errno;
+    for (int i = 0; i < r; i++)
+        b->start += 4 + iov[i].iov_len;
+    return r;
+}
+
 void uds_conn_flush(uds_server *s, uds_conn *c)
 {
     uds_buf *b = &c->out;
@@ -333,7 +368,16 @@ void uds_conn_flush(uds_server *s, uds_conn *c)
         int nfds;
         next_send(s, c, &p, &n, &fds, &nfds, &skip);
         ssize_t w;
-        if (nfds > 0 || s->sock_type == SOCK_SEQPACKET) {
+        if (s->sock_type == SOCK_SEQPACKET && nfds == 0) {
+            int want, sent = send_packets(c, &want);
+            if (sent > 0) {
+                sent_any = 1;
+                if (sent == want)
+                    continue;
+                break; /* the socket is full */
+            }
+            w = sent; /* an error; -EAGAIN is handled below */
+        } else if (nfds > 0 || s->sock_type == SOCK_SEQPACKET) {
             w = uds_send_msg(c->fd, p, n, fds, nfds, NULL, 0);
         } else {
             do

@@ -30,6 +30,7 @@
 #define UDS_ACCEPT_BACKOFF_MIN 50     /* ms before accepting again after running out of fds */
 #define UDS_ACCEPT_BACKOFF_MAX 500    /* ... doubling up to this */
 #define UDS_PACKETS_PER_READ 64       /* SEQPACKET: packets read per readiness, at most */
+#define UDS_PACKETS_PER_SEND 64       /* SEQPACKET: packets given to one sendmmsg(), at most */
 #define UDS_FD_OUT_MAX 4096           /* descriptors handed out per batch, at most */
 #define UDS_DGRAMS_PER_READ 256       /* DGRAM: datagrams read per readiness, at most */
 #define UDS_RETRY_MIN_MS 1            /* DGRAM: replies to a full peer are retried after this */
