@@ -355,8 +355,15 @@ int uds_scratch_iov(uds_server *s, struct iovec iov[2], char *at, size_t room);
  * memory back. */
 void uds_scratch_used(uds_server *s, size_t n);
 /* Hands n descriptors out with event e: returns where to put them (room for n must be left:
- * UDS_FD_OUT_MAX - fd_out_n), or NULL for n == 0. */
-int *uds_fd_out(uds_server *s, uds_event *e, int n);
+ * UDS_FD_OUT_MAX - fd_out_n), or NULL for n == 0. Inline: every message passes here. */
+static inline int *uds_fd_out(uds_server *s, uds_event *e, int n)
+{
+    int *at = n > 0 ? s->fd_out + s->fd_out_n : NULL;
+    e->nfds = n;
+    e->fds = at;
+    s->fd_out_n += n;
+    return at;
+}
 
 /* ---- the peer table (peers.c) ------------------------------------------------------------- */
 

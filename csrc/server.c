@@ -258,17 +258,6 @@ void uds_scratch_used(uds_server *s, size_t n)
         madvise(s->scratch, s->scratch_len, MADV_DONTNEED);
 }
 
-int *uds_fd_out(uds_server *s, uds_event *e, int n)
-{
-    e->nfds = n;
-    e->fds = NULL;
-    if (n == 0)
-        return NULL;
-    int *at = s->fd_out + s->fd_out_n;
-    s->fd_out_n += n;
-    e->fds = at;
-    return at;
-}
 
 int uds_poll(uds_server *s, uds_event *ev, int cap, int timeout_ms)
 {
