@@ -110,9 +110,10 @@ static int accept_some(uds_server *s, uds_event *ev, int n, int cap)
             uid = gid = (uint32_t)-1;
         }
         if (!allowed(s, fd, uid, gid)) {
+            /* Counted before the close, so a client that sees its end finds it counted. */
+            UDS_COUNT(s->stats.closed[UDS_CLOSE_UNAUTHORIZED], 1);
             uds_sock_discard_unread(fd); /* what it sent already: EOF for it, not a reset */
             close(fd);
-            UDS_COUNT(s->stats.closed[UDS_CLOSE_UNAUTHORIZED], 1);
             uds_event *e = &ev[n++];
             memset(e, 0, sizeof *e);
             e->type = UDS_EV_REFUSED;
@@ -123,8 +124,8 @@ static int accept_some(uds_server *s, uds_event *ev, int n, int cap)
             continue;
         }
         if (s->cfg.max_connections > 0 && s->live >= s->cfg.max_connections) {
+            UDS_COUNT(s->stats.closed[UDS_CLOSE_REJECTED], 1); /* before the close, as above */
             close(fd); /* over the cap: established clients come first */
-            UDS_COUNT(s->stats.closed[UDS_CLOSE_REJECTED], 1);
             continue;
         }
         uds_conn *c = uds_conn_new(s, fd);
