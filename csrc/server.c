@@ -330,56 +330,70 @@ int uds_send_fds(uds_server *s, int slot, uint64_t id, const char *data, size_t 
     return uds_conn_send_fds(s, c, data, len, fds, nfds);
 }
 
+/* Writes the layout item of a payload of len bytes (at most UDS_PACK_MAX) at p; returns its end. */
+static char *layout_item(char *p, size_t len)
+{
+    char digits[UDS_LAYOUT_ITEM_MAX];
+    int k = 0;
+    do {
+        digits[k++] = (char)('0' + len % 10);
+        len /= 10;
+    } while (len > 0);
+    while (k > 0)
+        *p++ = digits[--k];
+    *p++ = 's';
+    return p;
+}
+
 int uds_poll_batch(uds_server *s, uds_event *ev, int cap, int timeout_ms, uds_batch *b)
 {
     int n = uds_poll(s, ev, cap, timeout_ms);
     size_t used = 0;
-    int all = 1, fds = 0;
+    char *item = b->layout;
+    int all = 1, fds = 0, runs = 0;
     for (int i = 0; i < n; i++) {
-        b->slot[i] = ev[i].slot;
         size_t len = ev[i].len;
         int message = ev[i].type == UDS_EV_MESSAGE;
         fds |= message && ev[i].nfds > 0;
-        if (message && ev[i].nfds == 0 && ev[i].slot >= 0 && len <= UDS_PACK_MAX &&
-            b->pack_cap - used >= len) {
-            if (len > 0)
-                memcpy(b->pack + used, ev[i].data, len);
-            used += len;
-            b->end[i] = (uint32_t)used;
-        } else {
-            b->end[i] = UDS_UNPACKED;
+        if (!all)
+            continue;
+        if (!message || ev[i].nfds > 0 || ev[i].slot < 0 || len > UDS_PACK_MAX || b->pack_cap - used < len) {
             all = 0;
+            continue;
         }
+        if (len > 0)
+            memcpy(b->pack + used, ev[i].data, len);
+        used += len;
+        item = layout_item(item, len);
+        /* A new run when the connection changes (by id as well: a slot is reused). */
+        if (runs == 0 || b->run_slot[runs - 1] != ev[i].slot || ev[i - 1].id != ev[i].id)
+            b->run_slot[runs++] = ev[i].slot;
+        b->run_end[runs - 1] = (uint32_t)i + 1;
     }
     b->pack_used = used;
+    b->layout_len = (size_t)(item - b->layout);
+    b->runs = runs;
     b->all_packed = all;
     b->any_fds = fds;
     return n;
 }
 
 int uds_reply_batch(uds_server *s, const uds_event *ev, int first, int n, const char *data,
-                    const int64_t *lens, int *rcs)
+                    const uint16_t *lens, int *rcs)
 {
     int failed = 0;
-    size_t off = 0;
     for (int i = 0; i < n; i++) {
-        rcs[i] = 0;
-        if (lens[i] < 0)
-            continue;
         const uds_event *e = &ev[first + i];
         int rc;
         if (s->cfg.kind == UDS_KIND_DGRAM) {
-            rc = uds_dgram_send(s, e->slot, e->id, data + off, (size_t)lens[i], NULL, 0);
+            rc = uds_dgram_send(s, e->slot, e->id, data, lens[i], NULL, 0);
         } else {
             uds_conn *c = conn_get(s, e->slot, e->id);
-            rc = (c == NULL || (c->flags & UDS_CF_DEAD)) ? -ENOTCONN
-                                                         : uds_conn_send(s, c, data + off, (size_t)lens[i]);
+            rc = (c == NULL || (c->flags & UDS_CF_DEAD)) ? -ENOTCONN : uds_conn_send(s, c, data, lens[i]);
         }
-        off += (size_t)lens[i];
-        if (rc < 0) {
-            rcs[i] = rc;
-            failed++;
-        }
+        data += lens[i];
+        rcs[i] = rc;
+        failed += rc < 0;
     }
     return failed;
 }

@@ -167,21 +167,25 @@ typedef struct uds_server_stats {
                              * closed at accept for max_connections count as REJECTED */
 } uds_server_stats;
 
-/* The batch as parallel arrays, for a caller that reads a whole batch at once (pyuds's Python
- * loop turns each array into a list in one call). The caller owns every array, of the same
- * capacity as its event array, and pack. Small payloads are copied into pack back to back, so
- * that the caller can take them all as one object and cut it. */
-#define UDS_PACK_MAX 4096        /* payloads up to this size are packed */
-#define UDS_UNPACKED 4294967295u /* end[i] of an event whose payload is not in pack */
+/* The batch described whole, for a caller that takes a whole batch at once (pyuds's Python loop
+ * makes every message of it in one call and walks it connection by connection). The caller owns
+ * every array. Small payloads are copied into pack back to back; layout then describes them as
+ * text, one item per event: its length in decimal followed by 's' (the notation of Python's
+ * struct module, which cuts pack into one bytes object per payload with it). Consecutive events
+ * of one connection form a run. pack, layout and the runs are complete only when all_packed. */
+#define UDS_PACK_MAX 4096    /* payloads up to this size are packed */
+#define UDS_LAYOUT_ITEM_MAX 5 /* bytes of layout one event takes at most ("4096s") */
 typedef struct uds_batch {
-    int32_t *slot;    /* [cap] event slot */
-    uint32_t *end;    /* [cap] for a packed payload: its end in pack (it starts where the
-                       * previous packed payload ended, or at 0); else UDS_UNPACKED */
-    char *pack;       /* packed payloads */
-    size_t pack_cap;  /* bytes of pack, at most 4 GiB - 2 */
-    size_t pack_used; /* out: bytes of pack filled */
-    int all_packed;   /* out: 1 if every event is a MESSAGE whose payload is packed */
-    int any_fds;      /* out: 1 if some event brings descriptors */
+    char *pack;         /* packed payloads */
+    size_t pack_cap;    /* bytes of pack, at most 4 GiB - 2 */
+    size_t pack_used;   /* out: bytes of pack filled */
+    char *layout;       /* [cap * UDS_LAYOUT_ITEM_MAX] out: the items of pack, not terminated */
+    size_t layout_len;  /* out: bytes of layout filled */
+    int32_t *run_slot;  /* [cap] out: the slot of each run's connection */
+    uint32_t *run_end;  /* [cap] out: the index of the event after each run */
+    int runs;           /* out: runs filled */
+    int all_packed;     /* out: 1 if every event is a MESSAGE whose payload is packed */
+    int any_fds;        /* out: 1 if some event brings descriptors */
 } uds_batch;
 
 /* Creates the master socket and binds it to path, then listens. A path that starts with '@'
@@ -210,12 +214,12 @@ int uds_poll(uds_server *s, uds_event *ev, int cap, int timeout_ms);
 /* uds_poll(), then fills b for the events it returned. Returns as uds_poll(). */
 int uds_poll_batch(uds_server *s, uds_event *ev, int cap, int timeout_ms, uds_batch *b);
 
-/* Queues the replies to events ev[first .. first + n) of the last batch in one call: reply i
- * has lens[i] bytes (-1: none) and they lie back to back in data. Each goes to its event's
- * connection, as uds_send() would send it; rcs[i] gets uds_send()'s result (0 for none).
- * Returns how many failed. */
+/* Queues one reply to each of the events ev[first .. first + n) of the last batch in one call:
+ * reply i has lens[i] bytes (so at most 65535; larger ones go through uds_send()), and they lie
+ * back to back in data. Each goes to its event's connection as uds_send() would send it; rcs[i]
+ * gets uds_send()'s result. Returns how many failed. */
 int uds_reply_batch(uds_server *s, const uds_event *ev, int first, int n, const char *data,
-                    const int64_t *lens, int *rcs);
+                    const uint16_t *lens, int *rcs);
 
 /* Queues payload as one framed message to connection (slot, id); it leaves at the next
  * uds_poll(). Returns 0; -ENOTCONN if that connection is finished or its socket failed;

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from struct import error as StructError, pack_into, unpack_from
 from typing import TYPE_CHECKING, Any
 
 from ._address import SUN_PATH_MAX, to_sockaddr
@@ -74,7 +75,9 @@ REASON_CODES = {name: code for code, name in REASON_NAMES.items()}
 # list conversions, a join, one more crossing) would outweigh what it saves per message.
 SMALL_BATCH = 2
 PACK_BYTES = 512 * 1024  # room for small payloads copied back to back, per batch
-BIG_REPLY = 16 * 1024    # replies larger than this go out on their own, not joined (no copy)
+# Replies longer than this go out on their own, without being joined (no copy); those up to it
+# go in one uds_reply_batch() call, their lengths as C uint16_t.
+BIG_REPLY = 65535
 
 
 def check(rc: int) -> int:
@@ -199,20 +202,25 @@ class Core:
         self._cap = cap = max(config.batch_size, 4)
         self._events = ffi.new("uds_event[]", cap)
         self._framing = cfg.framing
-        # The batch as arrays C fills and Python reads whole (one tolist() each).
-        self._slot = ffi.new("int32_t[]", cap)
-        self._end = ffi.new("uint32_t[]", cap)
+        # The batch as arrays C fills and Python reads whole: the payloads back to back in
+        # pack, their layout (one struct.unpack_from() call makes every bytes object), and
+        # the runs of events per connection (one tolist() each).
         self._pack = ffi.new("char[]", PACK_BYTES)
+        self._layout = ffi.new("char[]", cap * lib.UDS_LAYOUT_ITEM_MAX)
+        self._run_slot = ffi.new("int32_t[]", cap)
+        self._run_end = ffi.new("uint32_t[]", cap)
         self._rcs = ffi.new("int[]", cap)
+        self._reply_lens = ffi.new("uint16_t[]", cap)
+        self._reply_lens_buf = ffi.buffer(self._reply_lens)
         batch = self._batch = ffi.new("uds_batch *")
-        batch.slot, batch.end = self._slot, self._end
         batch.pack, batch.pack_cap = self._pack, PACK_BYTES
-        self._slot_mv = memoryview(ffi.buffer(self._slot)).cast("i")
-        self._end_mv = memoryview(ffi.buffer(self._end)).cast("I")
-        # Replies of the batch being dispatched, sent with one uds_reply_batch() call: parts
-        # back to back, lens[i] for event first + i (-1: none).
-        self._parts: list[bytes] = []
-        self._lens: list[int] = []
+        batch.layout, batch.run_slot, batch.run_end = self._layout, self._run_slot, self._run_end
+        self._pack_buf = ffi.buffer(self._pack)
+        self._run_slot_mv = memoryview(ffi.buffer(self._run_slot)).cast("i")
+        self._run_end_mv = memoryview(ffi.buffer(self._run_end)).cast("I")
+        # Replies of the batch being dispatched, sent with one uds_reply_batch() call: the
+        # handler's return value for event first + i, as it returned it (checked when sent).
+        self._replies: list[Any] = []
         self._first = 0
         self._server: Server | None = None
 
@@ -221,28 +229,43 @@ class Core:
     def send(self, slot: int, cid: int, data: bytes) -> int:
         """Queues data for the client; returns 0 or a negated errno (see send_error). Replies
         collected so far in this batch go first, so that output keeps the order it was made in."""
-        if self._lens:
+        if self._replies:
             self.flush_replies()
         return lib.uds_send(self._srv, slot, cid, data, len(data))
 
     def send_fds(self, slot: int, cid: int, data: bytes, fds: list[int]) -> int:
         """send() with descriptors, which C duplicates at once (the caller keeps its own)."""
-        if self._lens:
+        if self._replies:
             self.flush_replies()
         return lib.uds_send_fds(self._srv, slot, cid, data, len(data), fds, len(fds))
 
     def flush_replies(self) -> None:
         """Sends the replies collected for this batch so far, in one call."""
-        lens, parts = self._lens, self._parts
-        if not lens:
+        replies = self._replies
+        if not replies:
             return
-        first, count = self._first, len(lens)
-        data = b"".join(parts)
-        failed = lib.uds_reply_batch(self._srv, self._events, first, count, data, lens, self._rcs)
+        first, count = self._first, len(replies)
         self._first = first + count
-        parts.clear()
-        lens.clear()
-        if failed:
+        try:
+            # Each reply is bytes or None (serve() made it so). The common case, checked in bulk
+            # and in C: none is None (len() raises TypeError), none is big ("H" raises
+            # struct.error past BIG_REPLY).
+            pack_into("%dH" % count, self._reply_lens_buf, 0, *map(len, replies))
+        except (TypeError, StructError):
+            each = replies[:]
+            replies.clear()
+            self._flush_each(first, each)
+            return
+        data = b"".join(replies)
+        replies.clear()
+        self._reply_batch(first, count, data)
+
+    def _reply_batch(self, first: int, count: int, data: bytes) -> None:
+        """Queues replies to events first .. first + count (their lengths in _reply_lens, their
+        bytes back to back in data) in one call, and reports those that failed."""
+        if not count:
+            return
+        if lib.uds_reply_batch(self._srv, self._events, first, count, data, self._reply_lens, self._rcs):
             rcs, events, handles = self._rcs, self._events, self._server._handles
             for k in range(count):
                 if rcs[k]:
@@ -250,6 +273,32 @@ class Core:
                     client = handles[ev.slot]
                     if client is not None and client.id == ev.id:
                         self._server._reply_failed(client, rcs[k])
+
+    def _flush_each(self, first: int, replies: list[bytes | None]) -> None:
+        """The replies of a batch with some None (no reply) or a big one, in order: each stretch
+        of small ones in one call, a big one on its own, without a copy."""
+        events, lens = self._events, self._reply_lens
+        parts: list[bytes] = []
+        for k, reply in enumerate(replies, first):
+            if reply is not None and len(reply) <= BIG_REPLY:
+                lens[len(parts)] = len(reply)
+                parts.append(reply)
+                continue
+            self._reply_batch(k - len(parts), len(parts), b"".join(parts))
+            parts.clear()
+            if reply is not None:
+                ev = events[k]
+                rc = lib.uds_send(self._srv, ev.slot, ev.id, reply, len(reply))
+                if rc:
+                    client = self._server._handles[ev.slot]
+                    if client is not None and client.id == ev.id:
+                        self._server._reply_failed(client, rc)
+        self._reply_batch(first + len(replies) - len(parts), len(parts), b"".join(parts))
+
+    def _other_reply(self, client: Any, reply: Any) -> bytes | None:
+        """A handler's return value that is not bytes, made a reply at once (a buffer that the
+        handler reuses must be copied before it changes): None stays None."""
+        return None if reply is None else self._as_reply(client, reply)
 
     def _as_reply(self, client: Any, reply: Any) -> bytes | None:
         """A reply that is not bytes: any bytes-like object will do (as bytes); anything else
@@ -260,20 +309,6 @@ class Core:
             self._server._handler_failed(
                 client, TypeError(f"handler returned {type(reply).__name__}; it must return bytes or None"))
             return None
-
-    def _reply_other(self, client: Any, reply: Any) -> None:
-        """On the batch path: a reply that is not bytes, or is big. Records its entry."""
-        data = reply if type(reply) is bytes else self._as_reply(client, reply)
-        if data is None:
-            self._lens.append(-1)
-        elif len(data) > BIG_REPLY:
-            rc = self.send(client._slot, client.id, data)  # flushes what came before it
-            self._lens.append(-1)
-            if rc:
-                self._server._reply_failed(client, rc)
-        else:
-            self._parts.append(data)
-            self._lens.append(len(data))
 
     def close(self, slot: int, cid: int, reason: str) -> None:
         lib.uds_close(self._srv, slot, cid, REASON_CODES[reason])  # -ENOTCONN: already gone
@@ -343,12 +378,12 @@ class Core:
         self._server = server
         # Locals, not attribute chains: these loops run once per message.
         srv, events, cap, batch = self._srv, self._events, self._cap, self._batch
-        poll, live, unpack, pack = lib.uds_poll_batch, lib.uds_live, ffi.unpack, self._pack
-        slot_mv, end_mv = self._slot_mv, self._end_mv
+        poll, live, unpack = lib.uds_poll_batch, lib.uds_live, ffi.unpack
+        layout, pack = self._layout, self._pack_buf
+        run_slot_mv, run_end_mv = self._run_slot_mv, self._run_end_mv
         handler, handles, pending = server._handler, server._handles, server._pending
-        failed, reply_other, flush = server._handler_failed, self._reply_other, self.flush_replies
-        parts, lens = self._parts, self._lens
-        keep, skip = parts.append, lens.append
+        failed, flush, keep = server._handler_failed, self.flush_replies, self._replies.append
+        other, kind = self._other_reply, type
         while (live(srv) > 0) if draining else not server._stopping:
             n = poll(srv, events, cap, -1, batch)
             if n < 0:
@@ -357,28 +392,25 @@ class Core:
             if n <= SMALL_BATCH or not batch.all_packed:
                 self._dispatch_events(server, n, batch.any_fds)
             else:
-                # Every event is a message whose payload is in pack: one bytes object for all
-                # of them, cut per message; the replies are collected and sent in one call.
-                blob = unpack(pack, batch.pack_used)
+                # Every event is a message whose payload is in pack: one call makes all their
+                # bytes objects. One reply (or None) per event is kept; they are checked and
+                # sent in bulk (flush_replies).
+                messages = unpack_from(unpack(layout, batch.layout_len), pack)
                 start = 0
-                for slot, end in zip(slot_mv[:n].tolist(), end_mv[:n].tolist()):
+                runs = batch.runs
+                for slot, end in zip(run_slot_mv[:runs].tolist(), run_end_mv[:runs].tolist()):
                     client = handles[slot]
-                    if client._closed:
-                        skip(-1)  # closed earlier in this batch: no more handler calls
-                    else:
-                        try:
-                            reply = handler(client, blob[start:end])
-                        except Exception as exc:
-                            failed(client, exc)
-                            skip(-1)
+                    for message in messages[start:end]:
+                        if client._closed:
+                            keep(None)  # closed earlier in this batch: no more handler calls
                         else:
-                            if reply is None:
-                                skip(-1)
-                            elif type(reply) is bytes and len(reply) <= BIG_REPLY:
-                                keep(reply)
-                                skip(len(reply))
+                            try:
+                                reply = handler(client, message)
+                            except Exception as exc:
+                                failed(client, exc)
+                                keep(None)
                             else:
-                                reply_other(client, reply)
+                                keep(reply if kind(reply) is bytes else other(client, reply))
                     start = end
                 flush()
             if pending:

@@ -482,3 +482,55 @@ def test_replies_of_every_kind_keep_their_order_in_a_pipeline(serve, sock_path):
         expected = [[b"small %d" % i, big + b"%d" % i, b"ba %d" % i][i % 4] for i in range(400) if i % 4 != 3]
         assert [conn.recv() for _ in expected] == expected
         assert conn.request(b"4") == b"small 4"  # and it goes on serving
+
+
+def test_reused_reply_buffer_is_copied_when_returned(serve, sock_path):
+    """A handler that fills and returns the same bytearray for every request: each reply is
+    what the buffer held when that call returned, even when a whole pipeline is one batch."""
+    buf = bytearray()
+
+    def handler(client, message):
+        buf[:] = b"re:" + message
+        return buf
+
+    serve(handler)
+    with pyuds.connect(sock_path, timeout=10) as conn:
+        conn._sock.sendall(b"".join(len(b"%d" % i).to_bytes(4, "big") + b"%d" % i for i in range(300)))
+        assert [conn.recv() for _ in range(300)] == [b"re:%d" % i for i in range(300)]
+
+
+def test_replies_at_the_batch_length_limit(serve, sock_path):
+    """Replies of 65,535 bytes (the longest sent together with others) and 65,536 (sent on its
+    own), mixed with small ones in one pipeline, arrive whole and in order."""
+    sizes = [65535, 3, 65536, 0, 65535, 65536, 7] * 4
+
+    def handler(client, message):
+        i = int(message)
+        return bytes([i % 251]) * sizes[i]
+
+    serve(handler)
+    with pyuds.connect(sock_path, timeout=10, max_message_size=1 << 20) as conn:
+        conn._sock.sendall(b"".join(len(b"%d" % i).to_bytes(4, "big") + b"%d" % i for i in range(len(sizes))))
+        assert [conn.recv() for _ in sizes] == [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+
+
+def test_wrong_reply_type_in_a_pipeline(serve, sock_path, caplog):
+    """The fifth request of a pipeline gets a str back from the handler: the four replies before
+    it arrive, then the connection ends; the handler is not called for that client again, and
+    another client is served."""
+    calls = []
+
+    def handler(client, message):
+        calls.append(message)
+        return "five" if message == b"5" else message
+
+    serve(handler)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(sock_path)
+    sock.sendall(b"".join(b"\0\0\0\1%d" % i for i in range(1, 10)))
+    assert read_until_eof(sock) == b"".join(b"\0\0\0\1%d" % i for i in range(1, 5))
+    sock.close()
+    assert calls == [b"%d" % i for i in range(1, 6)]
+    wait_until(lambda: any(r.exc_info and "must return bytes" in str(r.exc_info[1]) for r in caplog.records))
+    with pyuds.connect(sock_path, timeout=10) as conn:
+        assert conn.request(b"next") == b"next"
