@@ -382,7 +382,7 @@ class Core:
         layout, pack = self._layout, self._pack_buf
         run_slot_mv, run_end_mv = self._run_slot_mv, self._run_end_mv
         handler, handles, pending = server._handler, server._handles, server._pending
-        failed, flush, keep = server._handler_failed, self.flush_replies, self._replies.append
+        failed, flush, replies = server._handler_failed, self.flush_replies, self._replies
         other, kind = self._other_reply, type
         while (live(srv) > 0) if draining else not server._stopping:
             n = poll(srv, events, cap, -1, batch)
@@ -396,22 +396,41 @@ class Core:
                 # bytes objects. One reply (or None) per event is kept; they are checked and
                 # sent in bulk (flush_replies).
                 messages = unpack_from(unpack(layout, batch.layout_len), pack)
-                start = 0
                 runs = batch.runs
-                for slot, end in zip(run_slot_mv[:runs].tolist(), run_end_mv[:runs].tolist()):
-                    client = handles[slot]
-                    for message in messages[start:end]:
+                slots = run_slot_mv[:runs].tolist()
+                # (replies.append(), not a bound method in a local: the interpreter appends to
+                # a list inline)
+                if runs == n:
+                    # One message per connection (many clients, a request each): no runs to
+                    # walk, which would cost more than it saves.
+                    for slot, message in zip(slots, messages):
+                        client = handles[slot]
                         if client._closed:
-                            keep(None)  # closed earlier in this batch: no more handler calls
+                            replies.append(None)  # closed earlier in this batch: no more calls
+                            continue
+                        try:
+                            reply = handler(client, message)
+                        except Exception as exc:
+                            failed(client, exc)
+                            replies.append(None)
                         else:
+                            replies.append(reply if kind(reply) is bytes else other(client, reply))
+                else:
+                    start = 0
+                    for slot, end in zip(slots, run_end_mv[:runs].tolist()):
+                        client = handles[slot]
+                        for message in messages[start:end]:
+                            if client._closed:
+                                replies.append(None)
+                                continue
                             try:
                                 reply = handler(client, message)
                             except Exception as exc:
                                 failed(client, exc)
-                                keep(None)
+                                replies.append(None)
                             else:
-                                keep(reply if kind(reply) is bytes else other(client, reply))
-                    start = end
+                                replies.append(reply if kind(reply) is bytes else other(client, reply))
+                        start = end
                 flush()
             if pending:
                 server._run_pending()

@@ -146,6 +146,33 @@ def test_many_connections_at_once(serve, sock_path):
     wait_until(lambda: len(server.clients) == 0)
 
 
+def test_raising_handler_among_many_clients_with_a_request_each(serve, sock_path):
+    """300 clients send a request each before reading; the handler raises for every tenth
+    client's: those ten percent see their connection end, every other client gets its reply,
+    and the server goes on serving."""
+    def handler(client, message):
+        if int(message) % 10 == 0:
+            raise ValueError("refusing " + message.decode())
+        return b"re:" + message
+
+    server = serve(handler)
+    conns = [pyuds.connect(sock_path, timeout=10) for _ in range(300)]
+    try:
+        for i, conn in enumerate(conns):
+            conn.send(b"%d" % i)
+        for i, conn in enumerate(conns):
+            if i % 10 == 0:
+                with pytest.raises(pyuds.ConnectionClosedError):
+                    conn.recv()
+            else:
+                assert conn.recv() == b"re:%d" % i
+        assert server.stats()["handler_errors"] == 30
+        assert conns[1].request(b"1") == b"re:1"
+    finally:
+        for conn in conns:
+            conn.close()
+
+
 # ---- the registry ------------------------------------------------------------------------------
 
 
