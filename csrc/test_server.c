@@ -189,6 +189,79 @@ static void shutdown_delivers(uds_server *s, uds_event *ev, const char *path)
     close(fd);
 }
 
+/* Polls with uds_poll_batch() until a turn brings messages; answers connects on the way. */
+static int batch_turn(uds_server *s, uds_event *ev, uds_batch *b)
+{
+    for (int round = 0; round < 100; round++) {
+        int n = uds_poll_batch(s, ev, 64, 10, b);
+        CHECK(n >= 0);
+        if (n > 0 && ev[0].type == UDS_EV_MESSAGE)
+            return n;
+    }
+    CHECK(!"no messages came");
+    return 0;
+}
+
+/* uds_poll_batch() describes a batch whole (the packed payloads, their layout, the runs per
+ * connection) and uds_reply_batch() answers it in one call; a payload too big to pack makes
+ * the batch one to take event by event. */
+static void batch_whole(uds_server *s, const char *path, uds_event *ev)
+{
+    char pack[8192], layout[64 * UDS_LAYOUT_ITEM_MAX];
+    int32_t run_slot[64];
+    uint32_t run_end[64];
+    uds_batch b = {.pack = pack, .pack_cap = sizeof pack, .layout = layout, .run_slot = run_slot,
+                   .run_end = run_end};
+    int a = connect_to(path);
+    for (int round = 0; round < 20; round++) /* both accepted before anything is sent */
+        CHECK(uds_poll_batch(s, ev, 64, 10, &b) >= 0);
+    int c = connect_to(path);
+    for (int round = 0; round < 20; round++)
+        CHECK(uds_poll_batch(s, ev, 64, 10, &b) >= 0);
+    CHECK(send(a, "\0\0\0\1a\0\0\0\0\0\0\0\3ccc", 16, 0) == 16);
+    CHECK(send(c, "\0\0\0\2dd\0\0\0\2ee", 12, 0) == 12);
+    int n = batch_turn(s, ev, &b); /* both were readable before the poll: one turn */
+    CHECK(n == 5 && b.all_packed && !b.any_fds && b.runs == 2);
+    int a_first = ev[0].len == 1;
+    const char *want_layout = a_first ? "1s0s3s2s2s" : "2s2s1s0s3s";
+    const char *want_pack = a_first ? "acccddee" : "ddeeaccc";
+    CHECK(b.layout_len == 10 && memcmp(layout, want_layout, 10) == 0);
+    CHECK(b.pack_used == 8 && memcmp(pack, want_pack, 8) == 0);
+    CHECK(run_end[0] == (a_first ? 3u : 2u) && run_end[1] == 5);
+    CHECK(run_slot[0] == ev[0].slot && run_slot[1] == ev[4].slot && run_slot[0] != run_slot[1]);
+    /* One reply per event, back to back: "A", nothing at all (a zero-length frame), ... */
+    uint16_t lens[5];
+    char data[16];
+    size_t used = 0;
+    for (int i = 0; i < 5; i++) {
+        lens[i] = (uint16_t)ev[i].len;
+        for (size_t k = 0; k < ev[i].len; k++)
+            data[used++] = (char)(ev[i].data[k] - 'a' + 'A');
+    }
+    int rcs[5] = {1, 1, 1, 1, 1};
+    CHECK(uds_reply_batch(s, ev, 0, 5, data, lens, rcs) == 0);
+    CHECK(rcs[0] == 0 && rcs[1] == 0 && rcs[2] == 0 && rcs[3] == 0 && rcs[4] == 0);
+    CHECK(uds_poll_batch(s, ev, 64, 10, &b) >= 0); /* the replies leave */
+    char buf[64];
+    CHECK(recv(a, buf, sizeof buf, 0) == 16 && memcmp(buf, "\0\0\0\1A\0\0\0\0\0\0\0\3CCC", 16) == 0);
+    CHECK(recv(c, buf, sizeof buf, 0) == 12 && memcmp(buf, "\0\0\0\2DD\0\0\0\2EE", 12) == 0);
+    /* A payload over UDS_PACK_MAX: not packed, so not all_packed. */
+    static char big[4 + UDS_PACK_MAX + 1];
+    memcpy(big, "\0\0\x10\x01", 4);
+    CHECK(send(a, big, sizeof big, 0) == (ssize_t)sizeof big);
+    n = batch_turn(s, ev, &b);
+    CHECK(n == 1 && ev[0].len == UDS_PACK_MAX + 1 && !b.all_packed);
+    close(a);
+    close(c);
+    int closed = 0;
+    for (int round = 0; round < 50 && closed < 2; round++) {
+        int k = uds_poll_batch(s, ev, 64, 10, &b);
+        for (int i = 0; i < k; i++)
+            closed += ev[i].type == UDS_EV_CLOSED;
+    }
+    CHECK(closed == 2);
+}
+
 int main(void)
 {
     char dir[] = "/tmp/uds-test-XXXXXX";
@@ -216,12 +289,13 @@ int main(void)
 
     echo_many(s, path, ev);
     endings(s, path, ev);
+    batch_whole(s, path, ev);
     shutdown_delivers(s, ev, path);
     uds_server_stats st;
     uds_server_stats_get(s, &st);
     CHECK(st.current == 0);
-    CHECK(st.accepted == CLIENTS + 4);
-    CHECK(st.msgs_in == st.msgs_out + 1); /* "stop" got no reply */
+    CHECK(st.accepted == CLIENTS + 6);
+    CHECK(st.msgs_in == st.msgs_out + 2); /* "stop" and batch_whole()'s big one got no reply */
     CHECK(st.closed[UDS_CLOSE_LOCAL] == 1 && st.closed[UDS_CLOSE_SHUTDOWN] == 1);
     uds_server_free(s);
     rmdir(dir);
