@@ -418,6 +418,34 @@ void uds_conn_flush(uds_server *s, uds_conn *c)
         uds_conn_attn_push(s, c); /* drained: it may be finished now */
 }
 
+/* Writes one frame into c's output, where room was reserved for it. */
+static void put_frame(uds_conn *c, const unsigned char *hdr, int h, const char *data, size_t len,
+                      int trailer)
+{
+    uds_buf *b = &c->out;
+    memcpy(b->data + b->end, hdr, (size_t)h);
+    b->end += (size_t)h;
+    if (len > 0)
+        memcpy(b->data + b->end, data, len);
+    b->end += len;
+    if (trailer)
+        b->data[b->end++] = '\n';
+    c->tx_total += (size_t)h + len + (size_t)trailer;
+}
+
+/* Accounts for msgs messages (bytes of payload) just queued to c, which leave at the next
+ * flush; reading from c pauses if its output reached the high-water mark. */
+static void queued(uds_server *s, uds_conn *c, uint64_t msgs, uint64_t bytes)
+{
+    UDS_COUNT(c->stats->msgs_out, msgs);
+    UDS_COUNT(c->stats->bytes_out, bytes);
+    UDS_COUNT(s->stats.msgs_out, msgs);
+    UDS_COUNT(s->stats.bytes_out, bytes);
+    if (uds_buf_len(&c->out) >= s->high_water && !(c->flags & UDS_CF_PAUSED))
+        uds_conn_pause_reading(s, c);
+    uds_conn_dirty_push(s, c);
+}
+
 int uds_conn_send(uds_server *s, uds_conn *c, const char *data, size_t len)
 {
     unsigned char hdr[4];
@@ -444,22 +472,50 @@ int uds_conn_send(uds_server *s, uds_conn *c, const char *data, size_t len)
     }
     if ((rc = uds_buf_reserve(b, frame, &s->pool)) < 0)
         return rc;
-    memcpy(b->data + b->end, hdr, (size_t)h);
-    b->end += (size_t)h;
-    if (len > 0)
-        memcpy(b->data + b->end, data, len);
-    b->end += len;
-    if (trailer)
-        b->data[b->end++] = '\n';
-    c->tx_total += frame;
-    UDS_COUNT(c->stats->msgs_out, 1);
-    UDS_COUNT(c->stats->bytes_out, len);
-    UDS_COUNT(s->stats.msgs_out, 1);
-    UDS_COUNT(s->stats.bytes_out, len);
-    if (uds_buf_len(b) >= s->high_water && !(c->flags & UDS_CF_PAUSED))
-        uds_conn_pause_reading(s, c);
-    uds_conn_dirty_push(s, c);
+    put_frame(c, hdr, h, data, len, trailer);
+    queued(s, c, 1, len);
     return 0;
+}
+
+int uds_conn_send_run(uds_server *s, uds_conn *c, const char *data, const uint16_t *lens, int n,
+                      int *rcs)
+{
+    uds_buf *b = &c->out;
+    size_t room = 0; /* framed: at most 5 bytes of framing each */
+    for (int i = 0; i < n; i++)
+        room += (size_t)lens[i] + 5;
+    int failed = 0;
+    if ((s->cfg.max_output > 0 && uds_buf_len(b) + room > s->cfg.max_output) ||
+        uds_buf_reserve(b, room, &s->pool) < 0) {
+        /* Near the limit (or short of memory): one by one, each decided as uds_send() does. */
+        for (int i = 0; i < n; i++) {
+            rcs[i] = (c->flags & UDS_CF_DEAD) ? -ENOTCONN : uds_conn_send(s, c, data, lens[i]);
+            failed += rcs[i] < 0;
+            data += lens[i];
+        }
+        return failed;
+    }
+    uint64_t msgs = 0, bytes = 0;
+    for (int i = 0; i < n; i++) {
+        size_t len = lens[i];
+        unsigned char hdr[4];
+        int trailer;
+        int h = uds_frame_header(s->cfg.framing, len, hdr, &trailer);
+        int rc = h < 0 ? h : uds_frame_check(s->cfg.framing, data, len);
+        rcs[i] = rc;
+        if (rc < 0) {
+            failed++;
+            data += len;
+            continue;
+        }
+        put_frame(c, hdr, h, data, len, trailer);
+        msgs++;
+        bytes += len;
+        data += len;
+    }
+    if (msgs > 0)
+        queued(s, c, msgs, bytes);
+    return failed;
 }
 
 int uds_conn_send_fds(uds_server *s, uds_conn *c, const char *data, size_t len, const int *fds,

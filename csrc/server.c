@@ -382,18 +382,28 @@ int uds_reply_batch(uds_server *s, const uds_event *ev, int first, int n, const 
                     const uint16_t *lens, int *rcs)
 {
     int failed = 0;
-    for (int i = 0; i < n; i++) {
-        const uds_event *e = &ev[first + i];
-        int rc;
+    ev += first;
+    for (int i = 0, j; i < n; i = j) {
         if (s->cfg.kind == UDS_KIND_DGRAM) {
-            rc = uds_dgram_send(s, e->slot, e->id, data, lens[i], NULL, 0);
-        } else {
-            uds_conn *c = conn_get(s, e->slot, e->id);
-            rc = (c == NULL || (c->flags & UDS_CF_DEAD)) ? -ENOTCONN : uds_conn_send(s, c, data, lens[i]);
+            rcs[i] = uds_dgram_send(s, ev[i].slot, ev[i].id, data, lens[i], NULL, 0);
+            failed += rcs[i] < 0;
+            data += lens[i];
+            j = i + 1;
+            continue;
         }
-        data += lens[i];
-        rcs[i] = rc;
-        failed += rc < 0;
+        /* The replies to one connection's run of events go in one call. */
+        size_t run_bytes = lens[i];
+        for (j = i + 1; j < n && ev[j].slot == ev[i].slot && ev[j].id == ev[i].id; j++)
+            run_bytes += lens[j];
+        uds_conn *c = conn_get(s, ev[i].slot, ev[i].id);
+        if (c == NULL || (c->flags & UDS_CF_DEAD)) {
+            for (int k = i; k < j; k++)
+                rcs[k] = -ENOTCONN;
+            failed += j - i;
+        } else {
+            failed += uds_conn_send_run(s, c, data, lens + i, j - i, rcs + i);
+        }
+        data += run_bytes;
     }
     return failed;
 }

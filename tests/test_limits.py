@@ -1036,3 +1036,37 @@ def test_stats_count_exactly(serve, sock_path):
     assert after["messages_in"] == n_in + 1
     assert after["bytes_out"] == sent_out + len(b"lastlast")
     assert after["closed"]["shutdown"] == 1 and after["closed"]["peer"] == 3
+
+
+def test_pipelined_replies_past_the_output_cap_while_the_client_reads(serve, sock_path):
+    """max_output_buffer 16 KiB, 3,000-byte replies, 40 requests in one write: one batch owes
+    the connection 120 KB, far more than the cap, so its replies are queued one by one, each
+    written out to the socket when the cap is reached (the socket takes them all). The client
+    gets every reply, in order, and is not taken for a slow consumer."""
+    server = serve(lambda client, message: message * 1000, max_output_buffer=16 * KiB)
+    with pyuds.connect(sock_path, timeout=10) as conn:
+        for round in range(3):
+            conn._sock.sendall(b"".join(b"\0\0\0\3%03d" % i for i in range(40)))
+            for i in range(40):
+                assert conn.recv() == b"%03d" % i * 1000
+    assert server.stats()["closed"]["slow_consumer"] == 0
+
+
+def test_pipelined_replies_to_a_client_that_stops_reading(serve, sock_path):
+    """The same, but the client reads nothing until its socket is full: it is disconnected as a
+    slow consumer, and what it then reads is whole replies, in order, then the end."""
+    reasons: list[str] = []
+    server = serve(lambda client, message: message * 1000, max_output_buffer=16 * KiB,
+                   on_disconnect=lambda client, reason: reasons.append(reason))
+    sock = unix_socket(sock_path)
+    sock.sendall(b"".join(b"\0\0\0\3%03d" % i for i in range(1000)))
+    wait_until(lambda: reasons == [pyuds.CloseReason.SLOW_CONSUMER], timeout=10)
+    got = bytearray()
+    sock.settimeout(10)
+    while chunk := sock.recv(1 << 16):
+        got += chunk
+    sock.close()
+    expected = b"".join(b"\0\0\x0b\xb8" + b"%03d" % i * 1000 for i in range(1000))
+    assert 0 < len(got) < len(expected)
+    assert len(got) % 3004 == 0 and expected.startswith(got)
+    assert server.stats()["closed"]["slow_consumer"] == 1
