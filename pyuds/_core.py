@@ -5,9 +5,13 @@ except as an opaque token (the per-client counters). Everything above it sees in
 Python objects.
 
 The C loop never calls into Python. ``Core.serve()`` pulls a batch of events with one
-``uds_poll()`` call (cffi releases the GIL around it), then walks the batch: a handler call
-per message, its reply queued with ``uds_send()``; the replies leave at the next poll, one
-send() per connection.
+``uds_poll_batch()`` call (cffi releases the GIL around it), then walks the batch, a handler
+call per message. A batch of small messages only (the busy case) is taken whole: C copies
+their payloads back to back and describes them as a struct layout, so one
+``struct.unpack_from()`` makes every message's bytes object, and the replies go back in one
+``uds_reply_batch()`` call with their lengths packed by one ``struct.pack_into()``. Any other
+batch is taken event by event, each reply queued with ``uds_send()``. Either way the replies
+leave at the next poll, one send() per connection.
 """
 from __future__ import annotations
 
