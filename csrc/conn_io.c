@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 /* ---- reading ------------------------------------------------------------------------------ */
@@ -418,29 +419,61 @@ void uds_conn_flush(uds_server *s, uds_conn *c)
         uds_conn_attn_push(s, c); /* drained: it may be finished now */
 }
 
-/* Writes one frame into c's output, where room was reserved for it. */
+/* Writes one frame into c's output, where room was reserved for it: all of it but its first
+ * `sent` bytes, which went straight to the socket. */
 static void put_frame(uds_conn *c, const unsigned char *hdr, int h, const char *data, size_t len,
-                      int trailer)
+                      int trailer, size_t sent)
 {
     uds_buf *b = &c->out;
-    memcpy(b->data + b->end, hdr, (size_t)h);
-    b->end += (size_t)h;
-    if (len > 0)
-        memcpy(b->data + b->end, data, len);
-    b->end += len;
-    if (trailer)
+    size_t skip = sent < (size_t)h ? sent : (size_t)h;
+    memcpy(b->data + b->end, hdr + skip, (size_t)h - skip);
+    b->end += (size_t)h - skip;
+    sent -= skip;
+    skip = sent < len ? sent : len;
+    if (len > skip)
+        memcpy(b->data + b->end, data + skip, len - skip);
+    b->end += len - skip;
+    if (trailer && sent <= len)
         b->data[b->end++] = '\n';
     c->tx_total += (size_t)h + len + (size_t)trailer;
 }
 
-/* Accounts for msgs messages (bytes of payload) just queued to c, which leave at the next
- * flush; reading from c pauses if its output reached the high-water mark. */
+/* A large frame goes straight to the socket when nothing waits to go before it, which saves
+ * copying it into the output buffer (libuv's uv_write() tries a write first too). Streams only:
+ * a packet must leave whole, with the others. Returns the bytes of the frame the socket took,
+ * 0 if none (full or failing: the frame is queued, and the flush finds out). */
+static size_t write_through(uds_server *s, uds_conn *c, const unsigned char *hdr, int h,
+                            const char *data, size_t len, int trailer)
+{
+    if (s->sock_type != SOCK_STREAM || uds_buf_len(&c->out) > 0 || uds_fdq_len(&c->out_fds) > 0 ||
+        (c->flags & (UDS_CF_CLOSING | UDS_CF_DEAD | UDS_CF_WANT_OUT)))
+        return 0;
+    char nl = '\n';
+    struct iovec iov[3] = {{(void *)hdr, (size_t)h}, {(void *)data, len}, {&nl, (size_t)trailer}};
+    struct msghdr mh;
+    memset(&mh, 0, sizeof mh);
+    mh.msg_iov = iov;
+    mh.msg_iovlen = 3;
+    ssize_t w;
+    do
+        w = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+    while (w < 0 && errno == EINTR);
+    if (w <= 0)
+        return 0;
+    uds_conn_touch(s, c);
+    return (size_t)w;
+}
+
+/* Accounts for msgs messages (bytes of payload) just queued to c or written out, which leave at
+ * the next flush; reading from c pauses if its output reached the high-water mark. */
 static void queued(uds_server *s, uds_conn *c, uint64_t msgs, uint64_t bytes)
 {
     UDS_COUNT(c->stats->msgs_out, msgs);
     UDS_COUNT(c->stats->bytes_out, bytes);
     UDS_COUNT(s->stats.msgs_out, msgs);
     UDS_COUNT(s->stats.bytes_out, bytes);
+    if (uds_buf_len(&c->out) == 0)
+        return; /* all of it went straight out */
     if (uds_buf_len(&c->out) >= s->high_water && !(c->flags & UDS_CF_PAUSED))
         uds_conn_pause_reading(s, c);
     uds_conn_dirty_push(s, c);
@@ -470,9 +503,16 @@ int uds_conn_send(uds_server *s, uds_conn *c, const char *data, size_t len)
             return -ENOBUFS;
         }
     }
-    if ((rc = uds_buf_reserve(b, frame, &s->pool)) < 0)
+    size_t sent = len >= UDS_WRITE_THROUGH_MIN ? write_through(s, c, hdr, h, data, len, trailer) : 0;
+    if (sent == frame) {
+        c->tx_total += frame;
+    } else if ((rc = uds_buf_reserve(b, frame - sent, &s->pool)) < 0) {
+        if (sent > 0) /* the peer has the start of a frame whose rest cannot be kept */
+            uds_conn_fail(s, c, UDS_CLOSE_ERROR, -rc);
         return rc;
-    put_frame(c, hdr, h, data, len, trailer);
+    } else {
+        put_frame(c, hdr, h, data, len, trailer, sent);
+    }
     queued(s, c, 1, len);
     return 0;
 }
@@ -508,7 +548,7 @@ int uds_conn_send_run(uds_server *s, uds_conn *c, const char *data, const uint16
             data += len;
             continue;
         }
-        put_frame(c, hdr, h, data, len, trailer);
+        put_frame(c, hdr, h, data, len, trailer, 0);
         msgs++;
         bytes += len;
         data += len;

@@ -22,6 +22,7 @@
 #define UDS_READ_BUDGET (256 * 1024)  /* bytes read from one connection per readiness (a large
                                        * u32 frame in progress is read in up to this much) */
 #define UDS_CONN_MSGS_PER_TURN 128    /* messages one connection delivers per turn */
+#define UDS_WRITE_THROUGH_MIN 16384   /* payloads this big try the socket before the buffer */
 #define UDS_ARENA_SIZE (1024 * 1024) /* the shared read arena (see uds_server.arena) */
 #define UDS_ARENA_MIN_READ (16 * 1024) /* arena room below which reads use their own buffers */
 #define UDS_EPOLL_BATCH 256           /* readiness events taken per epoll_wait */

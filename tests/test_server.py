@@ -96,6 +96,41 @@ def test_slow_reader_gets_every_byte(serve, sock_path):
         sock.close()
 
 
+@pytest.mark.parametrize("framing", ["u32", "line"])
+def test_large_distinct_replies_reach_a_slow_reader_whole(serve, sock_path, framing):
+    """Replies of 1 KB to 600 KB, each of its own bytes, to a client that reads in small
+    pieces: a large one goes straight to the socket when nothing waits before it, the socket
+    takes part of it, and the rest of it waits with the replies after it. Everything arrives
+    whole and in order."""
+    sizes = [600_000, 40_000, 300_000, 17_000, 1_000, 250_000]
+    letters = bytes(range(65, 91)) * 26 + b"0123456789"  # no b"\n": a line-framed payload
+
+    def reply(i: int) -> bytes:  # a pattern of its own, which a copy from a wrong offset breaks
+        start = i * 101 % len(letters)
+        return ((letters[start:] + letters[:start]) * (sizes[i] // len(letters) + 1))[:sizes[i]]
+
+    serve(lambda client, message: reply(int(message)), framing=framing, max_message_size=1 << 20)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(sock_path)
+    sock.settimeout(10)
+
+    def framed(m: bytes) -> bytes:
+        return len(m).to_bytes(4, "big") + m if framing == "u32" else m + b"\n"
+
+    try:
+        sock.sendall(b"".join(framed(b"%d" % i) for i in range(len(sizes))))
+        want = b"".join(framed(reply(i)) for i in range(len(sizes)))
+        got = bytearray()
+        while len(got) < len(want):
+            chunk = sock.recv(7000)
+            assert chunk, "the server closed the connection"
+            got += chunk
+            time.sleep(0.0002)
+        assert got == want
+    finally:
+        sock.close()
+
+
 def test_hundred_clients_thousand_pipelined_requests(serve, sock_path):
     """100 concurrent clients each pipeline 1,000 requests of varied sizes: every reply is
     the right one, in order."""
