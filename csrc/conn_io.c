@@ -517,19 +517,23 @@ int uds_conn_send(uds_server *s, uds_conn *c, const char *data, size_t len)
     return 0;
 }
 
-int uds_conn_send_run(uds_server *s, uds_conn *c, const char *data, const uint16_t *lens, int n,
+int uds_conn_send_run(uds_server *s, uds_conn *c, const char *data, const int16_t *lens, int n,
                       int *rcs)
 {
     uds_buf *b = &c->out;
     size_t room = 0; /* framed: at most 5 bytes of framing each */
     for (int i = 0; i < n; i++)
-        room += (size_t)lens[i] + 5;
+        room += lens[i] < 0 ? 0 : (size_t)lens[i] + 5;
     int failed = 0;
     if ((s->cfg.max_output > 0 && uds_buf_len(b) + room > s->cfg.max_output) ||
         uds_buf_reserve(b, room, &s->pool) < 0) {
         /* Near the limit (or short of memory): one by one, each decided as uds_send() does. */
         for (int i = 0; i < n; i++) {
-            rcs[i] = (c->flags & UDS_CF_DEAD) ? -ENOTCONN : uds_conn_send(s, c, data, lens[i]);
+            if (lens[i] < 0) {
+                rcs[i] = 0;
+                continue;
+            }
+            rcs[i] = (c->flags & UDS_CF_DEAD) ? -ENOTCONN : uds_conn_send(s, c, data, (size_t)lens[i]);
             failed += rcs[i] < 0;
             data += lens[i];
         }
@@ -537,7 +541,11 @@ int uds_conn_send_run(uds_server *s, uds_conn *c, const char *data, const uint16
     }
     uint64_t msgs = 0, bytes = 0;
     for (int i = 0; i < n; i++) {
-        size_t len = lens[i];
+        if (lens[i] < 0) {
+            rcs[i] = 0;
+            continue;
+        }
+        size_t len = (size_t)lens[i];
         unsigned char hdr[4];
         int trailer;
         int h = uds_frame_header(s->cfg.framing, len, hdr, &trailer);

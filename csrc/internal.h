@@ -418,10 +418,11 @@ void uds_conn_settle(uds_server *s, uds_conn *c);
 int uds_conn_attend(uds_server *s, uds_conn *c, uds_event *ev, int n, int cap);
 /* Queues a framed message (see uds_send). */
 int uds_conn_send(uds_server *s, uds_conn *c, const char *data, size_t len);
-/* Queues n framed messages at once (reply i has lens[i] bytes, back to back in data): one
- * reservation and one accounting when they all fit under max_output, else uds_conn_send() one
- * by one. rcs[i] gets what uds_conn_send() would return for message i; returns how many failed. */
-int uds_conn_send_run(uds_server *s, uds_conn *c, const char *data, const uint16_t *lens, int n,
+/* Queues up to n framed messages at once (message i has lens[i] bytes, -1 for none, back to
+ * back in data): one reservation and one accounting when they all fit under max_output, else
+ * uds_conn_send() one by one. rcs[i] gets what uds_conn_send() would return for message i (0
+ * for none); returns how many failed. */
+int uds_conn_send_run(uds_server *s, uds_conn *c, const char *data, const int16_t *lens, int n,
                       int *rcs);
 /* ... with descriptors (see uds_send_fds). */
 int uds_conn_send_fds(uds_server *s, uds_conn *c, const char *data, size_t len, const int *fds,

@@ -379,27 +379,28 @@ int uds_poll_batch(uds_server *s, uds_event *ev, int cap, int timeout_ms, uds_ba
 }
 
 int uds_reply_batch(uds_server *s, const uds_event *ev, int first, int n, const char *data,
-                    const uint16_t *lens, int *rcs)
+                    const int16_t *lens, int *rcs)
 {
     int failed = 0;
     ev += first;
     for (int i = 0, j; i < n; i = j) {
         if (s->cfg.kind == UDS_KIND_DGRAM) {
-            rcs[i] = uds_dgram_send(s, ev[i].slot, ev[i].id, data, lens[i], NULL, 0);
+            rcs[i] = lens[i] < 0 ? 0 : uds_dgram_send(s, ev[i].slot, ev[i].id, data, (size_t)lens[i], NULL, 0);
             failed += rcs[i] < 0;
-            data += lens[i];
+            data += lens[i] < 0 ? 0 : lens[i];
             j = i + 1;
             continue;
         }
         /* The replies to one connection's run of events go in one call. */
-        size_t run_bytes = lens[i];
-        for (j = i + 1; j < n && ev[j].slot == ev[i].slot && ev[j].id == ev[i].id; j++)
-            run_bytes += lens[j];
+        size_t run_bytes = 0;
+        for (j = i; j < n && ev[j].slot == ev[i].slot && ev[j].id == ev[i].id; j++)
+            run_bytes += lens[j] < 0 ? 0 : (size_t)lens[j];
         uds_conn *c = conn_get(s, ev[i].slot, ev[i].id);
         if (c == NULL || (c->flags & UDS_CF_DEAD)) {
-            for (int k = i; k < j; k++)
-                rcs[k] = -ENOTCONN;
-            failed += j - i;
+            for (int k = i; k < j; k++) {
+                rcs[k] = lens[k] < 0 ? 0 : -ENOTCONN;
+                failed += lens[k] >= 0;
+            }
         } else {
             failed += uds_conn_send_run(s, c, data, lens + i, j - i, rcs + i);
         }

@@ -214,12 +214,12 @@ int uds_poll(uds_server *s, uds_event *ev, int cap, int timeout_ms);
 /* uds_poll(), then fills b for the events it returned. Returns as uds_poll(). */
 int uds_poll_batch(uds_server *s, uds_event *ev, int cap, int timeout_ms, uds_batch *b);
 
-/* Queues one reply to each of the events ev[first .. first + n) of the last batch in one call:
- * reply i has lens[i] bytes (so at most 65535; larger ones go through uds_send()), and they lie
- * back to back in data. Each goes to its event's connection as uds_send() would send it; rcs[i]
- * gets uds_send()'s result. Returns how many failed. */
+/* Queues the replies to the events ev[first .. first + n) of the last batch in one call: reply
+ * i has lens[i] bytes (so at most 32767; larger ones go through uds_send()), -1 for none, and
+ * they lie back to back in data. Each goes to its event's connection as uds_send() would send
+ * it; rcs[i] gets uds_send()'s result (0 for none). Returns how many failed. */
 int uds_reply_batch(uds_server *s, const uds_event *ev, int first, int n, const char *data,
-                    const uint16_t *lens, int *rcs);
+                    const int16_t *lens, int *rcs);
 
 /* Queues payload as one framed message to connection (slot, id); it leaves at the next
  * uds_poll(). Returns 0; -ENOTCONN if that connection is finished or its socket failed;

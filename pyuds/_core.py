@@ -80,8 +80,8 @@ REASON_CODES = {name: code for code, name in REASON_NAMES.items()}
 SMALL_BATCH = 2
 PACK_BYTES = 512 * 1024  # room for small payloads copied back to back, per batch
 # Replies longer than this go out on their own, without being joined (no copy); those up to it
-# go in one uds_reply_batch() call, their lengths as C uint16_t.
-BIG_REPLY = 65535
+# go in one uds_reply_batch() call, their lengths as C int16_t (-1: no reply).
+BIG_REPLY = 32767
 
 
 def check(rc: int) -> int:
@@ -214,7 +214,7 @@ class Core:
         self._run_slot = ffi.new("int32_t[]", cap)
         self._run_end = ffi.new("uint32_t[]", cap)
         self._rcs = ffi.new("int[]", cap)
-        self._reply_lens = ffi.new("uint16_t[]", cap)
+        self._reply_lens = ffi.new("int16_t[]", cap)
         self._reply_lens_buf = ffi.buffer(self._reply_lens)
         batch = self._batch = ffi.new("uds_batch *")
         batch.pack, batch.pack_cap = self._pack, PACK_BYTES
@@ -223,8 +223,8 @@ class Core:
         self._run_slot_mv = memoryview(ffi.buffer(self._run_slot)).cast("i")
         self._run_end_mv = memoryview(ffi.buffer(self._run_end)).cast("I")
         # Replies of the batch being dispatched, sent with one uds_reply_batch() call: the
-        # handler's return value for event first + i, as it returned it (checked when sent).
-        self._replies: list[Any] = []
+        # reply to event first + i, as bytes, or None for none.
+        self._replies: list[bytes | None] = []
         self._first = 0
         self._server: Server | None = None
 
@@ -251,10 +251,9 @@ class Core:
         first, count = self._first, len(replies)
         self._first = first + count
         try:
-            # Each reply is bytes or None (serve() made it so). The common case, checked in bulk
-            # and in C: none is None (len() raises TypeError), none is big ("H" raises
-            # struct.error past BIG_REPLY).
-            pack_into("%dH" % count, self._reply_lens_buf, 0, *map(len, replies))
+            # The common case, checked in bulk and in C: no None (len() raises TypeError), none
+            # big ("h" raises struct.error past BIG_REPLY).
+            pack_into("%dh" % count, self._reply_lens_buf, 0, *map(len, replies))
         except (TypeError, StructError):
             each = replies[:]
             replies.clear()
@@ -279,25 +278,28 @@ class Core:
                         self._server._reply_failed(client, rcs[k])
 
     def _flush_each(self, first: int, replies: list[bytes | None]) -> None:
-        """The replies of a batch with some None (no reply) or a big one, in order: each stretch
-        of small ones in one call, a big one on its own, without a copy."""
+        """The replies of a batch with some None (no reply) or a big one, in order: the others
+        in one call per stretch between big ones, each big one on its own, without a copy."""
         events, lens = self._events, self._reply_lens
         parts: list[bytes] = []
+        start = first  # of the stretch
         for k, reply in enumerate(replies, first):
-            if reply is not None and len(reply) <= BIG_REPLY:
-                lens[len(parts)] = len(reply)
+            if reply is None:
+                lens[k - start] = -1
+            elif len(reply) <= BIG_REPLY:
+                lens[k - start] = len(reply)
                 parts.append(reply)
-                continue
-            self._reply_batch(k - len(parts), len(parts), b"".join(parts))
-            parts.clear()
-            if reply is not None:
+            else:
+                self._reply_batch(start, k - start, b"".join(parts))  # those before it first
+                parts.clear()
+                start = k + 1
                 ev = events[k]
                 rc = lib.uds_send(self._srv, ev.slot, ev.id, reply, len(reply))
                 if rc:
                     client = self._server._handles[ev.slot]
                     if client is not None and client.id == ev.id:
                         self._server._reply_failed(client, rc)
-        self._reply_batch(first + len(replies) - len(parts), len(parts), b"".join(parts))
+        self._reply_batch(start, first + len(replies) - start, b"".join(parts))
 
     def _other_reply(self, client: Any, reply: Any) -> bytes | None:
         """A handler's return value that is not bytes, made a reply at once (a buffer that the

@@ -105,12 +105,19 @@ static int turn(uds_server *s, int close_on_message)
     if (n > 0 && b.all_packed) {
         check_batch(ev, n, &b);
         if (!close_on_message) {
-            /* Echo the whole batch in one call, as pyuds's batch path does. */
-            uint16_t lens[32];
+            /* Echo the whole batch in one call, as pyuds's batch path does; no reply (-1) to
+             * payloads that start with an odd byte. */
+            static char echo[sizeof pack];
+            int16_t lens[32];
             int rcs[32];
-            for (int i = 0; i < n; i++)
-                lens[i] = (uint16_t)ev[i].len;
-            uds_reply_batch(s, ev, 0, n, pack, lens, rcs); /* may refuse: fine */
+            size_t used = 0;
+            for (int i = 0; i < n; i++) {
+                lens[i] = ev[i].len > 0 && (ev[i].data[0] & 1) ? -1 : (int16_t)ev[i].len;
+                if (lens[i] > 0)
+                    memcpy(echo + used, ev[i].data, ev[i].len);
+                used += lens[i] > 0 ? (size_t)lens[i] : 0;
+            }
+            uds_reply_batch(s, ev, 0, n, echo, lens, rcs); /* may refuse: fine */
             return n;
         }
     }
