@@ -562,18 +562,20 @@ def test_reused_reply_buffer_is_copied_when_returned(serve, sock_path):
 
 
 def test_replies_at_the_batch_length_limit(serve, sock_path):
-    """Replies of 65,535 bytes (the longest sent together with others) and 65,536 (sent on its
-    own), mixed with small ones in one pipeline, arrive whole and in order."""
-    sizes = [65535, 3, 65536, 0, 65535, 65536, 7] * 4
+    """Replies of 32,767 bytes (the longest sent together with others), 32,768 and 65,536 (sent
+    on their own), mixed with small ones and none in one pipeline, arrive whole and in order."""
+    sizes = [32767, 3, None, 32768, 0, 32767, None, 65536, 7] * 4
 
     def handler(client, message):
         i = int(message)
-        return bytes([i % 251]) * sizes[i]
+        return None if sizes[i] is None else bytes([i % 251]) * sizes[i]
 
     serve(handler)
     with pyuds.connect(sock_path, timeout=10, max_message_size=1 << 20) as conn:
         conn._sock.sendall(b"".join(len(b"%d" % i).to_bytes(4, "big") + b"%d" % i for i in range(len(sizes))))
-        assert [conn.recv() for _ in sizes] == [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+        expected = [bytes([i % 251]) * n for i, n in enumerate(sizes) if n is not None]
+        assert [conn.recv() for _ in expected] == expected
+        assert conn.request(b"1") == bytes([1]) * 3  # and nothing else was owed before it
 
 
 def test_wrong_reply_type_in_a_pipeline(serve, sock_path, caplog):
