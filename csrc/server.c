@@ -383,15 +383,16 @@ int uds_reply_batch(uds_server *s, const uds_event *ev, int first, int n, const 
 {
     int failed = 0;
     ev += first;
-    for (int i = 0, j; i < n; i = j) {
-        if (s->cfg.kind == UDS_KIND_DGRAM) {
+    if (s->cfg.kind == UDS_KIND_DGRAM) {
+        for (int i = 0; i < n; i++) {
             rcs[i] = lens[i] < 0 ? 0 : uds_dgram_send(s, ev[i].slot, ev[i].id, data, (size_t)lens[i], NULL, 0);
             failed += rcs[i] < 0;
             data += lens[i] < 0 ? 0 : lens[i];
-            j = i + 1;
-            continue;
         }
-        /* The replies to one connection's run of events go in one call. */
+        return failed;
+    }
+    /* The replies to one connection's run of events go in one call. */
+    for (int i = 0, j; i < n; i = j) {
         size_t run_bytes = 0;
         for (j = i; j < n && ev[j].slot == ev[i].slot && ev[j].id == ev[i].id; j++)
             run_bytes += lens[j] < 0 ? 0 : (size_t)lens[j];

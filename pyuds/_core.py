@@ -73,6 +73,7 @@ REASON_NAMES = {
     lib.UDS_CLOSE_EVICTED: "evicted",
 }
 REASON_CODES = {name: code for code, name in REASON_NAMES.items()}
+EV_MESSAGE, EV_CONNECTED, EV_CLOSED = lib.UDS_EV_MESSAGE, lib.UDS_EV_CONNECTED, lib.UDS_EV_CLOSED
 
 
 # A batch this small takes the per-event path: the batch path's fixed cost per turn (a few
@@ -301,14 +302,12 @@ class Core:
                         self._server._reply_failed(client, rc)
         self._reply_batch(start, first + len(replies) - start, b"".join(parts))
 
-    def _other_reply(self, client: Any, reply: Any) -> bytes | None:
-        """A handler's return value that is not bytes, made a reply at once (a buffer that the
-        handler reuses must be copied before it changes): None stays None."""
-        return None if reply is None else self._as_reply(client, reply)
-
     def _as_reply(self, client: Any, reply: Any) -> bytes | None:
-        """A reply that is not bytes: any bytes-like object will do (as bytes); anything else
-        is the handler's error (None)."""
+        """A handler's return value that is not bytes, made a reply at once (a buffer that the
+        handler reuses must be copied before it changes): None stays None, any bytes-like object
+        becomes bytes, anything else is the handler's error (None)."""
+        if reply is None:
+            return None
         try:
             return bytes(memoryview(reply))
         except TypeError:
@@ -389,7 +388,7 @@ class Core:
         run_slot_mv, run_end_mv = self._run_slot_mv, self._run_end_mv
         handler, handles, pending = server._handler, server._handles, server._pending
         failed, flush, replies = server._handler_failed, self.flush_replies, self._replies
-        other, kind = self._other_reply, type
+        other, kind = self._as_reply, type
         while (live(srv) > 0) if draining else not server._stopping:
             n = poll(srv, events, cap, -1, batch)
             if n < 0:
@@ -446,11 +445,10 @@ class Core:
         big to pack. Replies go out one call each (large ones without an extra copy)."""
         srv, events, unpack, send = self._srv, self._events, ffi.unpack, lib.uds_send
         handler, handles = server._handler, server._handles
-        MESSAGE, CONNECTED, CLOSED = lib.UDS_EV_MESSAGE, lib.UDS_EV_CONNECTED, lib.UDS_EV_CLOSED
         for i in range(n):
             ev = events[i]
             kind = ev.type
-            if kind == MESSAGE:
+            if kind == EV_MESSAGE:
                 slot = ev.slot
                 # slot -1: a datagram from a sender with no address, heard but unanswerable.
                 client = handles[slot] if slot >= 0 else server._anonymous(ev.pid, ev.uid, ev.gid)
@@ -477,9 +475,9 @@ class Core:
                         rc = 0 if data is None else send(srv, slot, ev.id, data, len(data))
                     if rc:
                         server._reply_failed(client, rc)
-            elif kind == CONNECTED:
+            elif kind == EV_CONNECTED:
                 server._connected(ev.slot, ev.id, ev.pid, ev.uid, ev.gid)
-            elif kind == CLOSED:
+            elif kind == EV_CLOSED:
                 server._disconnected(ev.slot, REASON_NAMES[ev.reason], ev.err, ev.len)
             else:
                 server._refused(ev.pid, ev.uid, ev.gid)

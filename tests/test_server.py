@@ -2,12 +2,14 @@
 broadcast messages, handlers that fail, clients that leave early. Real sockets throughout."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -165,19 +167,26 @@ def test_hundred_clients_thousand_pipelined_requests(serve, sock_path):
     assert errors == []
 
 
-def test_many_connections_at_once(serve, sock_path):
-    """500 clients connected at the same time are all accepted and served."""
-    server = serve(reply_with_prefix)
-    conns = [pyuds.connect(sock_path, timeout=10) for _ in range(500)]
+@contextlib.contextmanager
+def clients_with_a_request_each(sock_path: str, n: int) -> Iterator[list[pyuds.Connection]]:
+    """n clients connected at once, client i having sent b"<i>" before any reads; closed after."""
+    conns = [pyuds.connect(sock_path, timeout=10) for _ in range(n)]
     try:
         for i, conn in enumerate(conns):
             conn.send(b"%d" % i)
-        for i, conn in enumerate(conns):
-            assert conn.recv() == b"re:%d" % i
-        assert len(server.clients) == 500
+        yield conns
     finally:
         for conn in conns:
             conn.close()
+
+
+def test_many_connections_at_once(serve, sock_path):
+    """500 clients connected at the same time are all accepted and served."""
+    server = serve(reply_with_prefix)
+    with clients_with_a_request_each(sock_path, 500) as conns:
+        for i, conn in enumerate(conns):
+            assert conn.recv() == b"re:%d" % i
+        assert len(server.clients) == 500
     wait_until(lambda: len(server.clients) == 0)
 
 
@@ -191,10 +200,7 @@ def test_raising_handler_among_many_clients_with_a_request_each(serve, sock_path
         return b"re:" + message
 
     server = serve(handler)
-    conns = [pyuds.connect(sock_path, timeout=10) for _ in range(300)]
-    try:
-        for i, conn in enumerate(conns):
-            conn.send(b"%d" % i)
+    with clients_with_a_request_each(sock_path, 300) as conns:
         for i, conn in enumerate(conns):
             if i % 10 == 0:
                 with pytest.raises(pyuds.ConnectionClosedError):
@@ -203,9 +209,6 @@ def test_raising_handler_among_many_clients_with_a_request_each(serve, sock_path
                 assert conn.recv() == b"re:%d" % i
         assert server.stats()["handler_errors"] == 30
         assert conns[1].request(b"1") == b"re:1"
-    finally:
-        for conn in conns:
-            conn.close()
 
 
 # ---- the registry ------------------------------------------------------------------------------
