@@ -159,6 +159,8 @@ class TestSeqpacket:
             good.send(b"y" * 1000)
             assert good.recv(2000) == b"y" * 1000
         wait_until(lambda: server.stats()["closed"]["too_large"] == 1)
+        # (C counts the close before the loop's Python side hears of it and logs it)
+        wait_until(lambda: "larger than max_message_size" in caplog.text)
         assert "larger than max_message_size" in caplog.text
 
     def test_stream_client_is_refused_by_type(self, serve, sock_path):
@@ -187,6 +189,8 @@ class TestCredentials:
             with stream_client(sock_path) as sock:
                 assert sock.recv(10) == b""
             wait_until(lambda: server.stats()["closed"]["unauthorized"] == 1)
+            # (C counts the refusal at accept; the loop's Python side logs it after the poll)
+            wait_until(lambda: "not in allow_uid / allow_gid" in caplog.text)
         assert events == []
         assert server.clients == {}
         assert "not in allow_uid / allow_gid" in caplog.text
@@ -359,6 +363,7 @@ class TestFds:
             for fd in fds:
                 os.close(fd)
         wait_until(lambda: server.stats()["closed"]["too_many_fds"] == 1)
+        wait_until(lambda: "more file descriptors" in caplog.text)  # logged after C counts it
         assert "more file descriptors" in caplog.text
 
     def test_over_the_limit_across_reads(self, serve, sock_path):
