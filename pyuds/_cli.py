@@ -27,10 +27,10 @@ def _octal_mode(text: str) -> int:
     return mode
 
 
-def _load_handler(spec: str) -> Callable:
+def _load_callable(spec: str, option: str = "--handler") -> Callable:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise argparse.ArgumentTypeError(f"--handler wants MODULE:FUNCTION, not {spec!r}")
+        raise argparse.ArgumentTypeError(f"{option} wants MODULE:FUNCTION, not {spec!r}")
     # Like `python -m`, let modules in the current directory be found.
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -46,6 +46,26 @@ def _load_handler(spec: str) -> Callable:
     if not callable(target):
         raise argparse.ArgumentTypeError(f"{spec} is not callable")
     return target
+
+
+def _load_handler(spec: str) -> Callable:
+    return _load_callable(spec, "--handler")
+
+
+def _load_authorize(spec: str) -> Callable:
+    return _load_callable(spec, "--authorize")
+
+
+def _fd_number(text: str) -> int:
+    try:
+        fd = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file descriptor number") from None
+    try:
+        os.fstat(fd)
+    except OSError:
+        raise argparse.ArgumentTypeError(f"{fd} is not an open file descriptor") from None
+    return fd
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-gid", type=int, action="append", default=[], metavar="GID",
                        help="accept only clients with this group, primary or supplementary (or one of "
                             "--allow-uid); repeatable")
+    serve.add_argument("--authorize", metavar="MODULE:FUNCTION", type=_load_authorize,
+                       help="authorize(client) -> bool, run before the handler sees a client, with its "
+                            "credentials in client.pid / uid / gid; false refuses it")
     serve.add_argument("--max-fds", type=int, default=ServerConfig.max_fds, metavar="N",
                        help="file descriptors a client may pass with one message (default: 16)")
     serve.add_argument("--fd-name", metavar="NAME",
@@ -100,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="socket type; a seqpacket or datagram message is one packet (default: stream)")
     send.add_argument("--framing", choices=FRAMINGS, default=None, help="stream only (default: u32)")
     send.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each reply (default: 10)")
+    send.add_argument("--fd", type=_fd_number, action="append", default=[], metavar="FD", dest="fds",
+                      help="pass this open file descriptor with each message (SCM_RIGHTS), e.g. 1 for "
+                           "this terminal; repeatable")
 
     bench = sub.add_parser("bench", help="measure a handler under load",
                            description="Start a server with the handler and drive it with pyuds's C load "
@@ -141,7 +167,8 @@ def _serve(args: argparse.Namespace) -> int:
                         backlog=args.backlog, max_message_size=args.max_message_size,
                         max_connections=args.max_connections, max_output_buffer=args.max_output_buffer,
                         idle_timeout=args.idle_timeout, frame_timeout=args.frame_timeout,
-                        allow_uid=args.allow_uid, allow_gid=args.allow_gid, max_fds=args.max_fds)
+                        allow_uid=args.allow_uid, allow_gid=args.allow_gid, max_fds=args.max_fds,
+                        authorize=args.authorize)
     except (PyudsError, OSError, ValueError, TypeError) as exc:
         print(f"pyuds serve: {exc}", file=sys.stderr)
         return 1
@@ -203,7 +230,7 @@ def _activation_socket(fd_name: str | None) -> tuple[int, str, str] | None:
 
 
 def _send(args: argparse.Namespace) -> int:
-    from ._client import connect
+    from ._client import close_fds, connect
 
     if args.framing is not None and args.kind != "stream":
         print(f"pyuds send: --framing applies to --kind stream only: a {args.kind} message is one packet",
@@ -213,8 +240,13 @@ def _send(args: argparse.Namespace) -> int:
     try:
         with connect(args.path, args.framing or "u32", kind=args.kind, timeout=args.timeout) as conn:
             for message in args.messages:
-                out.write(conn.request(os.fsencode(message)) + b"\n")
+                reply, fds = conn.request_fds(os.fsencode(message), args.fds)
+                close_fds(fds)
+                out.write(reply + b"\n")
                 out.flush()
+                if fds:
+                    print(f"pyuds send: the reply came with {len(fds)} file descriptor(s); closed them",
+                          file=sys.stderr)
     except (PyudsError, OSError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         print(f"pyuds send: {args.path}: {reason}", file=sys.stderr)

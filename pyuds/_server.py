@@ -56,8 +56,9 @@ class Server:
     the original open at shutdown: it belongs to whoever made it.
 
     ``authorize(client)`` runs first when a client connects, with its credentials in
-    client.pid / uid / gid; returning False refuses it (closed at once, counted as
-    ``unauthorized``). ``on_connect(client)`` runs next; returning False refuses it too
+    client.pid / uid / gid; only a true value admits it. False or None refuses it (closed at
+    once, counted as ``unauthorized``), and so does an exception (counted as
+    ``handler_error``). ``on_connect(client)`` runs next; returning False refuses it too
     (``rejected``). Refused clients never enter the registry. ``on_disconnect(client,
     reason)`` runs once for every client that was admitted, with a CloseReason.
 
@@ -282,7 +283,10 @@ class Server:
         """Runs authorize or on_connect; False (and the client closed) if it refused the client
         or raised."""
         try:
-            if hook(client) is not False:
+            verdict = hook(client)
+            # authorize fails closed: only a true value admits (a hook that forgot to return
+            # refuses); on_connect refuses only with an explicit False.
+            if (verdict if name == "authorize" else verdict is not False):
                 return True
             log.log(logging.WARNING if name == "authorize" else logging.DEBUG,
                     "client %d (pid %d, uid %d, gid %d) refused by %s()", client.id, client.pid, client.uid,

@@ -259,6 +259,29 @@ class TestCredentials:
                          ("disconnect", "peer")]
         assert server.stats()["closed"]["unauthorized"] == 1
 
+    def test_authorize_fails_closed(self, serve, sock_path):
+        """Only a true value admits: a hook that returns nothing refuses, and one that raises
+        refuses (counted as a handler error); neither reaches on_connect or the handler."""
+        verdicts = iter([None, 0, RuntimeError("policy store down"), "yes"])
+        connected = []
+
+        def authorize(client):
+            verdict = next(verdicts)
+            if isinstance(verdict, Exception):
+                raise verdict
+            return verdict
+
+        server = serve(authorize=authorize, on_connect=connected.append)
+        for _ in range(3):
+            with stream_client(sock_path) as sock:
+                assert sock.recv(10) == b""
+        with stream_client(sock_path) as sock:
+            sock.sendall(frame(b"admitted"))
+            assert recv_frame(sock) == b"admitted"
+        assert len(connected) == 1
+        closed = server.stats()["closed"]
+        assert (closed["unauthorized"], closed["handler_error"]) == (2, 1)
+
 
 # ---- file descriptors ------------------------------------------------------------------------
 

@@ -43,10 +43,11 @@ LAUNCHERS = [
 
 
 
-def run(args: Sequence[str], launcher: Sequence[str] = MODULE, cwd: str | None = None) -> subprocess.CompletedProcess:
+def run(args: Sequence[str], launcher: Sequence[str] = MODULE, cwd: str | None = None,
+        pass_fds: Sequence[int] = ()) -> subprocess.CompletedProcess:
     """Runs a pyuds command to completion (bounded); returns its result, output as text."""
     return subprocess.run([*launcher, *args], cwd=cwd or NEUTRAL_CWD, capture_output=True, text=True,
-                          timeout=RUN_TIMEOUT, stdin=subprocess.DEVNULL)
+                          timeout=RUN_TIMEOUT, stdin=subprocess.DEVNULL, pass_fds=pass_fds)
 
 
 def send(path: str, *messages: str, framing: str | None = None, cwd: str | None = None,
@@ -495,6 +496,71 @@ class TestKinds:
         assert result.returncode == 1
         assert_clean_error(result.stderr, "pyuds send: ")
         wait_until(lambda: "not in allow_uid / allow_gid" in server.stderr)
+        assert server.signal(signal.SIGTERM) == 0
+
+    def test_authorize_from_a_module(self, spawn, sockdir, tmp_path):
+        """--authorize MODULE:FUNCTION sees each client's credentials; it fails closed, so a
+        function that returns nothing refuses everyone."""
+        (tmp_path / "policy.py").write_text(
+            "import os\n"
+            "def same_user(client):\n"
+            "    return client.uid == os.getuid() and client.pid > 0\n"
+            "def forgets_to_return(client):\n"
+            "    client.uid == os.getuid()\n"
+        )
+        for function, served in (("same_user", True), ("forgets_to_return", False)):
+            path = os.path.join(sockdir, f"{function}.sock")
+            server = spawn(["--authorize", f"policy:{function}", path], cwd=str(tmp_path))
+            wait_until(lambda: "listening on" in server.stderr, timeout=START_TIMEOUT)
+            result = send(path, "knock")
+            if served:
+                assert (result.returncode, result.stdout) == (0, "knock\n"), result.stderr + server.stderr
+            else:
+                assert result.returncode == 1
+                assert_clean_error(result.stderr, "pyuds send: ")
+                wait_until(lambda: "refused by authorize()" in server.stderr)
+            assert server.signal(signal.SIGTERM) == 0
+        result = run(["serve", os.path.join(sockdir, "x.sock"), "--authorize", "no_such_module_here:f"])
+        assert result.returncode == 2 and "--authorize" in result.stderr and "cannot import" in result.stderr
+
+    def test_send_passes_fds(self, spawn, sockdir, tmp_path):
+        """send --fd N passes descriptor N with each message; a handler given with --handler
+        writes into it. A reply that brings descriptors is printed, and they are closed."""
+        (tmp_path / "scribe.py").write_text(
+            "import os\n"
+            "def handle(client, message):\n"
+            "    if message == b'give':\n"
+            "        client.send(b'given', fds=[0, 0])\n"
+            "        return None\n"
+            "    fds = client.take_fds()\n"
+            "    for fd in fds:\n"
+            "        os.write(fd, b'server wrote: ' + message + b'\\n')\n"
+            "        os.close(fd)\n"
+            "    return b'%d fds' % len(fds)\n"
+        )
+        path = os.path.join(sockdir, "scribe.sock")
+        server = spawn(["--handler", "scribe:handle", path], cwd=str(tmp_path))
+        server.wait_listening(path)
+        r, w = os.pipe()
+        try:
+            result = run(["send", "--fd", str(w), "--fd", str(w), path, "one", "two"], pass_fds=[w])
+            os.close(w)
+            w = -1
+            assert result.returncode == 0, result.stderr + server.stderr
+            assert result.stdout == "2 fds\n2 fds\n"
+            with os.fdopen(r, "rb") as pipe:
+                r = -1
+                assert pipe.read() == b"server wrote: one\n" * 2 + b"server wrote: two\n" * 2  # EOF: all closed
+        finally:
+            for fd in (r, w):
+                if fd >= 0:
+                    os.close(fd)
+        result = send(path, "give")
+        assert (result.returncode, result.stdout) == (0, "given\n"), result.stderr
+        assert "the reply came with 2 file descriptor(s); closed them" in result.stderr
+        for bad in ("x", "999"):
+            result = run(["send", "--fd", bad, path, "m"])
+            assert result.returncode == 2 and "file descriptor" in result.stderr
         assert server.signal(signal.SIGTERM) == 0
 
     def test_bad_kind_and_fd_name(self, sock_path):
