@@ -12,6 +12,7 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -106,6 +107,17 @@ static void take_arena(uds_server *s, uds_conn *c, size_t len)
     c->view = s->arena + s->arena_used;
     c->view_len = len;
     s->arena_used += len;
+}
+
+/* How much a read into a buffer that would have to grow for want bytes should ask for: no more
+ * than the socket holds (0: nothing, as far as the kernel knows). A client trickling in a
+ * frame thus makes the server hold about what it sent, not a whole read's reservation. */
+static size_t growth_read_size(const uds_conn *c, size_t want)
+{
+    int queued = 0;
+    if (ioctl(c->fd, FIONREAD, &queued) < 0 || queued < 0)
+        return want; /* not known: read as usual */
+    return (size_t)queued < want ? (size_t)queued : want;
 }
 
 /* A read for a connection with nothing buffered: one chunk, into the arena. */
@@ -256,6 +268,14 @@ void uds_conn_read(uds_server *s, uds_conn *c)
         size_t want = UDS_READ_CHUNK, need = frame_need(s, c);
         if (need > want)
             want = need < budget ? need : budget;
+        if (b->cap - uds_buf_len(b) < want) {
+            want = growth_read_size(c, want);
+            if (want == 0) {
+                if (got)
+                    break; /* nothing more waits */
+                want = 1;  /* still read: end-of-file and errors show only to a read */
+            }
+        }
         if (uds_buf_reserve(b, want, &s->pool) < 0) {
             uds_conn_fail(s, c, UDS_CLOSE_ERROR, ENOMEM);
             return;
