@@ -305,10 +305,19 @@ void uds_conn_read(uds_server *s, uds_conn *c)
 
 /* ---- writing ------------------------------------------------------------------------------ */
 
+/* Takes the marks of messages with descriptors that end at or before stream offset sent off
+ * the head of the output's queue. */
+static void drop_passed_ends(uds_fdq *q, uint64_t sent)
+{
+    while (uds_fdq_len(q) > 0 && q->fd[q->head] == UDS_FDQ_END && uds_fdq_head_at(q) <= sent)
+        uds_fdq_pop(q);
+}
+
 /* What the next send() takes from the output: n bytes from p, with the nfds descriptors that
  * go with them (*fds: the head of the queue). A stream sends up to the next message that
- * carries descriptors, and that message's first byte carries them; a SEQPACKET connection
- * sends one packet at a time (the output holds u32 frames; the header is ours, not sent). */
+ * carries descriptors; that message's first byte carries them, and that send ends with the
+ * message (at its UDS_FDQ_END mark). A SEQPACKET connection sends one packet at a time (the
+ * output holds u32 frames; the header is ours, not sent). */
 static void next_send(uds_server *s, uds_conn *c, const char **p, size_t *n, const int **fds,
                       int *nfds, size_t *skip)
 {
@@ -325,6 +334,7 @@ static void next_send(uds_server *s, uds_conn *c, const char **p, size_t *n, con
         *p += *skip;
     }
     uds_fdq *q = &c->out_fds;
+    drop_passed_ends(q, start);
     int k = uds_fdq_len(q);
     if (k == 0)
         return;
@@ -427,6 +437,7 @@ void uds_conn_flush(uds_server *s, uds_conn *c)
     }
     if (sent_any)
         uds_conn_touch(s, c);
+    drop_passed_ends(&c->out_fds, c->tx_total - uds_buf_len(b));
     if (b->start < b->end) {
         uds_conn_set_want_out(s, c, 1); /* the rest when the peer has read */
         uds_conn_resume_if_drained(s, c);
@@ -615,12 +626,21 @@ int uds_conn_send_fds(uds_server *s, uds_conn *c, const char *data, size_t len, 
             break;
         }
     }
+    /* On a stream, a mark where the message ends: the send that carries its descriptors stops
+     * there, so that a reader, who can only tell that they came with some byte of its read, gives
+     * them to this message and not to one queued after it. */
+    if (rc == 0 && s->sock_type == SOCK_STREAM &&
+        (rc = uds_fdq_push(q, UDS_FDQ_END, at + (size_t)h + len + (size_t)trailer)) == 0)
+        pushed++;
     if (rc == 0)
         rc = uds_conn_send(s, c, data, len);
     if (rc < 0) {
         /* Take ours back off the tail. A slow-consumer close may have emptied the queue. */
-        for (; pushed > 0 && uds_fdq_len(q) > 0; pushed--)
-            close(q->fd[--q->n]);
+        for (; pushed > 0 && uds_fdq_len(q) > 0; pushed--) {
+            int fd = q->fd[--q->n];
+            if (fd >= 0)
+                close(fd);
+        }
         return rc;
     }
     return 0;

@@ -90,7 +90,9 @@ static inline size_t uds_buf_len(const uds_buf *b) { return b->end - b->start; }
 
 /* ---- ancillary data (msg.c) ------------------------------------------------------------------ */
 
-/* Descriptors in arrival order, each with the stream offset it belongs to. */
+/* Descriptors in arrival order, each with the stream offset it belongs to. An output queue
+ * also holds, after each message's descriptors, UDS_FDQ_END at the offset where it ends. */
+#define UDS_FDQ_END (-1)
 typedef struct uds_fdq {
     int *fd;
     uint64_t *at;

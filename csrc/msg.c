@@ -66,8 +66,11 @@ int uds_fdq_pop(uds_fdq *q)
 
 void uds_fdq_clear(uds_fdq *q)
 {
-    while (uds_fdq_len(q) > 0)
-        close(uds_fdq_pop(q));
+    while (uds_fdq_len(q) > 0) {
+        int fd = uds_fdq_pop(q);
+        if (fd != UDS_FDQ_END)
+            close(fd);
+    }
     free(q->fd);
     free(q->at);
     memset(q, 0, sizeof *q);

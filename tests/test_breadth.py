@@ -424,6 +424,44 @@ class TestFds:
             with os.fdopen(r, "rb") as f:
                 assert f.read() == b"through the passed pipe"
 
+    @pytest.mark.parametrize("framing", ["u32", "line", "raw"])
+    def test_sent_fds_stay_with_their_message(self, serve, sock_path, framing):
+        """Messages with descriptors among plain ones, all queued before the client reads:
+        each send that carries descriptors ends with their message, so a pyuds client gives
+        them to that message, not to one after it that came in the same read."""
+        r, w = os.pipe()
+
+        def handler(client, message):
+            client.send(b"first with one", fds=[r])
+            client.send(b"plain")
+            client.send(b"second with two", fds=[r, w])
+            return b"reply"
+
+        serve(handler, framing=framing)
+        try:
+            for _ in range(20):
+                with pyuds.connect(sock_path, framing, timeout=TIMEOUT) as conn:
+                    conn.send(b"go")
+                    time.sleep(0.02)  # all four wait in the client's socket before it reads
+                    got = []
+                    while sum(len(m) for m, _ in got) < len(b"first with oneplainsecond with tworeply"):
+                        message, fds = conn.recv_fds()
+                        got.append((message, len(fds)))
+                        pyuds._client.close_fds(fds)
+                    if framing != "raw":
+                        assert got == [(b"first with one", 1), (b"plain", 0), (b"second with two", 2),
+                                       (b"reply", 0)]
+                        continue
+                    # Raw: messages are reads. A read that brings descriptors ends with their
+                    # message (earlier plain bytes may lead it), so the reply is never in it.
+                    assert b"".join(m for m, _ in got) == b"first with oneplainsecond with tworeply"
+                    (first, one), (second, two) = [(m, n) for m, n in got if n]
+                    assert (first, one) == (b"first with one", 1)
+                    assert second.endswith(b"second with two") and two == 2
+        finally:
+            os.close(r)
+            os.close(w)
+
     def test_send_fds_from_another_thread(self, serve, sock_path):
         server = serve()
         with stream_client(sock_path) as sock:
