@@ -15,7 +15,7 @@ import socket
 from typing import Any, Iterable, Protocol, Union
 
 from ._address import from_sockaddr, is_abstract, to_sockaddr
-from ._config import MAX_FDS
+from ._config import MAX_FDS, check_framing
 from ._errors import ConnectionClosedError, FramingError
 from ._framing import Decoder, FdQueue, encode
 
@@ -58,7 +58,7 @@ class Connection:
         if sock.family != socket.AF_UNIX or sock.type not in _KIND_OF_TYPE:
             raise ValueError(f"a Connection needs an AF_UNIX stream, seqpacket or datagram socket, not {sock!r}")
         self.kind: str = _KIND_OF_TYPE[sock.type]
-        _check_framing(self.kind, framing)
+        check_framing(self.kind, framing)
         self._sock = sock
         if self.kind == "stream":
             self.framing: str | None = framing
@@ -242,7 +242,7 @@ def connect(path: str | bytes | os.PathLike, framing: str = "u32", *, kind: str 
     close()."""
     if kind not in _SOCK_TYPES:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
-    _check_framing(kind, framing)
+    check_framing(kind, framing)
     if kind == "stream":
         Decoder(framing, max_message_size)  # validates both before any socket exists
     else:
@@ -270,13 +270,6 @@ def connect(path: str | bytes | os.PathLike, framing: str = "u32", *, kind: str 
         finally:
             sock.close()
         raise
-
-
-def _check_framing(kind: str, framing: str) -> None:
-    # "u32" is the default, so it cannot tell an explicit choice apart: it is let through.
-    if kind != "stream" and framing != "u32":
-        raise ValueError(f"framing applies to kind='stream' only: a {kind} message is one packet, "
-                         f"with no framing bytes (leave framing at its default, not {framing!r})")
 
 
 def _packet_max(max_message_size: int | None) -> int:

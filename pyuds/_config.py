@@ -75,6 +75,7 @@ class ServerConfig:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
         if self.framing not in FRAMINGS:
             raise ValueError(f"framing must be one of {', '.join(FRAMINGS)}, not {self.framing!r}")
+        check_framing(self.kind, self.framing)
         for name in ("allow_uid", "allow_gid"):
             ids = getattr(self, name)
             if isinstance(ids, (int, str, bytes)):
@@ -121,3 +122,12 @@ def _check_int(name: str, value: object, low: int, high: int) -> None:
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if not low <= value <= high:
         raise ValueError(f"{name} must be between {low} and {high}, not {value}")
+
+
+def check_framing(kind: str, framing: str) -> None:
+    """A framing other than the default given with a socket kind that keeps message boundaries
+    is a mistake: ValueError. ("u32" is the default, so it cannot tell an explicit choice
+    apart: it is let through.)"""
+    if kind != "stream" and framing != "u32":
+        raise ValueError(f"framing applies to kind='stream' only: a {kind} message is one packet, "
+                         f"with no framing bytes (leave framing at its default, not {framing!r})")

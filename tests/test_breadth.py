@@ -169,6 +169,16 @@ class TestSeqpacket:
             stream_client(sock_path)
         assert info.value.errno == errno.EPROTOTYPE
 
+    @pytest.mark.parametrize("kind, framing", [("seqpacket", "line"), ("datagram", "raw")])
+    def test_a_framing_with_a_packet_kind_is_an_error(self, sock_path, kind, framing):
+        """A packet keeps its boundaries: asking for a stream framing is a mistake, said at once
+        (and nothing is made at the path)."""
+        with pytest.raises(ValueError, match="framing applies to kind='stream' only"):
+            pyuds.Server(sock_path, kind=kind, framing=framing)
+        with pytest.raises(ValueError, match="framing applies to kind='stream' only"):
+            pyuds.ServerConfig(kind=kind, framing=framing)
+        assert not os.path.exists(sock_path)
+
 
 # ---- peer credentials ------------------------------------------------------------------------
 

@@ -566,6 +566,10 @@ class TestKinds:
     def test_bad_kind_and_fd_name(self, sock_path):
         result = run(["serve", sock_path, "--kind", "carrier-pigeon"])
         assert result.returncode == 2 and "invalid choice" in result.stderr
+        result = run(["serve", sock_path, "--kind", "seqpacket", "--framing", "line"])
+        assert result.returncode == 1
+        assert_clean_error(result.stderr, "framing applies to kind='stream' only")
+        assert not os.path.exists(sock_path)
         result = run(["serve", sock_path, "--fd-name", "web"])
         assert result.returncode == 1
         assert_clean_error(result.stderr, "no socket activation")
