@@ -437,6 +437,14 @@ void uds_conn_flush(uds_server *s, uds_conn *c)
     }
     if (sent_any)
         uds_conn_touch(s, c);
+    if (c->linger.linked && !(c->flags & UDS_CF_CLOSING) &&
+        (sent_any || uds_buf_len(b) <= s->cfg.max_output)) {
+        /* Replies past max_output wait: the client has flush_timeout from its last progress
+         * to take some, and none once it is back under the limit. */
+        uds_tlist_remove(&s->linger, &c->linger);
+        if (uds_buf_len(b) > s->cfg.max_output)
+            uds_tlist_append(&s->linger, &c->linger, s->now_ms + (uint64_t)s->cfg.flush_timeout_ms);
+    }
     drop_passed_ends(&c->out_fds, c->tx_total - uds_buf_len(b));
     if (b->start < b->end) {
         uds_conn_set_want_out(s, c, 1); /* the rest when the peer has read */
@@ -510,7 +518,8 @@ static void queued(uds_server *s, uds_conn *c, uint64_t msgs, uint64_t bytes)
     uds_conn_dirty_push(s, c);
 }
 
-int uds_conn_send(uds_server *s, uds_conn *c, const char *data, size_t len)
+/* Queues one frame; reply: it answers a request (see uds_conn_reply), else it is pushed. */
+static int queue_frame(uds_server *s, uds_conn *c, const char *data, size_t len, int reply)
 {
     unsigned char hdr[4];
     int trailer;
@@ -530,8 +539,16 @@ int uds_conn_send(uds_server *s, uds_conn *c, const char *data, size_t len)
         if (c->flags & UDS_CF_DEAD)
             return -ENOTCONN;
         if (uds_buf_len(b) + frame > s->cfg.max_output) {
-            uds_conn_fail(s, c, UDS_CLOSE_SLOW_CONSUMER, 0);
-            return -ENOBUFS;
+            if (!reply) {
+                uds_conn_fail(s, c, UDS_CLOSE_SLOW_CONSUMER, 0);
+                return -ENOBUFS;
+            }
+            /* Reading stopped at the high-water mark, so this is the tail of one turn's
+             * replies: kept, but the client must now take some within flush_timeout. */
+            if (!c->linger.linked) {
+                uds_server_clock(s); /* handlers may have run long since the poll */
+                uds_tlist_append(&s->linger, &c->linger, s->now_ms + (uint64_t)s->cfg.flush_timeout_ms);
+            }
         }
     }
     size_t sent = len >= UDS_WRITE_THROUGH_MIN ? write_through(s, c, hdr, h, data, len, trailer) : 0;
@@ -546,6 +563,16 @@ int uds_conn_send(uds_server *s, uds_conn *c, const char *data, size_t len)
     }
     queued(s, c, 1, len);
     return 0;
+}
+
+int uds_conn_send(uds_server *s, uds_conn *c, const char *data, size_t len)
+{
+    return queue_frame(s, c, data, len, 0);
+}
+
+int uds_conn_reply(uds_server *s, uds_conn *c, const char *data, size_t len)
+{
+    return queue_frame(s, c, data, len, 1);
 }
 
 int uds_conn_send_run(uds_server *s, uds_conn *c, const char *data, const int16_t *lens, int n,
@@ -564,7 +591,7 @@ int uds_conn_send_run(uds_server *s, uds_conn *c, const char *data, const int16_
                 rcs[i] = 0;
                 continue;
             }
-            rcs[i] = (c->flags & UDS_CF_DEAD) ? -ENOTCONN : uds_conn_send(s, c, data, (size_t)lens[i]);
+            rcs[i] = (c->flags & UDS_CF_DEAD) ? -ENOTCONN : uds_conn_reply(s, c, data, (size_t)lens[i]);
             failed += rcs[i] < 0;
             data += lens[i];
         }

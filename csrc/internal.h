@@ -280,7 +280,8 @@ struct uds_conn {
                              * the limit: frames reaching it are refused (UDS_CLOSE_TOO_MANY_FDS) */
     uds_stats *stats;       /* where the counters go: own_stats or the caller's */
     uds_stats own_stats;    /* counters until uds_conn_set_stats() */
-    uds_tnode linger;       /* closing: the flush deadline */
+    uds_tnode linger;       /* closing: the flush deadline; open, owed replies past
+                             * max_output: the deadline to take some */
     uds_tnode idle;         /* idle timeout, renewed by traffic */
     uds_tnode frame;        /* frame timeout, while a frame is incomplete */
     uds_conn *attn_next;    /* attention list: has work to do before the next wait */
@@ -332,7 +333,8 @@ struct uds_server {
     uds_conn *attn_head, *attn_tail;
     uds_conn *dirty_head;
     uds_conn *graveyard;
-    uds_tlist linger;       /* closing connections by flush deadline */
+    uds_tlist linger;       /* by flush deadline: closing connections, and open ones owed
+                             * replies past max_output (the deadline to take some) */
     uds_tlist idle;         /* connections by idle deadline */
     uds_tlist frames;       /* connections with an incomplete frame, by frame deadline */
     char *arena;            /* reads of connections with nothing buffered land here, back to
@@ -420,6 +422,8 @@ void uds_conn_settle(uds_server *s, uds_conn *c);
 int uds_conn_attend(uds_server *s, uds_conn *c, uds_event *ev, int n, int cap);
 /* Queues a framed message (see uds_send). */
 int uds_conn_send(uds_server *s, uds_conn *c, const char *data, size_t len);
+/* ... as a reply (see uds_reply). */
+int uds_conn_reply(uds_server *s, uds_conn *c, const char *data, size_t len);
 /* Queues up to n framed messages at once (message i has lens[i] bytes, -1 for none, back to
  * back in data): one reservation and one accounting when they all fit under max_output, else
  * uds_conn_send() one by one. rcs[i] gets what uds_conn_send() would return for message i (0

@@ -171,7 +171,9 @@ static void expire(uds_server *s)
     while ((t = s->linger.head) != NULL && t->deadline_ms <= s->now_ms) {
         uds_conn *c = CONN_OF(t, linger);
         uds_tlist_remove(&s->linger, t);
-        uds_conn_fail(s, c, c->reason, c->err); /* what is still queued is given up */
+        /* What is still queued is given up: a closing client's, or replies past max_output
+         * that an open one took none of in time. */
+        uds_conn_fail(s, c, (c->flags & UDS_CF_CLOSING) ? c->reason : UDS_CLOSE_SLOW_CONSUMER, c->err);
     }
     while ((t = s->idle.head) != NULL && t->deadline_ms <= s->now_ms)
         uds_conn_close(s, CONN_OF(t, idle), UDS_CLOSE_IDLE_TIMEOUT, 0, 0);
@@ -317,6 +319,16 @@ int uds_send(uds_server *s, int slot, uint64_t id, const char *data, size_t len)
     if (c == NULL || (c->flags & UDS_CF_DEAD))
         return -ENOTCONN;
     return uds_conn_send(s, c, data, len);
+}
+
+int uds_reply(uds_server *s, int slot, uint64_t id, const char *data, size_t len)
+{
+    if (s->cfg.kind == UDS_KIND_DGRAM)
+        return uds_dgram_send(s, slot, id, data, len, NULL, 0);
+    uds_conn *c = conn_get(s, slot, id);
+    if (c == NULL || (c->flags & UDS_CF_DEAD))
+        return -ENOTCONN;
+    return uds_conn_reply(s, c, data, len);
 }
 
 int uds_send_fds(uds_server *s, int slot, uint64_t id, const char *data, size_t len,

@@ -263,6 +263,67 @@ static void batch_whole(uds_server *s, const char *path, uds_event *ev)
     CHECK(closed == 2);
 }
 
+/* Replies may take a client's output past max_output, pushes may not; a client with replies
+ * past it that takes none of its output for flush_timeout is a slow consumer, and one that
+ * reads gets them all. Client 0 reads; 1 does not; 2 is then pushed to. */
+static void replies_past_the_cap(const char *dir)
+{
+    char path[128];
+    snprintf(path, sizeof path, "%s/cap.sock", dir);
+    uds_config cfg = {0};
+    cfg.framing = UDS_FRAMING_U32;
+    cfg.max_message = 1 << 20;
+    cfg.backlog = 4;
+    cfg.mode = 0600;
+    cfg.flush_timeout_ms = 200;
+    cfg.max_output = 64 * 1024;
+    uds_server *s = NULL;
+    CHECK(uds_server_new(&s, path, &cfg) == 0);
+    if (s == NULL)
+        return;
+    enum { BIG = 1 << 20 };
+    char *big = calloc(1, BIG), *sink = malloc(BIG);
+    int fd[3], reasons[3] = {-1, -1, -1};
+    uint64_t ids[3] = {0};
+    uds_event ev[8];
+    for (int k = 0; k < 3; k++) { /* one at a time: ids[k] is client k's connection */
+        fd[k] = connect_to(path);
+        CHECK(write(fd[k], "\0\0\0\1x", 5) == 5);
+        for (int round = 0; round < 100 && ids[k] == 0; round++) {
+            int n = uds_poll(s, ev, 8, 5);
+            CHECK(n >= 0);
+            for (int i = 0; i < n; i++) {
+                if (ev[i].type != UDS_EV_MESSAGE)
+                    continue;
+                ids[k] = ev[i].id;
+                CHECK(uds_reply(s, ev[i].slot, ev[i].id, big, BIG) == 0); /* 16 times the cap */
+                if (k == 2)
+                    CHECK(uds_send(s, ev[i].slot, ev[i].id, "push", 4) == -ENOBUFS);
+            }
+        }
+        CHECK(ids[k] != 0);
+    }
+    size_t got = 0;
+    for (int round = 0; round < 500 && (reasons[1] < 0 || reasons[2] < 0 || got < 4 + BIG); round++) {
+        int n = uds_poll(s, ev, 8, 5);
+        CHECK(n >= 0);
+        for (int i = 0; i < n; i++)
+            for (int k = 0; k < 3; k++)
+                if (ev[i].type == UDS_EV_CLOSED && ev[i].id == ids[k])
+                    reasons[k] = ev[i].reason;
+        for (ssize_t r; (r = read(fd[0], sink, BIG)) > 0;)
+            got += (size_t)r;
+    }
+    CHECK(got == 4 + BIG);     /* the reader got its reply whole */
+    CHECK(reasons[0] == -1);   /* and is still connected */
+    CHECK(reasons[1] == UDS_CLOSE_SLOW_CONSUMER && reasons[2] == UDS_CLOSE_SLOW_CONSUMER);
+    for (int k = 0; k < 3; k++)
+        close(fd[k]);
+    free(big);
+    free(sink);
+    uds_server_free(s);
+}
+
 int main(void)
 {
     char dir[] = "/tmp/uds-test-XXXXXX";
@@ -292,6 +353,7 @@ int main(void)
     endings(s, path, ev);
     batch_whole(s, path, ev);
     shutdown_delivers(s, ev, path);
+    replies_past_the_cap(dir);
     uds_server_stats st;
     uds_server_stats_get(s, &st);
     CHECK(st.current == 0);

@@ -215,9 +215,9 @@ int uds_poll(uds_server *s, uds_event *ev, int cap, int timeout_ms);
 int uds_poll_batch(uds_server *s, uds_event *ev, int cap, int timeout_ms, uds_batch *b);
 
 /* Queues the replies to the events ev[first .. first + n) of the last batch in one call: reply
- * i has lens[i] bytes (so at most 32767; larger ones go through uds_send()), -1 for none, and
- * they lie back to back in data. Each goes to its event's connection as uds_send() would send
- * it; rcs[i] gets uds_send()'s result (0 for none). Returns how many failed. */
+ * i has lens[i] bytes (so at most 32767; larger ones go through uds_reply()), -1 for none, and
+ * they lie back to back in data. Each goes to its event's connection as uds_reply() would send
+ * it; rcs[i] gets uds_reply()'s result (0 for none). Returns how many failed. */
 int uds_reply_batch(uds_server *s, const uds_event *ev, int first, int n, const char *data,
                     const int16_t *lens, int *rcs);
 
@@ -227,6 +227,14 @@ int uds_reply_batch(uds_server *s, const uds_event *ev, int first, int n, const 
  * connection is then closed (UDS_CLOSE_SLOW_CONSUMER); -EINVAL / -EMSGSIZE as
  * uds_frame_check(); -ENOMEM. */
 int uds_send(uds_server *s, int slot, uint64_t id, const char *data, size_t len);
+
+/* uds_send() for a reply to a request: the same, except that a reply never makes -ENOBUFS.
+ * Reading from a client stops while its output is at the high-water mark, so replies can take
+ * its output past max_output only by what one turn's requests are owed; they are kept, and the
+ * client is then disconnected as a slow consumer only if it takes none of its output for
+ * flush_timeout_ms (counted again from each write that makes progress). Pushes (uds_send())
+ * stay bounded by max_output. */
+int uds_reply(uds_server *s, int slot, uint64_t id, const char *data, size_t len);
 
 /* uds_send() with descriptors: fds[0..nfds) are duplicated now (the caller keeps its own)
  * and sent with the message's first byte (SCM_RIGHTS). Returns as uds_send(), and -EINVAL

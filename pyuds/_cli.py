@@ -94,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
                             "(default: the file-descriptor limit minus 64)")
     serve.add_argument("--max-output-buffer", type=int, default=ServerConfig.max_output_buffer, metavar="BYTES",
                        help="unsent output per client; reading from a client pauses at min(half of it, "
-                            "1 MiB), and a client that would pass it is disconnected (default: 64 MiB)")
+                            "1 MiB), a push that would pass it disconnects the client, and replies past "
+                            "it must be taken within the flush timeout (default: 64 MiB)")
     serve.add_argument("--idle-timeout", type=float, default=None, metavar="SECONDS",
                        help="close clients idle this long (default: never)")
     serve.add_argument("--frame-timeout", type=float, default=ServerConfig.frame_timeout, metavar="SECONDS",

@@ -34,17 +34,21 @@ class ServerConfig:
     max_connections: clients connected at once, at most; a connection over it is accepted and
         closed at once (counted as rejected), established clients are unaffected. None: the
         process's file-descriptor limit minus FD_RESERVE.
-    max_output_buffer: unsent output per client, in bytes, at most. Reading from a client
-        pauses while its unsent output is at or above min(max_output_buffer / 2, 1 MiB) (its
-        pipeline waits; the kernel holds what it sends) and resumes below half of that; a
-        message that would take it past max_output_buffer disconnects it as a slow consumer.
-        So it must exceed the largest message you send.
+    max_output_buffer: unsent output per client, in bytes. Reading from a client pauses
+        while its unsent output is at or above min(max_output_buffer / 2, 1 MiB) (its
+        pipeline waits; the kernel holds what it sends) and resumes below half of that. A
+        pushed message (ClientHandle.send(), broadcast()) that would take the output past
+        max_output_buffer disconnects the client as a slow consumer, so the limit must exceed
+        the largest message you push. Replies never do: the replies to one turn's requests
+        (at most 128) may take the output past it, and the client is then disconnected only
+        if it takes none of its output for flush_timeout.
     idle_timeout: seconds without traffic either way after which a client is closed; None:
         never.
     frame_timeout: seconds a client may take to complete a frame it has begun (time the
         server spends not reading it does not count); None: no limit.
     flush_timeout: seconds a closing client (and every client at shutdown) may take to receive
-        the replies still owed to it before they are given up.
+        the replies still owed to it before they are given up; also how long a client with
+        replies past max_output_buffer waiting may go without taking any of its output.
     batch_size: events taken from the C loop per turn.
     allow_uid, allow_gid: if either is not empty, only clients whose uid is in allow_uid, or
         whose gid or one of whose supplementary groups is in allow_gid, are accepted (the

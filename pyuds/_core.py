@@ -10,7 +10,7 @@ call per message. A batch of small messages only (the busy case) is taken whole:
 their payloads back to back and describes them as a struct layout, so one
 ``struct.unpack_from()`` makes every message's bytes object, and the replies go back in one
 ``uds_reply_batch()`` call with their lengths packed by one ``struct.pack_into()``. Any other
-batch is taken event by event, each reply queued with ``uds_send()``. Either way the replies
+batch is taken event by event, each reply queued with ``uds_reply()``. Either way the replies
 leave at the next poll, one send() per connection.
 """
 from __future__ import annotations
@@ -295,7 +295,7 @@ class Core:
                 parts.clear()
                 start = k + 1
                 ev = events[k]
-                rc = lib.uds_send(self._srv, ev.slot, ev.id, reply, len(reply))
+                rc = lib.uds_reply(self._srv, ev.slot, ev.id, reply, len(reply))
                 if rc:
                     client = self._server._handles[ev.slot]
                     if client is not None and client.id == ev.id:
@@ -443,7 +443,7 @@ class Core:
     def _dispatch_events(self, server: Server, n: int, any_fds: int) -> None:
         """The per-event path: small batches, and those with connects, closes or payloads too
         big to pack. Replies go out one call each (large ones without an extra copy)."""
-        srv, events, unpack, send = self._srv, self._events, ffi.unpack, lib.uds_send
+        srv, events, unpack, send = self._srv, self._events, ffi.unpack, lib.uds_reply
         handler, handles = server._handler, server._handles
         for i in range(n):
             ev = events[i]

@@ -24,7 +24,8 @@ class CloseReason(str, enum.Enum):
     HANDLER_ERROR = "handler_error"  #: a handler (or on_connect) raised on its behalf
     IDLE_TIMEOUT = "idle_timeout"    #: no traffic for idle_timeout seconds
     FRAME_TIMEOUT = "frame_timeout"  #: it began a frame and did not finish it in frame_timeout
-    SLOW_CONSUMER = "slow_consumer"  #: its unsent output would have passed max_output_buffer
+    SLOW_CONSUMER = "slow_consumer"  #: it does not read: a push would have passed max_output_buffer,
+                                     #: or replies past it waited flush_timeout untaken
     UNAUTHORIZED = "unauthorized"    #: authorize() refused it (allow_uid/allow_gid refusals
                                      #: never become clients; they are only counted)
     TOO_MANY_FDS = "too_many_fds"    #: it passed more file descriptors with a message than max_fds

@@ -312,7 +312,7 @@ class Server:
         elif reason is CloseReason.ERROR:
             log.warning("client %d: socket error: %s", client.id, os.strerror(err) if err else "unknown")
         elif reason is CloseReason.SLOW_CONSUMER:
-            log.warning("client %d disconnected: it does not read, and its unsent output would have "
+            log.warning("client %d disconnected as a slow consumer: it does not read, and its unsent output "
                         "passed max_output_buffer (%d bytes)", client.id, self._config.max_output_buffer)
         elif reason is CloseReason.FRAME_TIMEOUT:
             log.warning("client %d disconnected: it began a message and did not finish it within %gs",

@@ -1092,11 +1092,31 @@ def test_pipelined_replies_past_the_output_cap_while_the_client_reads(serve, soc
     assert server.stats()["closed"]["slow_consumer"] == 0
 
 
-def test_pipelined_replies_to_a_client_that_stops_reading(serve, sock_path):
-    """The same, but the client reads nothing until its socket is full: it is disconnected as a
-    slow consumer, and what it then reads is whole replies, in order, then the end."""
+@pytest.mark.parametrize("reply_size", [16_000, 40_000], ids=["batched-replies", "big-replies"])
+def test_one_turn_of_replies_far_past_the_cap_to_a_client_that_reads(serve, sock_path, reply_size):
+    """max_output_buffer 64 KiB, 100 requests in one write, each answered with 16 or 40 KB: one
+    turn owes the client 1.6 or 4 MB, far past the cap and more than its socket takes. Replies
+    to a client's own requests are never a reason to drop it (reading from it stays paused
+    while they wait): it reads, and gets every one, in order."""
     reasons: list[str] = []
-    server = serve(lambda client, message: message * 1000, max_output_buffer=16 * KiB,
+    server = serve(lambda client, message: message * (reply_size // len(message)),
+                   max_output_buffer=64 * KiB, on_disconnect=lambda client, reason: reasons.append(reason))
+    with pyuds.connect(sock_path, timeout=10) as conn:
+        for _ in range(3):
+            conn._sock.sendall(b"".join(frame(b"%04d" % i) for i in range(100)))
+            for i in range(100):
+                assert conn.recv() == b"%04d" % i * (reply_size // 4)
+        assert conn.request(b"last") == b"last" * (reply_size // 4)
+    wait_until(lambda: reasons == ["peer"])
+    assert server.stats()["closed"]["slow_consumer"] == 0
+
+
+def test_pipelined_replies_to_a_client_that_stops_reading(serve, sock_path):
+    """The same, but the client reads nothing: with replies past the cap waiting, it is
+    disconnected as a slow consumer once it has taken nothing for flush_timeout (1 s here), and
+    what it then reads is whole replies, in order, then the end."""
+    reasons: list[str] = []
+    server = serve(lambda client, message: message * 1000, max_output_buffer=16 * KiB, flush_timeout=1.0,
                    on_disconnect=lambda client, reason: reasons.append(reason))
     sock = unix_socket(sock_path)
     sock.sendall(b"".join(b"\0\0\0\3%03d" % i for i in range(1000)))

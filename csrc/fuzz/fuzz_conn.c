@@ -141,7 +141,7 @@ static int turn(uds_server *s, int close_on_message)
             else if (ev[i].nfds > 0) /* a descriptor back, with its end-of-message mark */
                 uds_send_fds(s, ev[i].slot, ev[i].id, ev[i].data, ev[i].len, &spare_fd, 1);
             else
-                uds_send(s, ev[i].slot, ev[i].id, ev[i].data, ev[i].len); /* may refuse: fine */
+                uds_reply(s, ev[i].slot, ev[i].id, ev[i].data, ev[i].len); /* may refuse: fine */
         } else if (ev[i].type != UDS_EV_CONNECTED && ev[i].type != UDS_EV_CLOSED) {
             abort();
         }
