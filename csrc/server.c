@@ -311,24 +311,25 @@ int uds_poll(uds_server *s, uds_event *ev, int cap, int timeout_ms)
 
 /* ---- the caller's requests ------------------------------------------------------------------- */
 
-int uds_send(uds_server *s, int slot, uint64_t id, const char *data, size_t len)
+/* uds_send() (reply 0) or uds_reply() (reply 1). */
+static int send_one(uds_server *s, int slot, uint64_t id, const char *data, size_t len, int reply)
 {
     if (s->cfg.kind == UDS_KIND_DGRAM)
         return uds_dgram_send(s, slot, id, data, len, NULL, 0);
     uds_conn *c = conn_get(s, slot, id);
     if (c == NULL || (c->flags & UDS_CF_DEAD))
         return -ENOTCONN;
-    return uds_conn_send(s, c, data, len);
+    return reply ? uds_conn_reply(s, c, data, len) : uds_conn_send(s, c, data, len);
+}
+
+int uds_send(uds_server *s, int slot, uint64_t id, const char *data, size_t len)
+{
+    return send_one(s, slot, id, data, len, 0);
 }
 
 int uds_reply(uds_server *s, int slot, uint64_t id, const char *data, size_t len)
 {
-    if (s->cfg.kind == UDS_KIND_DGRAM)
-        return uds_dgram_send(s, slot, id, data, len, NULL, 0);
-    uds_conn *c = conn_get(s, slot, id);
-    if (c == NULL || (c->flags & UDS_CF_DEAD))
-        return -ENOTCONN;
-    return uds_conn_reply(s, c, data, len);
+    return send_one(s, slot, id, data, len, 1);
 }
 
 int uds_send_fds(uds_server *s, int slot, uint64_t id, const char *data, size_t len,

@@ -39,6 +39,19 @@ static size_t request_size(int c, int i)
 
 static unsigned char payload_byte(int c, int i, size_t k) { return (unsigned char)(c * 31 + i * 17 + k); }
 
+/* A u32-framed server's config, messages up to 1 MiB. */
+static uds_config u32_config(int flush_timeout_ms, size_t max_output)
+{
+    uds_config cfg = {0};
+    cfg.framing = UDS_FRAMING_U32;
+    cfg.max_message = 1 << 20;
+    cfg.backlog = 64;
+    cfg.mode = 0600;
+    cfg.flush_timeout_ms = flush_timeout_ms;
+    cfg.max_output = max_output;
+    return cfg;
+}
+
 static int connect_to(const char *path)
 {
     struct sockaddr_un sa = {0};
@@ -270,13 +283,7 @@ static void replies_past_the_cap(const char *dir)
 {
     char path[128];
     snprintf(path, sizeof path, "%s/cap.sock", dir);
-    uds_config cfg = {0};
-    cfg.framing = UDS_FRAMING_U32;
-    cfg.max_message = 1 << 20;
-    cfg.backlog = 4;
-    cfg.mode = 0600;
-    cfg.flush_timeout_ms = 200;
-    cfg.max_output = 64 * 1024;
+    uds_config cfg = u32_config(200, 64 * 1024);
     uds_server *s = NULL;
     CHECK(uds_server_new(&s, path, &cfg) == 0);
     if (s == NULL)
@@ -333,13 +340,7 @@ int main(void)
     }
     char path[128];
     snprintf(path, sizeof path, "%s/s.sock", dir);
-    uds_config cfg = {0};
-    cfg.framing = UDS_FRAMING_U32;
-    cfg.max_message = 1 << 20;
-    cfg.backlog = 64;
-    cfg.mode = 0600;
-    cfg.flush_timeout_ms = 1000;
-    cfg.max_output = 1 << 22;
+    uds_config cfg = u32_config(1000, 1 << 22);
     cfg.frame_timeout_ms = 10000;
     uds_server *s = NULL;
     int rc = uds_server_new(&s, path, &cfg);
