@@ -585,7 +585,7 @@ int uds_conn_send_run(uds_server *s, uds_conn *c, const char *data, const int16_
     int failed = 0;
     if ((s->cfg.max_output > 0 && uds_buf_len(b) + room > s->cfg.max_output) ||
         uds_buf_reserve(b, room, &s->pool) < 0) {
-        /* Near the limit (or short of memory): one by one, each decided as uds_send() does. */
+        /* Near the limit (or short of memory): one by one, each decided as uds_reply() does. */
         for (int i = 0; i < n; i++) {
             if (lens[i] < 0) {
                 rcs[i] = 0;

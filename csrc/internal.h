@@ -424,9 +424,9 @@ int uds_conn_attend(uds_server *s, uds_conn *c, uds_event *ev, int n, int cap);
 int uds_conn_send(uds_server *s, uds_conn *c, const char *data, size_t len);
 /* ... as a reply (see uds_reply). */
 int uds_conn_reply(uds_server *s, uds_conn *c, const char *data, size_t len);
-/* Queues up to n framed messages at once (message i has lens[i] bytes, -1 for none, back to
- * back in data): one reservation and one accounting when they all fit under max_output, else
- * uds_conn_send() one by one. rcs[i] gets what uds_conn_send() would return for message i (0
+/* Queues up to n framed replies at once (reply i has lens[i] bytes, -1 for none, back to back
+ * in data): one reservation and one accounting when they all fit under max_output, else
+ * uds_conn_reply() one by one. rcs[i] gets what uds_conn_reply() would return for reply i (0
  * for none); returns how many failed. */
 int uds_conn_send_run(uds_server *s, uds_conn *c, const char *data, const int16_t *lens, int n,
                       int *rcs);

@@ -27,7 +27,7 @@ def _octal_mode(text: str) -> int:
     return mode
 
 
-def _load_callable(spec: str, option: str = "--handler") -> Callable:
+def _load_callable(spec: str, option: str) -> Callable:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise argparse.ArgumentTypeError(f"{option} wants MODULE:FUNCTION, not {spec!r}")

@@ -270,13 +270,16 @@ class Core:
         if not count:
             return
         if lib.uds_reply_batch(self._srv, self._events, first, count, data, self._reply_lens, self._rcs):
-            rcs, events, handles = self._rcs, self._events, self._server._handles
+            rcs, events = self._rcs, self._events
             for k in range(count):
                 if rcs[k]:
-                    ev = events[first + k]
-                    client = handles[ev.slot]
-                    if client is not None and client.id == ev.id:
-                        self._server._reply_failed(client, rcs[k])
+                    self._reply_failed_at(events[first + k], rcs[k])
+
+    def _reply_failed_at(self, ev: Any, rc: int) -> None:
+        """Reports a reply to event ev that failed, if its client still holds that slot."""
+        client = self._server._handles[ev.slot]
+        if client is not None and client.id == ev.id:
+            self._server._reply_failed(client, rc)
 
     def _flush_each(self, first: int, replies: list[bytes | None]) -> None:
         """The replies of a batch with some None (no reply) or a big one, in order: the others
@@ -297,9 +300,7 @@ class Core:
                 ev = events[k]
                 rc = lib.uds_reply(self._srv, ev.slot, ev.id, reply, len(reply))
                 if rc:
-                    client = self._server._handles[ev.slot]
-                    if client is not None and client.id == ev.id:
-                        self._server._reply_failed(client, rc)
+                    self._reply_failed_at(ev, rc)
         self._reply_batch(start, first + len(replies) - start, b"".join(parts))
 
     def _as_reply(self, client: Any, reply: Any) -> bytes | None:
