@@ -72,7 +72,7 @@ static int turn(uds_server *s, uds_event *ev, int *closed)
     CHECK(n >= 0);
     for (int i = 0; i < n; i++) {
         if (ev[i].type == UDS_EV_MESSAGE && ev[i].len == 4 && memcmp(ev[i].data, "stop", 4) == 0)
-            CHECK(uds_close(s, ev[i].slot, ev[i].id, UDS_CLOSE_LOCAL) == 0);
+            CHECK(uds_close(s, ev[i].slot, ev[i].id, UDS_CLOSE_CLOSED) == 0);
         else if (ev[i].type == UDS_EV_MESSAGE)
             CHECK(uds_send(s, ev[i].slot, ev[i].id, ev[i].data, ev[i].len) == 0);
         else if (ev[i].type == UDS_EV_CLOSED)
@@ -360,7 +360,7 @@ int main(void)
     CHECK(st.current == 0);
     CHECK(st.accepted == CLIENTS + 6);
     CHECK(st.msgs_in == st.msgs_out + 3); /* "stop", and batch_whole()'s "ccc" and big one, got no reply */
-    CHECK(st.closed[UDS_CLOSE_LOCAL] == 1 && st.closed[UDS_CLOSE_SHUTDOWN] == 1);
+    CHECK(st.closed[UDS_CLOSE_CLOSED] == 1 && st.closed[UDS_CLOSE_SHUTDOWN] == 1);
     uds_server_free(s);
     rmdir(dir);
 

@@ -45,7 +45,7 @@
 #define UDS_CLOSE_ERROR 2         /* a socket error; err holds the errno */
 #define UDS_CLOSE_TOO_LARGE 3     /* a frame exceeded max_message */
 #define UDS_CLOSE_SHUTDOWN 4      /* the server shut down */
-#define UDS_CLOSE_LOCAL 5         /* the application closed it */
+#define UDS_CLOSE_CLOSED 5        /* the application closed it */
 #define UDS_CLOSE_REJECTED 6      /* the application refused it when it connected */
 #define UDS_CLOSE_HANDLER_ERROR 7 /* the application's handler failed on its message */
 #define UDS_CLOSE_IDLE_TIMEOUT 8  /* nothing received or sent for idle_timeout_ms */

@@ -62,7 +62,7 @@ REASON_NAMES = {
     lib.UDS_CLOSE_ERROR: "error",
     lib.UDS_CLOSE_TOO_LARGE: "too_large",
     lib.UDS_CLOSE_SHUTDOWN: "shutdown",
-    lib.UDS_CLOSE_LOCAL: "closed",
+    lib.UDS_CLOSE_CLOSED: "closed",
     lib.UDS_CLOSE_REJECTED: "rejected",
     lib.UDS_CLOSE_HANDLER_ERROR: "handler_error",
     lib.UDS_CLOSE_IDLE_TIMEOUT: "idle_timeout",

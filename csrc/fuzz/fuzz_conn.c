@@ -137,7 +137,7 @@ static int turn(uds_server *s, int close_on_message)
                     abort();
                 }
             if (close_on_message)
-                uds_close(s, ev[i].slot, ev[i].id, UDS_CLOSE_LOCAL);
+                uds_close(s, ev[i].slot, ev[i].id, UDS_CLOSE_CLOSED);
             else if (ev[i].nfds > 0) /* a descriptor back, with its end-of-message mark */
                 uds_send_fds(s, ev[i].slot, ev[i].id, ev[i].data, ev[i].len, &spare_fd, 1);
             else
