@@ -1,8 +1,7 @@
 """The one module that touches the C extension.
 
-Rule: nothing else in pyuds imports ``ffi`` or ``lib``, and nothing cdata leaves this module
-except as an opaque token (the per-client counters). Everything above it sees ints, bytes and
-Python objects.
+Rule: nothing else in pyuds imports ``ffi`` or ``lib``, and no cdata leaves this module.
+Everything above it sees ints, bytes and Python objects.
 
 The C loop never calls into Python. ``Core.serve()`` pulls a batch of events with one
 ``uds_poll_batch()`` call (cffi releases the GIL around it), then walks the batch, a handler
@@ -157,6 +156,20 @@ def _name(get: Any, *args: Any) -> str | None:
     if get(*args, name, length) < 0 or length[0] == 0:
         return None
     return os.fsdecode(ffi.unpack(name, length[0]))
+
+
+class ClientCounters:
+    """One client's counters (pyuds._handle.Counters). C writes them into memory this object
+    owns until the client's CLOSED event and never after, so they stay readable."""
+
+    __slots__ = ("_stats",)
+
+    def __init__(self, stats: Any) -> None:
+        self._stats = stats
+
+    def read(self) -> tuple[int, int, int, int]:
+        stats = self._stats
+        return stats.msgs_in, stats.bytes_in, stats.msgs_out, stats.bytes_out
 
 
 class Core:
@@ -327,11 +340,11 @@ class Core:
         """The address the client bound (a datagram peer's, where replies go); None if none."""
         return _name(lib.uds_peer_address, self._srv, slot, cid)
 
-    def bind_stats(self, slot: int, cid: int) -> Any:
-        """Moves the client's counters to memory this object owns; returns it (opaque)."""
+    def counters(self, slot: int, cid: int) -> ClientCounters:
+        """Moves the client's counters to memory that the returned object owns."""
         stats = ffi.new("uds_stats *")
         lib.uds_conn_set_stats(self._srv, slot, cid, stats)
-        return stats
+        return ClientCounters(stats)
 
     def shutdown(self) -> int:
         """Stops accepting, removes the socket file, starts closing every client."""
@@ -491,11 +504,6 @@ def run_loadgen(argv: list[str]) -> int:
 
     args = [lg_ffi.new("char[]", os.fsencode(a)) for a in argv]
     return lg_lib.uds_loadgen_main(len(args), lg_ffi.new("char *[]", [*args, lg_ffi.NULL]))
-
-
-def read_stats(stats: Any) -> tuple[int, int, int, int]:
-    """(messages in, bytes in, messages out, bytes out) from a bind_stats() token."""
-    return stats.msgs_in, stats.bytes_in, stats.msgs_out, stats.bytes_out
 
 
 def decode_all(framing: str, data: bytes, max_message_size: int) -> tuple[list[bytes], int]:

@@ -1,15 +1,16 @@
-"""A connected client as the application sees it, and why clients go away."""
+"""A connected client as the application sees it, and why clients go away.
+
+A ClientHandle never touches the C extension: it asks its owner (the Server, through the
+Owner protocol below) to send, close and look up addresses, and reads its counters from a
+Counters object that the core made for it.
+"""
 from __future__ import annotations
 
 import enum
 import time
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable, Protocol
 
-from . import _core
 from ._client import close_fds
-
-if TYPE_CHECKING:
-    from ._server import Server
 
 
 class CloseReason(str, enum.Enum):
@@ -35,6 +36,37 @@ class CloseReason(str, enum.Enum):
         return self.value
 
 
+class Owner(Protocol):
+    """What a ClientHandle asks of the server it belongs to (pyuds.Server). Any thread: the
+    owner routes each request to its loop."""
+
+    def _send(self, client: ClientHandle, message: Any, fds: Iterable[Any]) -> None:
+        """ClientHandle.send()."""
+
+    def _close(self, client: ClientHandle) -> None:
+        """ClientHandle.close()."""
+
+    def _peer_address(self, client: ClientHandle) -> str | None:
+        """The address the client's socket is bound to; None if it has none."""
+
+
+class Counters(Protocol):
+    """A client's traffic counters, kept where they stay readable after it disconnected."""
+
+    def read(self) -> tuple[int, int, int, int]:
+        """(messages in, bytes in, messages out, bytes out), payload only."""
+
+
+def _counter(index: int, doc: str) -> property:
+    """A read-only property: the counter at index of the client's Counters.read()."""
+
+    def get(self: ClientHandle) -> int:
+        counters = self._counters
+        return counters.read()[index] if counters is not None else 0
+
+    return property(get, doc=doc)
+
+
 class ClientHandle:
     """One connected client (a data socket of the server), kept in ``server.clients``.
 
@@ -48,9 +80,10 @@ class ClientHandle:
     """
 
     __slots__ = ("id", "pid", "uid", "gid", "connected_at", "data", "close_reason",
-                 "_server", "_slot", "_stats", "_closed", "_admitted", "_fds", "_address")
+                 "_owner", "_slot", "_counters", "_closed", "_admitted", "_fds", "_address")
 
-    def __init__(self, server: Server, slot: int, cid: int, pid: int, uid: int, gid: int) -> None:
+    def __init__(self, owner: Owner, slot: int, cid: int, pid: int, uid: int, gid: int,
+                 counters: Counters | None) -> None:
         self.id = cid
         self.pid = pid
         self.uid = uid
@@ -58,9 +91,9 @@ class ClientHandle:
         self.connected_at = time.time()
         self.data: dict[Any, Any] = {}
         self.close_reason: CloseReason | None = None  #: set once disconnected
-        self._server = server
+        self._owner = owner
         self._slot = slot
-        self._stats: Any = None
+        self._counters = counters  # None: a datagram sender with no address, never counted
         self._closed = False     # close() was called or the connection is gone
         self._admitted = False   # on_connect accepted it: it is (or was) in the registry
         self._fds: list[int] | None = None  # descriptors that came with the message in hand
@@ -79,7 +112,7 @@ class ClientHandle:
         message cannot be framed, ValueError for more than 253 fds (or fds with an empty
         message on a stream, which cannot carry them), OSError(EBADF) for a descriptor that is
         not open."""
-        self._server._send(self, message, fds)
+        self._owner._send(self, message, fds)
 
     def take_fds(self) -> list[int]:
         """The file descriptors that came with the message being handled (SCM_RIGHTS),
@@ -96,7 +129,7 @@ class ClientHandle:
     def close(self) -> None:
         """Disconnects this client once the replies already queued for it are sent. No more
         messages from it reach the handler. Any thread; closing twice is harmless."""
-        self._server._close(self, "closed")
+        self._owner._close(self)
 
     @property
     def address(self) -> str | None:
@@ -104,8 +137,7 @@ class ClientHandle:
         name (a datagram client's, where replies go); None if it has none. Known while the
         client is connected (and afterwards, once asked)."""
         if self._address is False:
-            self._address = None if self._closed or self._slot < 0 else \
-                self._server._core.peer_address(self._slot, self.id)
+            self._address = None if self._closed or self._slot < 0 else self._owner._peer_address(self)
         return self._address  # type: ignore[return-value]
 
     @property
@@ -113,24 +145,10 @@ class ClientHandle:
         """True once close() was called or the client disconnected."""
         return self._closed
 
-    @property
-    def messages_received(self) -> int:
-        return _core.read_stats(self._stats)[0] if self._stats is not None else 0
-
-    @property
-    def bytes_received(self) -> int:
-        """Payload bytes received (framing not counted)."""
-        return _core.read_stats(self._stats)[1] if self._stats is not None else 0
-
-    @property
-    def messages_sent(self) -> int:
-        """Replies and pushed messages queued for this client."""
-        return _core.read_stats(self._stats)[2] if self._stats is not None else 0
-
-    @property
-    def bytes_sent(self) -> int:
-        """Payload bytes queued for this client (framing not counted)."""
-        return _core.read_stats(self._stats)[3] if self._stats is not None else 0
+    messages_received = _counter(0, "Messages received from this client.")
+    bytes_received = _counter(1, "Payload bytes received (framing not counted).")
+    messages_sent = _counter(2, "Replies and pushed messages queued for this client.")
+    bytes_sent = _counter(3, "Payload bytes queued for this client (framing not counted).")
 
     def __repr__(self) -> str:
         state = f"closed ({self.close_reason})" if self.close_reason else "closing" if self._closed else "open"

@@ -3,7 +3,8 @@ requests (send, close, broadcast, shutdown) that may come from any thread.
 
 Threads: one thread runs the loop (serve_forever(), or the thread start() made). Only that
 thread calls into the C server, except Core.wakeup(), which is made under self._lock while
-the server is serving. Other threads hand their requests over through self._pending.
+the server is serving. Other threads hand their requests over through self._pending. The
+Server is the handles' owner (pyuds._handle.Owner): it routes what they ask.
 """
 from __future__ import annotations
 
@@ -263,12 +264,11 @@ class Server:
     # ---- the loop's side: called by Core.serve() on the loop thread ----
 
     def _connected(self, slot: int, cid: int, pid: int, uid: int, gid: int) -> None:
-        client = ClientHandle(self, slot, cid, pid, uid, gid)
+        client = ClientHandle(self, slot, cid, pid, uid, gid, self._core.counters(slot, cid))
         handles = self._handles
         if slot >= len(handles):
             handles.extend([None] * (slot + 1 - len(handles)))
         handles[slot] = client
-        client._stats = self._core.bind_stats(slot, cid)
         if self._authorize is not None and not self._passes(client, self._authorize, "authorize", "unauthorized"):
             return
         if self._on_connect is not None and not self._passes(client, self._on_connect, "on_connect", "rejected"):
@@ -340,7 +340,7 @@ class Server:
     def _anonymous(self, pid: int, uid: int, gid: int) -> ClientHandle:
         """A handle for one datagram from a sender with no address: never in the registry,
         and nothing sent to it can arrive."""
-        client = ClientHandle(self, -1, 0, pid, uid, gid)
+        client = ClientHandle(self, -1, 0, pid, uid, gid, None)
         client._address = None
         return client
 
@@ -417,14 +417,17 @@ class Server:
                     os.close(fd)
                 raise
 
-    def _close(self, client: ClientHandle, reason: str) -> None:
+    def _close(self, client: ClientHandle) -> None:
         if client._closed:
             return
         client._closed = True
         if threading.get_ident() == self._loop_ident:
-            self._core.close(client._slot, client.id, reason)
+            self._core.close(client._slot, client.id, "closed")
         else:
             self._post("close", client, None, [])
+
+    def _peer_address(self, client: ClientHandle) -> str | None:
+        return self._core.peer_address(client._slot, client.id)
 
     def _broadcast_now(self, data: bytes) -> None:
         send = self._core.send
