@@ -29,6 +29,7 @@ from ._errors import (
     NotASocketError,
     PathTooLongError,
 )
+from ._handle import CloseReason
 try:
     from ._uds import ffi, lib
 except ImportError as exc:  # e.g. imported from a source checkout that was never built
@@ -47,7 +48,6 @@ FRAMING_CODES = {
     "raw": lib.UDS_FRAMING_RAW,
 }
 
-# C close reasons, by code, as the names pyuds.CloseReason uses.
 KIND_CODES = {
     "stream": lib.UDS_KIND_STREAM,
     "seqpacket": lib.UDS_KIND_SEQPACKET,
@@ -56,22 +56,14 @@ KIND_CODES = {
 
 SOCK_TYPE_NAMES = {"stream": "SOCK_STREAM", "seqpacket": "SOCK_SEQPACKET", "datagram": "SOCK_DGRAM"}
 
-REASON_NAMES = {
-    lib.UDS_CLOSE_PEER: "peer",
-    lib.UDS_CLOSE_ERROR: "error",
-    lib.UDS_CLOSE_TOO_LARGE: "too_large",
-    lib.UDS_CLOSE_SHUTDOWN: "shutdown",
-    lib.UDS_CLOSE_CLOSED: "closed",
-    lib.UDS_CLOSE_REJECTED: "rejected",
-    lib.UDS_CLOSE_HANDLER_ERROR: "handler_error",
-    lib.UDS_CLOSE_IDLE_TIMEOUT: "idle_timeout",
-    lib.UDS_CLOSE_FRAME_TIMEOUT: "frame_timeout",
-    lib.UDS_CLOSE_SLOW_CONSUMER: "slow_consumer",
-    lib.UDS_CLOSE_UNAUTHORIZED: "unauthorized",
-    lib.UDS_CLOSE_TOO_MANY_FDS: "too_many_fds",
-    lib.UDS_CLOSE_EVICTED: "evicted",
-}
-REASON_CODES = {name: code for code, name in REASON_NAMES.items()}
+# Close reasons: CloseReason is the one table; C names each code after its member
+# (UDS_CLOSE_PEER for CloseReason.PEER, ...). By member for uds_close(), and by code as a list
+# for the CLOSED events.
+REASON_CODES = {reason: getattr(lib, "UDS_CLOSE_" + reason.name) for reason in CloseReason}
+REASONS: list[CloseReason | None] = [None] * lib.UDS_CLOSE_REASONS
+for _reason, _code in REASON_CODES.items():
+    REASONS[_code] = _reason
+del _reason, _code
 EV_MESSAGE, EV_CONNECTED, EV_CLOSED = lib.UDS_EV_MESSAGE, lib.UDS_EV_CONNECTED, lib.UDS_EV_CLOSED
 
 
@@ -329,7 +321,7 @@ class Core:
                 client, TypeError(f"handler returned {type(reply).__name__}; it must return bytes or None"))
             return None
 
-    def close(self, slot: int, cid: int, reason: str) -> None:
+    def close(self, slot: int, cid: int, reason: CloseReason) -> None:
         lib.uds_close(self._srv, slot, cid, REASON_CODES[reason])  # -ENOTCONN: already gone
 
     def check_frame(self, data: bytes) -> int:
@@ -370,7 +362,7 @@ class Core:
             "dgrams_truncated": st.dgrams_truncated,
             "dgrams_refused": st.dgrams_refused,
             "replies_unroutable": st.replies_unroutable,
-            "closed": {name: st.closed[code] for code, name in REASON_NAMES.items()},
+            "closed": {reason.value: st.closed[code] for reason, code in REASON_CODES.items()},
         }
 
     def wakeup(self) -> None:
@@ -492,7 +484,7 @@ class Core:
             elif kind == EV_CONNECTED:
                 server._connected(ev.slot, ev.id, ev.pid, ev.uid, ev.gid)
             elif kind == EV_CLOSED:
-                server._disconnected(ev.slot, REASON_NAMES[ev.reason], ev.err, ev.len)
+                server._disconnected(ev.slot, REASONS[ev.reason], ev.err, ev.len)
             else:
                 server._refused(ev.pid, ev.uid, ev.gid)
 

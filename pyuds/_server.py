@@ -269,9 +269,11 @@ class Server:
         if slot >= len(handles):
             handles.extend([None] * (slot + 1 - len(handles)))
         handles[slot] = client
-        if self._authorize is not None and not self._passes(client, self._authorize, "authorize", "unauthorized"):
+        if self._authorize is not None and not self._passes(client, self._authorize, "authorize",
+                                                            CloseReason.UNAUTHORIZED):
             return
-        if self._on_connect is not None and not self._passes(client, self._on_connect, "on_connect", "rejected"):
+        if self._on_connect is not None and not self._passes(client, self._on_connect, "on_connect",
+                                                             CloseReason.REJECTED):
             return
         client._admitted = True
         self._clients[cid] = client
@@ -279,7 +281,8 @@ class Server:
             client._address = self._core.peer_address(slot, cid)
         log.debug("client %d connected (pid %d, uid %d, gid %d)", cid, pid, uid, gid)
 
-    def _passes(self, client: ClientHandle, hook: Callable[[ClientHandle], Any], name: str, reason: str) -> bool:
+    def _passes(self, client: ClientHandle, hook: Callable[[ClientHandle], Any], name: str,
+                reason: CloseReason) -> bool:
         """Runs authorize or on_connect; False (and the client closed) if it refused the client
         or raised."""
         try:
@@ -294,17 +297,16 @@ class Server:
         except Exception:
             log.exception("%s raised for client %d (pid %d); refusing it", name, client.id, client.pid)
             self._handler_errors += 1
-            reason = "handler_error"
+            reason = CloseReason.HANDLER_ERROR
         client._closed = True
         self._core.close(client._slot, client.id, reason)
         return False
 
-    def _disconnected(self, slot: int, reason_name: str, err: int, discarded: int) -> None:
+    def _disconnected(self, slot: int, reason: CloseReason, err: int, discarded: int) -> None:
         client = self._handles[slot]
         self._handles[slot] = None
         assert client is not None
         client._closed = True
-        reason = CloseReason(reason_name)
         client.close_reason = reason
         if reason is CloseReason.TOO_LARGE:
             log.error("client %d sent a message larger than max_message_size (%d bytes); disconnected it",
@@ -361,7 +363,7 @@ class Server:
         log.error("handler raised on a message from client %d (pid %d); closing that client",
                   client.id, client.pid, exc_info=exc)
         client._closed = True
-        self._core.close(client._slot, client.id, "handler_error")
+        self._core.close(client._slot, client.id, CloseReason.HANDLER_ERROR)
 
     def _reply_failed(self, client: ClientHandle, rc: int) -> None:
         exc = send_error(rc, client.id)
@@ -384,7 +386,7 @@ class Server:
                     for fd in fds:  # our duplicates: C made its own
                         os.close(fd)
             elif op == "close":
-                self._core.close(client._slot, client.id, "closed")
+                self._core.close(client._slot, client.id, CloseReason.CLOSED)
             else:
                 self._broadcast_now(data)
 
@@ -422,7 +424,7 @@ class Server:
             return
         client._closed = True
         if threading.get_ident() == self._loop_ident:
-            self._core.close(client._slot, client.id, "closed")
+            self._core.close(client._slot, client.id, CloseReason.CLOSED)
         else:
             self._post("close", client, None, [])
 
