@@ -346,21 +346,23 @@ class Core:
         return lib.uds_live(self._srv)
 
     def stats(self) -> dict[str, Any]:
-        """The C server's counters (any thread, while the server exists)."""
+        """The C server's counters under the names pyuds.Server.stats() gives them, in its order
+        (it adds handler_errors). Any thread, while the server exists."""
         st = ffi.new("uds_server_stats *")
         lib.uds_server_stats_get(self._srv, st)
         return {
-            "accepted": st.accepted,
-            "current": st.current,
+            "connections_accepted": st.accepted,
+            "connections_rejected": st.closed[REASON_CODES[CloseReason.REJECTED]],
+            "connections_current": st.current,
             "messages_in": st.msgs_in,
             "bytes_in": st.bytes_in,
             "messages_out": st.msgs_out,
             "bytes_out": st.bytes_out,
             "accept_pauses": st.accept_pauses,
-            "fds_in": st.fds_in,
-            "fds_out": st.fds_out,
-            "dgrams_truncated": st.dgrams_truncated,
-            "dgrams_refused": st.dgrams_refused,
+            "fds_received": st.fds_in,
+            "fds_sent": st.fds_out,
+            "datagrams_truncated": st.dgrams_truncated,
+            "datagrams_refused": st.dgrams_refused,
             "replies_unroutable": st.replies_unroutable,
             "closed": {reason.value: st.closed[code] for reason, code in REASON_CODES.items()},
         }
