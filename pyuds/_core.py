@@ -17,8 +17,9 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections import deque
 from struct import error as StructError, pack_into, unpack_from
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from ._address import SUN_PATH_MAX, to_sockaddr
 from ._config import DGRAM_IDLE_TIMEOUT, ServerConfig
@@ -233,21 +234,21 @@ class Core:
         self._replies: list[bytes | None] = []
         self._first = 0
         self._server: Server | None = None
+        self._stopping = False
+        # Requests from other threads: (function, arguments, descriptors they own).
+        self._pending: deque[tuple[Callable[..., Any], tuple[Any, ...], list[int]]] = deque()
 
-    # ---- requests from the server; all but wakeup() on the loop's thread ----
+    # ---- requests from the server; on the loop's thread unless they say otherwise ----
 
-    def send(self, slot: int, cid: int, data: bytes) -> int:
-        """Queues data for the client; returns 0 or a negated errno (see send_error). Replies
-        collected so far in this batch go first, so that output keeps the order it was made in."""
+    def send(self, slot: int, cid: int, data: bytes, fds: list[int] | None = None) -> int:
+        """Queues data for the client, with descriptors fds (C duplicates them at once: the
+        caller keeps its own); returns 0 or a negated errno (see send_error). Replies collected
+        so far in this batch go first, so that output keeps the order it was made in."""
         if self._replies:
             self.flush_replies()
+        if fds:
+            return lib.uds_send_fds(self._srv, slot, cid, data, len(data), fds, len(fds))
         return lib.uds_send(self._srv, slot, cid, data, len(data))
-
-    def send_fds(self, slot: int, cid: int, data: bytes, fds: list[int]) -> int:
-        """send() with descriptors, which C duplicates at once (the caller keeps its own)."""
-        if self._replies:
-            self.flush_replies()
-        return lib.uds_send_fds(self._srv, slot, cid, data, len(data), fds, len(fds))
 
     def flush_replies(self) -> None:
         """Sends the replies collected for this batch so far, in one call."""
@@ -378,26 +379,55 @@ class Core:
         return self._srv is not None
 
     def free(self) -> None:
-        """Closes everything (no events), removes the socket file if it is still ours."""
+        """Closes everything (no events), removes the socket file if it is still ours, and
+        discards the requests still posted (closing their descriptors)."""
         if self._srv is not None:
             lib.uds_server_free(self._srv)
             self._srv = None
+        for _fn, _args, fds in self._pending:
+            for fd in fds:
+                os.close(fd)
+        self._pending.clear()
+
+    def stop(self) -> None:
+        """Makes serve() return after the batch in hand. Any thread, and signal handlers: it
+        only sets a flag (a signal wakes the poll through the wakeup fd; from another thread,
+        call wakeup() too)."""
+        self._stopping = True
+
+    def post(self, fn: Callable[..., Any], args: tuple[Any, ...], fds: list[int]) -> None:
+        """Queues fn(*args) for the loop's thread, which runs it after the batch in hand, and
+        wakes the loop. fds: descriptors the request owns, closed once it ran (or by free()).
+        Any thread, while the C server exists (pyuds.Server posts under the lock it frees it
+        under)."""
+        self._pending.append((fn, args, fds))
+        self.wakeup()
+
+    def run_posted(self) -> None:
+        """Runs the requests posted so far, in order. Loop thread."""
+        pending = self._pending
+        while pending:
+            fn, args, fds = pending.popleft()
+            try:
+                fn(*args)
+            finally:
+                for fd in fds:  # the request's own duplicates: C made its own
+                    os.close(fd)
 
     # ---- the loop ----
 
     def serve(self, server: Server, draining: bool) -> None:
-        """Polls and dispatches until server._stopping is set, or, when draining, until every
-        client is closed."""
+        """Polls and dispatches until stop(), or, when draining, until every client is closed."""
         self._server = server
         # Locals, not attribute chains: these loops run once per message.
         srv, events, cap, batch = self._srv, self._events, self._cap, self._batch
         poll, live, unpack = lib.uds_poll_batch, lib.uds_live, ffi.unpack
         layout, pack = self._layout, self._pack_buf
         run_slot_mv, run_end_mv = self._run_slot_mv, self._run_end_mv
-        handler, handles, pending = server._handler, server._handles, server._pending
+        handler, handles, pending = server._handler, server._handles, self._pending
         failed, flush, replies = server._handler_failed, self.flush_replies, self._replies
         other, kind = self._as_reply, type
-        while (live(srv) > 0) if draining else not server._stopping:
+        while (live(srv) > 0) if draining else not self._stopping:
             n = poll(srv, events, cap, -1, batch)
             if n < 0:
                 check(n)
@@ -446,7 +476,7 @@ class Core:
                         start = end
                 flush()
             if pending:
-                server._run_pending()
+                self.run_posted()
 
     def _dispatch_events(self, server: Server, n: int, any_fds: int) -> None:
         """The per-event path: small batches, and those with connects, closes or payloads too

@@ -2,14 +2,13 @@
 requests (send, close, broadcast, shutdown) that may come from any thread.
 
 Threads: one thread runs the loop (serve_forever(), or the thread start() made). Only that
-thread calls into the C server, except Core.wakeup(), which is made under self._lock while
-the server is serving. Other threads hand their requests over through self._pending. The
-Server is the handles' owner (pyuds._handle.Owner): it routes what they ask.
+thread calls into the C server, except Core.wakeup() and Core.post(), which are made under
+self._lock while the server is serving: other threads hand their requests over with
+Core.post(). The Server is the handles' owner (pyuds._handle.Owner): it routes what they ask.
 """
 from __future__ import annotations
 
 import atexit
-import collections
 import dataclasses
 import logging
 import os
@@ -93,10 +92,8 @@ class Server:
         self._clients: dict[int, ClientHandle] = {}
         self._clients_view = types.MappingProxyType(self._clients)
         self._handles: list[ClientHandle | None] = []   # by slot, for the loop
-        self._pending: collections.deque = collections.deque()  # requests from other threads
         self._lock = threading.Lock()
         self._state = _READY
-        self._stopping = False
         self._loop_ident: int | None = None
         self._started = threading.Event()
         self._done = threading.Event()
@@ -193,7 +190,7 @@ class Server:
         harmless."""
         with self._lock:
             state = self._state
-            self._stopping = True
+            self._core.stop()
             if state == _READY:
                 self._state = _CLOSED
                 self._final_stats = self._core.stats()
@@ -239,7 +236,7 @@ class Server:
         if threading.get_ident() == self._loop_ident:
             self._broadcast_now(data)
         else:
-            self._post("broadcast", None, data, [])
+            self._post(self._broadcast_now, (data,), [])
 
     def __enter__(self) -> Server:
         return self
@@ -360,25 +357,6 @@ class Server:
             return  # the client vanished: nobody to reply to
         self._handler_failed(client, exc)
 
-    def _run_pending(self) -> None:
-        pending = self._pending
-        while pending:
-            op, client, data, fds = pending.popleft()
-            if op == "send":
-                try:
-                    if not client._closed:
-                        if fds:
-                            self._core.send_fds(client._slot, client.id, data, fds)
-                        else:
-                            self._core.send(client._slot, client.id, data)  # framing checked already
-                finally:
-                    for fd in fds:  # our duplicates: C made its own
-                        os.close(fd)
-            elif op == "close":
-                self._core.close(client._slot, client.id, CloseReason.CLOSED)
-            else:
-                self._broadcast_now(data)
-
     # ---- requests from any thread ----
 
     def _send(self, client: ClientHandle, message: bytes, fds: Iterable[Any] = ()) -> None:
@@ -393,20 +371,22 @@ class Server:
             raise ValueError("a stream carries file descriptors only with at least one byte: "
                              "an empty raw-framed message cannot")
         if threading.get_ident() == self._loop_ident:
-            core = self._core
-            rc = core.send_fds(client._slot, client.id, data, fd_list) if fd_list else \
-                core.send(client._slot, client.id, data)
+            rc = self._core.send(client._slot, client.id, data, fd_list)
             if rc:
                 raise send_error(rc, client.id)
         else:
             # Duplicated now: the caller may close its own once send() returns.
             dups = [os.dup(fd) for fd in fd_list]
             try:
-                self._post("send", client, data, dups)
+                self._post(self._send_posted, (client, data, dups), dups, client)
             except BaseException:
                 for fd in dups:
                     os.close(fd)
                 raise
+
+    def _send_posted(self, client: ClientHandle, data: bytes, fds: list[int]) -> None:
+        if not client._closed:  # (closed since it was posted)
+            self._core.send(client._slot, client.id, data, fds)  # framing checked already
 
     def _close(self, client: ClientHandle) -> None:
         if client._closed:
@@ -415,7 +395,7 @@ class Server:
         if threading.get_ident() == self._loop_ident:
             self._core.close(client._slot, client.id, CloseReason.CLOSED)
         else:
-            self._post("close", client, None, [])
+            self._post(self._core.close, (client._slot, client.id, CloseReason.CLOSED), [], client)
 
     def _peer_address(self, client: ClientHandle) -> str | None:
         return self._core.peer_address(client._slot, client.id)
@@ -435,15 +415,16 @@ class Server:
             raise send_error(rc, 0)
         return data
 
-    def _post(self, op: str, client: ClientHandle | None, data: bytes | None, fds: list[int]) -> None:
-        """Hands a request to the loop thread (fds: descriptors it will close)."""
+    def _post(self, fn: Callable[..., Any], args: tuple[Any, ...], fds: list[int],
+              client: ClientHandle | None = None) -> None:
+        """Hands fn(*args) to the loop thread (fds: descriptors it will close); the request is
+        about client, if one."""
         with self._lock:
             if self._state != _SERVING or self._done.is_set():
                 if client is not None:
                     raise ClientClosedError(f"client {client.id} is disconnected (the server is {self._state})")
                 return  # a broadcast with no server running reaches nobody
-            self._pending.append((op, client, data, fds))
-            self._core.wakeup()
+            self._core.post(fn, args, fds)
 
     # ---- life ----
 
@@ -459,7 +440,7 @@ class Server:
         core = self._core
         try:
             if graceful:
-                self._run_pending()
+                core.run_posted()
                 remaining = core.shutdown()
                 log.info("shutting down %s: closing %d clients", self._path, remaining)
                 core.serve(self, draining=True)
@@ -469,11 +450,7 @@ class Server:
                 self._state = _CLOSED
                 if core.is_open():
                     self._final_stats = core.stats()
-                core.free()
-                for _op, _client, _data, fds in self._pending:
-                    for fd in fds:
-                        os.close(fd)
-                self._pending.clear()
+                core.free()  # and the requests still posted
             for client in self._clients.values():  # only after a failure: normally empty
                 client._closed = True
             self._clients.clear()
@@ -505,7 +482,7 @@ class Server:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         log.info("received %s: shutting down", signal.Signals(signum).name)
-        self._stopping = True
+        self._core.stop()
 
 
 def _collect(core: Core, path: str) -> None:
