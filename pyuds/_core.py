@@ -1,7 +1,16 @@
-"""The one module that touches the C extension.
+"""The one module that touches the C extension: the C server, its event batch and the loop.
 
-Rule: nothing else in pyuds imports ``ffi`` or ``lib``, and no cdata leaves this module.
-Everything above it sees ints, bytes and Python objects.
+Layering, bottom to top: a module imports only modules below it, never one above::
+
+    _errors, _config  ->  _address  ->  _framing  ->  _client  ->  _handle
+        ->  _core  ->  _registry  ->  _server  ->  _bench  ->  _cli  ->  __main__
+
+(``__init__`` imports the public names from below ``_cli``.) Nothing but this module imports
+``ffi`` or ``lib``, and no cdata leaves it: everything above it sees ints, bytes and Python
+objects. It never imports above itself: it calls the registry it is handed (the Registry
+protocol below; pyuds._registry implements it) and reports to it what happens to clients, and
+the handles it indexes talk to their server through pyuds._handle.Owner, not through here.
+tests/test_layering.py checks these rules.
 
 The C loop never calls into Python. ``Core.serve()`` pulls a batch of events with one
 ``uds_poll_batch()`` call (cffi releases the GIL around it), then walks the batch, a handler
@@ -19,7 +28,7 @@ import os
 import stat
 from collections import deque
 from struct import error as StructError, pack_into, unpack_from
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Optional, Protocol
 
 from ._address import SUN_PATH_MAX, to_sockaddr
 from ._config import DGRAM_IDLE_TIMEOUT, ServerConfig
@@ -30,7 +39,7 @@ from ._errors import (
     NotASocketError,
     PathTooLongError,
 )
-from ._handle import CloseReason
+from ._handle import ClientHandle, CloseReason
 try:
     from ._uds import ffi, lib
 except ImportError as exc:  # e.g. imported from a source checkout that was never built
@@ -40,8 +49,7 @@ except ImportError as exc:  # e.g. imported from a source checkout that was neve
         f"(imported from {__file__})"
     ) from exc
 
-if TYPE_CHECKING:
-    from ._server import Server
+Handler = Callable[[ClientHandle, bytes], Optional[bytes]]
 
 FRAMING_CODES = {
     "u32": lib.UDS_FRAMING_U32,
@@ -65,6 +73,7 @@ REASONS: list[CloseReason | None] = [None] * lib.UDS_CLOSE_REASONS
 for _reason, _code in REASON_CODES.items():
     REASONS[_code] = _reason
 del _reason, _code
+
 EV_MESSAGE, EV_CONNECTED, EV_CLOSED = lib.UDS_EV_MESSAGE, lib.UDS_EV_CONNECTED, lib.UDS_EV_CLOSED
 
 
@@ -151,6 +160,34 @@ def _name(get: Any, *args: Any) -> str | None:
     return os.fsdecode(ffi.unpack(name, length[0]))
 
 
+class Registry(Protocol):
+    """The client registry the loop is handed (pyuds._registry.Registry implements it): the
+    loop indexes its handles and tells it what happens to clients. Loop thread only."""
+
+    #: The ClientHandle in each slot (None: no client there); one list for the registry's
+    #: whole life, which the loop keeps in a local.
+    handles: list[ClientHandle | None]
+
+    def connected(self, slot: int, cid: int, pid: int, uid: int, gid: int) -> None:
+        """A client connected: admits it, or refuses it (closes it)."""
+
+    def disconnected(self, slot: int, reason: CloseReason, err: int, discarded: int) -> None:
+        """The client in slot is gone. err: the errno of an ERROR; discarded: output bytes
+        given up."""
+
+    def refused(self, pid: int, uid: int, gid: int) -> None:
+        """The uid/gid policy refused a client at accept (it never became one)."""
+
+    def anonymous(self, pid: int, uid: int, gid: int) -> ClientHandle:
+        """A handle for one datagram from a sender with no address."""
+
+    def handler_failed(self, client: ClientHandle, exc: Exception) -> None:
+        """The handler raised exc on a message from client (or returned no bytes)."""
+
+    def reply_failed(self, client: ClientHandle, exc: Exception) -> None:
+        """A reply to client could not be queued, for the reason exc gives."""
+
+
 class ClientCounters:
     """One client's counters (pyuds._handle.Counters). C writes them into memory this object
     owns until the client's CLOSED event and never after, so they stay readable."""
@@ -166,7 +203,8 @@ class ClientCounters:
 
 
 class Core:
-    """One C server, its event batch and the loop that dispatches it."""
+    """One C server, its event batch, the loop that dispatches it, and the loop's own state:
+    whether to stop, and the requests other threads posted to it."""
 
     def __init__(self, path: str | None, config: ServerConfig, sock_fd: int | None = None) -> None:
         """Binds path (a file, or "@name" in the abstract namespace), or serves on the bound
@@ -233,7 +271,8 @@ class Core:
         # reply to event first + i, as bytes, or None for none.
         self._replies: list[bytes | None] = []
         self._first = 0
-        self._server: Server | None = None
+        self._registry: Registry | None = None  # those serve() was given
+        self._handler: Handler | None = None
         self._stopping = False
         # Requests from other threads: (function, arguments, descriptors they own).
         self._pending: deque[tuple[Callable[..., Any], tuple[Any, ...], list[int]]] = deque()
@@ -283,9 +322,9 @@ class Core:
 
     def _reply_failed_at(self, ev: Any, rc: int) -> None:
         """Reports a reply to event ev that failed, if its client still holds that slot."""
-        client = self._server._handles[ev.slot]
+        client = self._registry.handles[ev.slot]
         if client is not None and client.id == ev.id:
-            self._server._reply_failed(client, rc)
+            self._registry.reply_failed(client, send_error(rc, client.id))
 
     def _flush_each(self, first: int, replies: list[bytes | None]) -> None:
         """The replies of a batch with some None (no reply) or a big one, in order: the others
@@ -318,7 +357,7 @@ class Core:
         try:
             return bytes(memoryview(reply))
         except TypeError:
-            self._server._handler_failed(
+            self._registry.handler_failed(
                 client, TypeError(f"handler returned {type(reply).__name__}; it must return bytes or None"))
             return None
 
@@ -416,24 +455,23 @@ class Core:
 
     # ---- the loop ----
 
-    def serve(self, server: Server, draining: bool) -> None:
+    def serve(self, registry: Registry, handler: Handler, draining: bool) -> None:
         """Polls and dispatches until stop(), or, when draining, until every client is closed."""
-        self._server = server
+        self._registry, self._handler = registry, handler
         # Locals, not attribute chains: these loops run once per message.
         srv, events, cap, batch = self._srv, self._events, self._cap, self._batch
         poll, live, unpack = lib.uds_poll_batch, lib.uds_live, ffi.unpack
         layout, pack = self._layout, self._pack_buf
         run_slot_mv, run_end_mv = self._run_slot_mv, self._run_end_mv
-        handler, handles, pending = server._handler, server._handles, self._pending
-        failed, flush, replies = server._handler_failed, self.flush_replies, self._replies
-        other, kind = self._as_reply, type
+        handles, failed, pending = registry.handles, registry.handler_failed, self._pending
+        flush, replies, other, kind = self.flush_replies, self._replies, self._as_reply, type
         while (live(srv) > 0) if draining else not self._stopping:
             n = poll(srv, events, cap, -1, batch)
             if n < 0:
                 check(n)
             self._first = 0
             if n <= SMALL_BATCH or not batch.all_packed:
-                self._dispatch_events(server, n, batch.any_fds)
+                self._dispatch_events(n, batch.any_fds)
             else:
                 # Every event is a message whose payload is in pack: one call makes all their
                 # bytes objects. One reply (or None) per event is kept; they are checked and
@@ -478,18 +516,19 @@ class Core:
             if pending:
                 self.run_posted()
 
-    def _dispatch_events(self, server: Server, n: int, any_fds: int) -> None:
+    def _dispatch_events(self, n: int, any_fds: int) -> None:
         """The per-event path: small batches, and those with connects, closes or payloads too
         big to pack. Replies go out one call each (large ones without an extra copy)."""
         srv, events, unpack, send = self._srv, self._events, ffi.unpack, lib.uds_reply
-        handler, handles = server._handler, server._handles
+        registry, handler = self._registry, self._handler
+        handles = registry.handles
         for i in range(n):
             ev = events[i]
             kind = ev.type
             if kind == EV_MESSAGE:
                 slot = ev.slot
                 # slot -1: a datagram from a sender with no address, heard but unanswerable.
-                client = handles[slot] if slot >= 0 else server._anonymous(ev.pid, ev.uid, ev.gid)
+                client = handles[slot] if slot >= 0 else registry.anonymous(ev.pid, ev.uid, ev.gid)
                 nfds = ev.nfds if any_fds else 0  # (a field read less per message when none has)
                 if nfds:
                     # Ours now: the handler may take them; the rest are closed after it.
@@ -500,7 +539,7 @@ class Core:
                 try:
                     reply = handler(client, unpack(ev.data, ev.len))
                 except Exception as exc:
-                    server._handler_failed(client, exc)
+                    registry.handler_failed(client, exc)
                     continue
                 finally:
                     if nfds:
@@ -512,13 +551,13 @@ class Core:
                         data = self._as_reply(client, reply)
                         rc = 0 if data is None else send(srv, slot, ev.id, data, len(data))
                     if rc:
-                        server._reply_failed(client, rc)
+                        registry.reply_failed(client, send_error(rc, client.id))
             elif kind == EV_CONNECTED:
-                server._connected(ev.slot, ev.id, ev.pid, ev.uid, ev.gid)
+                registry.connected(ev.slot, ev.id, ev.pid, ev.uid, ev.gid)
             elif kind == EV_CLOSED:
-                server._disconnected(ev.slot, REASONS[ev.reason], ev.err, ev.len)
+                registry.disconnected(ev.slot, REASONS[ev.reason], ev.err, ev.len)
             else:
-                server._refused(ev.pid, ev.uid, ev.gid)
+                registry.refused(ev.pid, ev.uid, ev.gid)
 
 
 def run_loadgen(argv: list[str]) -> int:

@@ -1,5 +1,6 @@
-"""The Server: configuration, the registry of client handles, the loop's life, and the
-requests (send, close, broadcast, shutdown) that may come from any thread.
+"""The Server: configuration, the loop's life (threads, signals, shutdown), statistics, and
+the requests (send, close, broadcast, shutdown) that may come from any thread. The clients
+themselves are kept by its Registry (pyuds._registry); the loop is its Core's (pyuds._core).
 
 Threads: one thread runs the loop (serve_forever(), or the thread start() made). Only that
 thread calls into the C server, except Core.wakeup() and Core.post(), which are made under
@@ -15,21 +16,19 @@ import os
 import signal
 import socket
 import threading
-import time
-import types
 import warnings
 import weakref
-from typing import Any, Callable, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Union
 
 from ._client import fd_numbers
 from ._config import ServerConfig
-from ._core import Core, send_error
+from ._core import Core, Handler, send_error
 from ._errors import ClientClosedError
 from ._handle import ClientHandle, CloseReason
+from ._registry import Registry
 
 log = logging.getLogger("pyuds")
 
-Handler = Callable[[ClientHandle, bytes], Optional[bytes]]
 PathLike = Union[str, "os.PathLike[str]"]
 
 _READY, _SERVING, _CLOSED = "ready", "serving", "closed"
@@ -84,21 +83,12 @@ class Server:
                             else "a socket path or sock= is required")
         self._config = config
         self._handler = handler if handler is not None else echo
-        self._authorize = authorize
-        self._on_connect = on_connect
-        self._on_disconnect = on_disconnect
-        self._refusals = 0            # clients the uid/gid policy refused, not yet logged
-        self._refusal_logged = 0.0    # when that was last logged (monotonic)
-        self._clients: dict[int, ClientHandle] = {}
-        self._clients_view = types.MappingProxyType(self._clients)
-        self._handles: list[ClientHandle | None] = []   # by slot, for the loop
         self._lock = threading.Lock()
         self._state = _READY
         self._loop_ident: int | None = None
         self._started = threading.Event()
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
-        self._handler_errors = 0
         self._final_stats: dict[str, Any] | None = None
         sock_fd = None
         if sock is not None:
@@ -107,6 +97,7 @@ class Server:
                 raise ValueError("sock is closed")
         self._core = Core(None if path is None else os.fspath(path), config, sock_fd)
         self._path = self._core.address
+        self._registry = Registry(self._core, self, config, authorize, on_connect, on_disconnect)
         # A server dropped without shutdown() still closes its sockets and removes its file
         # when collected, with a ResourceWarning, as an unclosed socket does.
         # Not at interpreter exit: atexit runs the last registered first, so this would free the
@@ -139,7 +130,7 @@ class Server:
     def clients(self) -> Mapping[int, ClientHandle]:
         """Live, read-only mapping of client id to ClientHandle, for every connected client.
         From another thread than the loop's, iterate over a copy: ``dict(server.clients)``."""
-        return self._clients_view
+        return self._registry.clients
 
     @property
     def serving(self) -> bool:
@@ -163,7 +154,7 @@ class Server:
         restore = self._install_signal_handlers()
         graceful = False
         try:
-            self._core.serve(self, draining=False)
+            self._core.serve(self._registry, self._handler, draining=False)
             graceful = True
         finally:
             try:
@@ -226,8 +217,8 @@ class Server:
         stats: dict[str, Any] = {}
         for name, value in core.items():
             stats[name] = dict(value) if name == "closed" else value
-            if name == "bytes_out":  # handler errors are counted here, not in C
-                stats["handler_errors"] = self._handler_errors
+            if name == "bytes_out":  # handler errors are counted by the registry, not in C
+                stats["handler_errors"] = self._registry.handler_errors
         return stats
 
     def broadcast(self, message: bytes) -> None:
@@ -245,117 +236,7 @@ class Server:
         self.shutdown()
 
     def __repr__(self) -> str:
-        return f"<pyuds.Server {self._path!r} {self._state}, {len(self._clients)} clients>"
-
-    # ---- the loop's side: called by Core.serve() on the loop thread ----
-
-    def _connected(self, slot: int, cid: int, pid: int, uid: int, gid: int) -> None:
-        client = ClientHandle(self, slot, cid, pid, uid, gid, self._core.counters(slot, cid))
-        handles = self._handles
-        if slot >= len(handles):
-            handles.extend([None] * (slot + 1 - len(handles)))
-        handles[slot] = client
-        if self._authorize is not None and not self._passes(client, self._authorize, "authorize",
-                                                            CloseReason.UNAUTHORIZED):
-            return
-        if self._on_connect is not None and not self._passes(client, self._on_connect, "on_connect",
-                                                             CloseReason.REJECTED):
-            return
-        client._admitted = True
-        self._clients[cid] = client
-        if self._config.kind == "datagram":
-            client._address = self._core.peer_address(slot, cid)
-        log.debug("client %d connected (pid %d, uid %d, gid %d)", cid, pid, uid, gid)
-
-    def _passes(self, client: ClientHandle, hook: Callable[[ClientHandle], Any], name: str,
-                reason: CloseReason) -> bool:
-        """Runs authorize or on_connect; False (and the client closed) if it refused the client
-        or raised."""
-        try:
-            verdict = hook(client)
-            # authorize fails closed: only a true value admits (a hook that forgot to return
-            # refuses); on_connect refuses only with an explicit False.
-            if (verdict if name == "authorize" else verdict is not False):
-                return True
-            log.log(logging.WARNING if name == "authorize" else logging.DEBUG,
-                    "client %d (pid %d, uid %d, gid %d) refused by %s()", client.id, client.pid, client.uid,
-                    client.gid, name)
-        except Exception:
-            log.exception("%s raised for client %d (pid %d); refusing it", name, client.id, client.pid)
-            self._handler_errors += 1
-            reason = CloseReason.HANDLER_ERROR
-        client._closed = True
-        self._core.close(client._slot, client.id, reason)
-        return False
-
-    def _disconnected(self, slot: int, reason: CloseReason, err: int, discarded: int) -> None:
-        client = self._handles[slot]
-        self._handles[slot] = None
-        assert client is not None
-        client._closed = True
-        client.close_reason = reason
-        if reason is CloseReason.TOO_LARGE:
-            log.error("client %d sent a message larger than max_message_size (%d bytes); disconnected it",
-                      client.id, self._config.max_message_size)
-        elif reason is CloseReason.ERROR:
-            log.warning("client %d: socket error: %s", client.id, os.strerror(err) if err else "unknown")
-        elif reason is CloseReason.SLOW_CONSUMER:
-            log.warning("client %d disconnected as a slow consumer: it does not read, and its unsent output "
-                        "passed max_output_buffer (%d bytes)", client.id, self._config.max_output_buffer)
-        elif reason is CloseReason.FRAME_TIMEOUT:
-            log.warning("client %d disconnected: it began a message and did not finish it within %gs",
-                        client.id, self._config.frame_timeout)
-        elif reason is CloseReason.TOO_MANY_FDS:
-            log.error("client %d passed more file descriptors with a message than max_fds (%d) allows; "
-                      "disconnected it", client.id, self._config.max_fds)
-        elif reason is CloseReason.IDLE_TIMEOUT:
-            log.debug("client %d closed after %gs idle", client.id, self._config.idle_timeout)
-        if discarded and reason in (CloseReason.PEER, CloseReason.ERROR):
-            log.debug("client %d went away with %d bytes of output unsent", client.id, discarded)
-        elif discarded and reason is not CloseReason.SLOW_CONSUMER:
-            log.warning("client %d: %d bytes of output given up at close (not read within %gs)",
-                        client.id, discarded, self._config.flush_timeout)
-        if not client._admitted:
-            return
-        del self._clients[client.id]
-        log.debug("client %d disconnected (%s)", client.id, reason)
-        if self._on_disconnect is not None:
-            try:
-                self._on_disconnect(client, reason)
-            except Exception:
-                log.exception("on_disconnect raised for client %d", client.id)
-
-    def _anonymous(self, pid: int, uid: int, gid: int) -> ClientHandle:
-        """A handle for one datagram from a sender with no address: never in the registry,
-        and nothing sent to it can arrive."""
-        client = ClientHandle(self, -1, 0, pid, uid, gid, None)
-        client._address = None
-        return client
-
-    def _refused(self, pid: int, uid: int, gid: int) -> None:
-        """A client the uid/gid policy refused at accept. Logged at most once a second, so that
-        a flood of them cannot flood the log."""
-        self._refusals += 1
-        now = time.monotonic()
-        if now - self._refusal_logged >= 1.0:
-            more = f" (and {self._refusals - 1} more since the last report)" if self._refusals > 1 else ""
-            log.warning("refused a client (pid %d, uid %d, gid %d): not in allow_uid / allow_gid%s",
-                        pid, uid, gid, more)
-            self._refusals = 0
-            self._refusal_logged = now
-
-    def _handler_failed(self, client: ClientHandle, exc: Exception) -> None:
-        self._handler_errors += 1
-        log.error("handler raised on a message from client %d (pid %d); closing that client",
-                  client.id, client.pid, exc_info=exc)
-        client._closed = True
-        self._core.close(client._slot, client.id, CloseReason.HANDLER_ERROR)
-
-    def _reply_failed(self, client: ClientHandle, rc: int) -> None:
-        exc = send_error(rc, client.id)
-        if isinstance(exc, ClientClosedError):
-            return  # the client vanished: nobody to reply to
-        self._handler_failed(client, exc)
+        return f"<pyuds.Server {self._path!r} {self._state}, {len(self._registry.clients)} clients>"
 
     # ---- requests from any thread ----
 
@@ -393,16 +274,16 @@ class Server:
             return
         client._closed = True
         if threading.get_ident() == self._loop_ident:
-            self._core.close(client._slot, client.id, CloseReason.CLOSED)
+            self._registry.close(client, CloseReason.CLOSED)
         else:
-            self._post(self._core.close, (client._slot, client.id, CloseReason.CLOSED), [], client)
+            self._post(self._registry.close, (client, CloseReason.CLOSED), [], client)
 
     def _peer_address(self, client: ClientHandle) -> str | None:
         return self._core.peer_address(client._slot, client.id)
 
     def _broadcast_now(self, data: bytes) -> None:
         send = self._core.send
-        for client in list(self._clients.values()):
+        for client in list(self._registry.clients.values()):
             if not client._closed:
                 rc = send(client._slot, client.id, data)
                 if rc and not isinstance(send_error(rc, client.id), ClientClosedError):
@@ -443,7 +324,7 @@ class Server:
                 core.run_posted()
                 remaining = core.shutdown()
                 log.info("shutting down %s: closing %d clients", self._path, remaining)
-                core.serve(self, draining=True)
+                core.serve(self._registry, self._handler, draining=True)
         finally:
             restore_signals()  # before free(): the wakeup fd closes there
             with self._lock:
@@ -451,9 +332,7 @@ class Server:
                 if core.is_open():
                     self._final_stats = core.stats()
                 core.free()  # and the requests still posted
-            for client in self._clients.values():  # only after a failure: normally empty
-                client._closed = True
-            self._clients.clear()
+            self._registry.abandon()  # only after a failure: normally no client is left
             _running.discard(self)
             log.info("stopped %s", self._path)
 
