@@ -182,7 +182,8 @@ class Registry(Protocol):
         """A handle for one datagram from a sender with no address."""
 
     def handler_failed(self, client: ClientHandle, exc: Exception) -> None:
-        """The handler raised exc on a message from client (or returned no bytes)."""
+        """The handler raised exc on a message from client (or returned no bytes). Returns
+        None, which the loop takes as the reply."""
 
     def reply_failed(self, client: ClientHandle, exc: Exception) -> None:
         """A reply to client could not be queued, for the reason exc gives."""
@@ -458,7 +459,15 @@ class Core:
     def serve(self, registry: Registry, handler: Handler, draining: bool) -> None:
         """Polls and dispatches until stop(), or, when draining, until every client is closed."""
         self._registry, self._handler = registry, handler
-        # Locals, not attribute chains: these loops run once per message.
+        # The per-message path. Where the time goes, measured on the server process (pinned to
+        # one core) while benchmarks/loadgen drove it: perf stat -e task-clock, perf record,
+        # py-spy record --native. Pipelined (64 conns x depth 16 x 64 B): 390-440 ns of CPU per
+        # message. uds_poll_batch() ~42%, nearly all of it the kernel's recv, send and epoll;
+        # unpack_from() ~5%; the walk below ~22% (the handler call, the closed check, the
+        # append); flush() ~30%: packing the lengths 14%, the join 4%, uds_reply_batch() 11%.
+        # Latency (1 x 1 x 64 B, one message a batch, taken by _dispatch_events): ~20 us of
+        # CPU per message, three quarters of it the kernel switching tasks; Python ~15%.
+        # Locals, not attribute chains: this loop runs once per message.
         srv, events, cap, batch = self._srv, self._events, self._cap, self._batch
         poll, live, unpack = lib.uds_poll_batch, lib.uds_live, ffi.unpack
         layout, pack = self._layout, self._pack_buf
@@ -474,43 +483,32 @@ class Core:
                 self._dispatch_events(n, batch.any_fds)
             else:
                 # Every event is a message whose payload is in pack: one call makes all their
-                # bytes objects. One reply (or None) per event is kept; they are checked and
-                # sent in bulk (flush_replies).
+                # bytes objects. One reply (or None) per event is kept (replies.append() inline,
+                # not a bound method); flush() checks and sends them in bulk. A client closed
+                # earlier in the batch gets no more calls; failed() closes the client and
+                # returns None. (Both loops write the body out: a function call per message
+                # would cost more than the body itself.)
                 messages = unpack_from(unpack(layout, batch.layout_len), pack)
                 runs = batch.runs
                 slots = run_slot_mv[:runs].tolist()
-                # (replies.append(), not a bound method in a local: the interpreter appends to
-                # a list inline)
-                if runs == n:
-                    # One message per connection (many clients, a request each): no runs to
-                    # walk, which would cost more than it saves.
+                if runs == n:  # a message per connection: no runs to walk, they would cost more
                     for slot, message in zip(slots, messages):
                         client = handles[slot]
-                        if client._closed:
-                            replies.append(None)  # closed earlier in this batch: no more calls
-                            continue
                         try:
-                            reply = handler(client, message)
+                            reply = handler(client, message) if not client._closed else None
                         except Exception as exc:
-                            failed(client, exc)
-                            replies.append(None)
-                        else:
-                            replies.append(reply if kind(reply) is bytes else other(client, reply))
+                            reply = failed(client, exc)
+                        replies.append(reply if kind(reply) is bytes else other(client, reply))
                 else:
                     start = 0
                     for slot, end in zip(slots, run_end_mv[:runs].tolist()):
                         client = handles[slot]
                         for message in messages[start:end]:
-                            if client._closed:
-                                replies.append(None)
-                                continue
                             try:
-                                reply = handler(client, message)
+                                reply = handler(client, message) if not client._closed else None
                             except Exception as exc:
-                                failed(client, exc)
-                                replies.append(None)
-                            else:
-                                replies.append(reply if kind(reply) is bytes else other(client, reply))
+                                reply = failed(client, exc)
+                            replies.append(reply if kind(reply) is bytes else other(client, reply))
                         start = end
                 flush()
             if pending:
