@@ -1,6 +1,9 @@
 /*
- * internal.h - what the core's files share and the outside never sees: the server and
- * connection structs, the byte buffer, the epoll backend and the socket helpers.
+ * internal.h - what the core's files share and the outside never sees. Its sections follow the
+ * layering of csrc/README.md, bottom first: the leaves (buffers, ancillary data, the peer
+ * table, the poller, timers, sockets, scratch), which know nothing of a server; then the server
+ * state and the operations each socket kind provides; then the connections of the connection
+ * kinds (state, reading, writing). A file calls only functions of files below its own.
  */
 #ifndef UDS_INTERNAL_H
 #define UDS_INTERNAL_H
@@ -40,6 +43,8 @@
 
 /* Counters may be read by another thread: store them whole. */
 #define UDS_COUNT(field, delta) __atomic_store_n(&(field), (field) + (delta), __ATOMIC_RELAXED)
+
+/* ==== leaves: none of these knows a server or a connection ================================= */
 
 /* ---- byte buffer (buf.c) --------------------------------------------------------------- */
 
@@ -110,6 +115,12 @@ void uds_fdq_clear(uds_fdq *q);
 static inline int uds_fdq_len(const uds_fdq *q) { return q->n - q->head; }
 static inline uint64_t uds_fdq_head_at(const uds_fdq *q) { return q->at[q->head]; }
 
+/* Duplicates fds[0..n) into out[0..n), close-on-exec (ours to send later; the caller keeps its
+ * own). Returns 0, or -errno with nothing left open (-EBADF for a descriptor not open). */
+int uds_fds_dup(const int *fds, int n, int *out);
+/* Closes fds[0..n). */
+void uds_fds_close(const int *fds, int n);
+
 /* What one recvmsg() brought besides bytes. */
 typedef struct uds_recv_info {
     int want_addr;            /* in: fill addr / addr_len with the sender's address */
@@ -135,7 +146,42 @@ void uds_recv_info_close_fds(uds_recv_info *info);
 ssize_t uds_send_msg(int fd, const char *data, size_t len, const int *fds, int nfds,
                      const struct sockaddr_un *to, socklen_t tolen);
 
-/* ---- epoll backend (poller.c) -------------------------------------------------------------- */
+/* ---- the address table (addr_table.c) ---------------------------------------------------- */
+
+/* What the table knows of an entry: embedded in the DATAGRAM kind's peer (struct uds_peer). */
+typedef struct uds_addr_key {
+    int slot;                /* index in the table's slots: unique among its entries */
+    uint64_t hash;           /* of the address */
+    struct sockaddr_un addr; /* the address */
+    socklen_t addr_len;
+} uds_addr_key;
+
+/* Entries by slot, and an index from address to slot (open addressing, linear probing, no
+ * tombstones; index entries are slot + 1, 0: empty). */
+typedef struct uds_addr_table {
+    uds_addr_key **slots; /* by slot; NULL: free */
+    int cap, n;           /* slots allocated, entries held */
+    int32_t *index;
+    size_t index_size;    /* a power of two, at least twice n */
+} uds_addr_table;
+
+/* Sets k->hash from its address. */
+void uds_addr_key_hash(uds_addr_key *k);
+/* The entry with the address of k (whose hash is set), or NULL. */
+uds_addr_key *uds_addr_table_find(const uds_addr_table *t, const uds_addr_key *k);
+/* Adds k (its address and hash set) in a free slot, which it sets. Returns 0 or -ENOMEM. */
+int uds_addr_table_add(uds_addr_table *t, uds_addr_key *k);
+/* Takes k out of the table (its slot is free again). */
+void uds_addr_table_remove(uds_addr_table *t, const uds_addr_key *k);
+/* Frees the table's storage (not the entries). */
+void uds_addr_table_free(uds_addr_table *t);
+/* The entry in slot, or NULL. */
+static inline uds_addr_key *uds_addr_table_at(const uds_addr_table *t, int slot)
+{
+    return slot >= 0 && slot < t->cap ? t->slots[slot] : NULL;
+}
+
+/* ---- epoll backend and the wakeup pipe (poller.c) ------------------------------------------ */
 
 #define UDS_POLL_IN 1u
 #define UDS_POLL_OUT 2u
@@ -146,18 +192,33 @@ typedef struct uds_ready {
     unsigned events; /* UDS_POLL_* */
 } uds_ready;
 
-/* Returns an epoll descriptor (close-on-exec) or -errno. */
-int uds_poller_open(void);
+typedef struct uds_poller {
+    int ep;               /* the epoll descriptor */
+    int wake_rd, wake_wr; /* the wakeup pipe: a byte written makes the wait return */
+} uds_poller;
+
+/* Opens the epoll descriptor and the wakeup pipe (close-on-exec, non-blocking). Returns 0 or
+ * -errno (nothing left open). */
+int uds_poller_open(uds_poller *p);
+/* Closes both. A poller never opened (all -1) is fine. */
+void uds_poller_close(uds_poller *p);
 /* Sets the interest of fd to events (0: none, but stay registered). add: first time.
  * Return 0 or -errno. */
-int uds_poller_add(int ep, int fd, unsigned events);
-int uds_poller_mod(int ep, int fd, unsigned events);
-int uds_poller_del(int ep, int fd);
-/* Waits up to timeout_ms for at most max ready descriptors, fills out[]. Returns how many,
- * 0 on timeout or when a signal interrupted the wait, or -errno. */
-int uds_poller_wait(int ep, uds_ready *out, int max, int timeout_ms);
+int uds_poller_add(const uds_poller *p, int fd, unsigned events);
+int uds_poller_mod(const uds_poller *p, int fd, unsigned events);
+int uds_poller_del(const uds_poller *p, int fd);
+/* Waits up to timeout_ms for at most max ready descriptors and fills out[]; a wakeup is
+ * drained here and not reported. Returns how many, 0 on timeout, a wakeup, or when a signal
+ * interrupted the wait, or -errno. */
+int uds_poller_wait(const uds_poller *p, uds_ready *out, int max, int timeout_ms);
+/* Makes a wait in progress (or the next one) return. Thread-safe, async-signal-safe.
+ * Returns 0 or -errno. */
+int uds_poller_wake(const uds_poller *p);
 
-/* ---- deadline lists (timers.c) ------------------------------------------------------------ */
+/* ---- the clock and deadline lists (timers.c) ----------------------------------------------- */
+
+/* Reads the monotonic clock into *now_ms, which never goes back. */
+void uds_clock_update(uint64_t *now_ms);
 
 /* A list ordered by deadline without sorting: every node of a list gets the same timeout, so
  * appending keeps the order, and expiry looks only at the head. O(1) everything. */
@@ -175,10 +236,17 @@ typedef struct uds_tlist {
 void uds_tlist_append(uds_tlist *l, uds_tnode *n, uint64_t deadline_ms);
 /* Takes n off the list; a no-op if it is not on it. */
 void uds_tlist_remove(uds_tlist *l, uds_tnode *n);
-/* Milliseconds until the head's deadline (0 if due), or -1 if the list is empty. */
-int64_t uds_tlist_due_in(const uds_tlist *l, uint64_t now_ms);
+/* The head if its deadline has come, else NULL. */
+uds_tnode *uds_tlist_due(const uds_tlist *l, uint64_t now_ms);
 
-/* ---- socket helpers (sock.c) --------------------------------------------------------------- */
+/* Timeouts in ms for a wait, -1 for none. The sooner of timeout and the head of l's deadline. */
+int64_t uds_timeout_list(int64_t timeout, const uds_tlist *l, uint64_t now_ms);
+/* The sooner of timeout and time at_ms (0 if it has come). */
+int64_t uds_timeout_at(int64_t timeout, uint64_t at_ms, uint64_t now_ms);
+/* timeout as epoll_wait() takes it. */
+int uds_timeout_int(int64_t timeout);
+
+/* ---- socket helpers and the uid/gid policy (sock.c) -------------------------------------- */
 
 /* The master socket's life: see uds_server_new() for the contract. type: SOCK_STREAM,
  * SOCK_SEQPACKET (both listen) or SOCK_DGRAM. On success sets *fd and the device/inode of the
@@ -198,9 +266,6 @@ int uds_sock_name(int fd, int peer, char *name, size_t *len);
 /* The same for an address at hand. Returns 0. */
 int uds_sock_format_name(const struct sockaddr_un *sa, socklen_t salen, char *name, size_t *len);
 
-/* 1 if a supplementary group of fd's peer (SO_PEERGROUPS) is among gids[0..n), else 0. */
-int uds_sock_in_groups(int fd, const uint32_t *gids, int n);
-
 /* Removes path if it is still the socket file (dev, ino). Returns 1 if removed, 0 if not
  * (gone or replaced by another file), -errno on error. */
 int uds_sock_unlink_if_same(const char *path, dev_t dev, ino_t ino);
@@ -209,26 +274,153 @@ int uds_sock_unlink_if_same(const char *path, dev_t dev, ino_t ino);
  * UDS_LINGER_DISCARD bytes), so that its peer sees end-of-file rather than a reset. */
 void uds_sock_discard_unread(int fd);
 
-/* Reads the peer's credentials (SO_PEERCRED). Returns 0 or -errno. */
-int uds_sock_peercred(int fd, int32_t *pid, uint32_t *uid, uint32_t *gid);
+/* Reads the peer's credentials (SO_PEERCRED); (-1, -1, -1) if they cannot be read. */
+void uds_sock_peercred(int fd, int32_t *pid, uint32_t *uid, uint32_t *gid);
 
-/* ---- server and connections (server.c) ------------------------------------------------------ */
+/* Who may connect: with no list, everyone; else a listed uid or a listed gid. */
+typedef struct uds_policy {
+    uint32_t *uids; /* copies of the caller's lists */
+    int n_uids;
+    uint32_t *gids;
+    int n_gids;
+} uds_policy;
 
-/* Connection flags. */
-#define UDS_CF_NO_READ 0x01u   /* reading stopped for good: EOF, closing or shutting down */
-#define UDS_CF_EOF 0x02u       /* the peer closed its writing end */
-#define UDS_CF_CLOSING 0x04u   /* close once drained; reason is set */
-#define UDS_CF_DEAD 0x10u      /* the socket failed: close without flushing */
-#define UDS_CF_FINAL 0x20u     /* its CLOSED event was emitted; freed at the next turn */
-#define UDS_CF_ATTN 0x40u      /* on the attention list */
-#define UDS_CF_DIRTY 0x80u     /* on the dirty list */
-#define UDS_CF_WANT_OUT 0x200u /* EPOLLOUT registered: output waits for room */
-#define UDS_CF_POLLED 0x400u   /* registered with epoll */
-#define UDS_CF_PAUSED 0x800u   /* output at the high-water mark: no reading, no delivering */
-#define UDS_CF_FRAMES 0x1000u  /* complete frames may wait in in: read no more until delivered */
-#define UDS_CF_DRAIN 0x2000u   /* shutting down: read until the queue is empty once, then stop */
+/* Copies the lists. Returns 0, -EINVAL (a negative count, or NULL with a count) or -ENOMEM. */
+int uds_policy_init(uds_policy *p, const uint32_t *uids, int n_uids, const uint32_t *gids,
+                    int n_gids);
+void uds_policy_free(uds_policy *p);
+/* 1 if uid or gid is allowed, else 0. */
+int uds_policy_allows(const uds_policy *p, uint32_t uid, uint32_t gid);
+/* The same for the peer of a connected socket fd, whose supplementary groups (SO_PEERGROUPS)
+ * count too. */
+int uds_policy_allows_peer(const uds_policy *p, int fd, uint32_t uid, uint32_t gid);
 
-/* DGRAM peer flags. */
+/* ---- the scratch area (scratch.c) ------------------------------------------------------------ */
+
+/* Where a message too big for the room a read has spills over (SEQPACKET, DGRAM): reserved
+ * (mmap, no swap reserved) on first use and touched only as used. */
+typedef struct uds_scratch {
+    char *data;
+    size_t len;
+} uds_scratch;
+
+/* Sets iov[] for one message of at most limit bytes: iov[0] the room at `at`, and iov[1] the
+ * scratch area for what the room cannot hold. Returns the iovec count (1 or 2), or -ENOMEM. */
+int uds_scratch_iov(uds_scratch *sc, size_t limit, struct iovec iov[2], char *at, size_t room);
+/* A message spilled n bytes into the scratch area (now copied out): large spills give the
+ * memory back. */
+void uds_scratch_used(uds_scratch *sc, size_t n);
+void uds_scratch_free(uds_scratch *sc);
+
+/* ==== the server ============================================================================ */
+
+typedef struct uds_conn uds_conn;
+
+/* What each socket kind does for the server (server.c, batch.c): one table per kind
+ * (uds_conn_kind in conn_server.c, uds_dgram_kind in dgram_server.c). (slot, id) names a
+ * connection or a DGRAM peer; a call for one that is finished returns -ENOTCONN. */
+typedef struct uds_kind_ops {
+    /* The kind's part of a turn (see uds_poll()). */
+    int (*poll)(uds_server *s, uds_event *ev, int cap, int timeout_ms);
+    /* uds_send() (reply 0), uds_reply() (reply 1), uds_send_fds() (nfds > 0). */
+    int (*send)(uds_server *s, int slot, uint64_t id, const char *data, size_t len,
+                const int *fds, int nfds, int reply);
+    /* Replies to one peer's run of events, as uds_reply_batch() describes. Returns how many
+     * failed. */
+    int (*reply_run)(uds_server *s, int slot, uint64_t id, const char *data,
+                     const int16_t *lens, int n, int *rcs);
+    int (*close)(uds_server *s, int slot, uint64_t id, int reason);
+    int (*peer_address)(uds_server *s, int slot, uint64_t id, char *name, size_t *len);
+    /* Where the peer's counters pointer is (see uds_conn_set_stats()), or NULL. */
+    uds_stats **(*stats)(uds_server *s, int slot, uint64_t id);
+    /* Starts the graceful shutdown (see uds_shutdown()); the socket file is gone already and
+     * the master socket out of epoll. Returns 1 if the kind still sends from the master
+     * socket (DGRAM: replies do), 0 if it may be closed now. */
+    int (*shutdown)(uds_server *s);
+    /* Frees what the kind holds, closing every descriptor, with no events. */
+    void (*free)(uds_server *s);
+} uds_kind_ops;
+
+extern const uds_kind_ops uds_conn_kind;  /* STREAM and SEQPACKET */
+extern const uds_kind_ops uds_dgram_kind; /* DGRAM */
+
+struct uds_server {
+    const uds_kind_ops *kind; /* the kind's side of each call */
+    uds_config cfg;         /* a copy of the caller's (its lists point into policy) */
+    char path[108];         /* the socket file's name ("" if none of ours: abstract, adopted) */
+    int sock_type;          /* SOCK_STREAM, SOCK_SEQPACKET or SOCK_DGRAM */
+    int listen_fd;          /* the master socket (DGRAM: the socket), -1 once closed */
+    int saved_flags;        /* adopted master socket: its file status flags to put back; else -1 */
+    dev_t file_dev;         /* identity of the socket file we made */
+    ino_t file_ino;
+    uds_policy policy;      /* the uid/gid policy */
+    uds_poller poller;
+    uds_scratch scratch;
+    int *fd_out;            /* descriptors handed out with this batch's events */
+    int fd_out_n;
+    int shutting_down;      /* uds_shutdown() was called */
+    uint64_t turn;          /* uds_poll() calls so far */
+    uint64_t now_ms;        /* the clock, read once per turn */
+    uint64_t next_id;       /* id of the next connection or peer */
+    int live;               /* connections (peers) not yet reported closed, and 1 for a DGRAM
+                             * shutdown still reading what was sent before it */
+    char *arena;            /* reads land here back to back; messages point into it; reset at
+                             * the start of each turn, so idle peers hold no input buffer */
+    size_t arena_used;
+    uds_server_stats stats;
+    uds_pool pool;          /* large buffers kept warm between connections and messages */
+    uds_tlist idle;         /* connections (peers) by idle deadline */
+    uds_tlist linger;       /* by flush deadline: closing ones, and open connections owed
+                             * replies past max_output (the deadline to take some) */
+    uds_ready ready[UDS_EPOLL_BATCH]; /* what the last wait reported */
+
+    /* The connection kinds (conn*.c) */
+    int packets;            /* SEQPACKET: the kernel keeps message boundaries (one packet is one
+                             * message); else a byte stream cut by the framing */
+    uds_conn **conns;       /* indexed by fd */
+    int nconns;             /* length of conns */
+    uds_conn *pending_head, *pending_tail; /* connections with work to do before the wait */
+    uds_conn *flush_head;   /* connections with output queued since the last flush */
+    uds_conn *finished;     /* reported closed: freed at the start of the next turn */
+    uds_tlist frames;       /* connections with an incomplete frame, by frame deadline */
+    size_t high_water;      /* output at which reading pauses */
+    int accept_paused;      /* out of descriptors: the master socket is out of epoll */
+    uint64_t accept_retry_ms; /* when to try accepting again */
+    int accept_backoff_ms;  /* the next pause's length */
+
+    /* The DGRAM kind (dgram_server.c) */
+    uds_addr_table peers;
+    struct uds_peer *closing; /* peers closing */
+    struct uds_peer *retry;   /* peers with replies queued */
+    uint64_t retry_at;        /* when to retry them (0: none) */
+    int retry_backoff_ms;
+    uds_buf big;              /* this turn's datagram that did not fit the arena */
+    uint64_t drain_until;     /* shutting down: datagrams already queued are still read
+                               * (until none is left, or this deadline); 0: not draining */
+};
+
+/* Hands n descriptors out with event e: returns where to put them (room for n must be left:
+ * UDS_FD_OUT_MAX - fd_out_n), or NULL for n == 0. Inline: every message passes here. */
+static inline int *uds_fd_out(uds_server *s, uds_event *e, int n)
+{
+    int *at = n > 0 ? s->fd_out + s->fd_out_n : NULL;
+    e->nfds = n;
+    e->fds = at;
+    s->fd_out_n += n;
+    return at;
+}
+
+/* A new event of this type at ev[*n] (counted), every other field zero. */
+static inline uds_event *uds_event_next(uds_event *ev, int *n, int type, int slot, uint64_t id)
+{
+    uds_event *e = &ev[(*n)++];
+    *e = (uds_event){.type = type, .slot = slot, .id = id};
+    return e;
+}
+
+/* ==== the DATAGRAM kind's peers (dgram_peer.c) ============================================== */
+
+/* Peer flags. */
 #define UDS_PF_CLOSING 0x1u /* finish once its queued replies are out (or given up) */
 #define UDS_PF_FINAL 0x2u   /* its CLOSED event was emitted */
 #define UDS_PF_REFUSED 0x4u /* refused: kept (silent) until it expires, its datagrams dropped */
@@ -236,12 +428,10 @@ int uds_sock_peercred(int fd, int32_t *pid, uint32_t *uid, uint32_t *gid);
 
 typedef struct uds_peer uds_peer;
 struct uds_peer {
-    int slot;                 /* index in uds_server.peers */
+    uds_addr_key key;         /* its address, where replies go, and its slot (first: the table
+                               * hands back keys) */
     unsigned flags;           /* UDS_PF_* */
     uint64_t id;              /* unique for the server's lifetime (shared with connections) */
-    uint64_t hash;            /* of its address */
-    struct sockaddr_un addr;  /* its address, where replies go */
-    socklen_t addr_len;
     struct ucred creds;       /* the process behind the address (another one: another peer) */
     int reason, err;          /* closing: why */
     uds_stats *stats;         /* where the counters go: own_stats or the caller's */
@@ -254,7 +444,52 @@ struct uds_peer {
     uds_peer *retry_next;     /* retry list */
 };
 
-typedef struct uds_conn uds_conn;
+#define UDS_PEER_OF(node, field) ((uds_peer *)((char *)(node) - offsetof(uds_peer, field)))
+
+/* A new peer for a sender at key's address (hash set) with these credentials, in the table and
+ * counted live (its CONNECTED event is the caller's to emit). NULL: no memory. */
+uds_peer *uds_peer_new(uds_server *s, const uds_addr_key *key, const struct ucred *creds);
+/* The peer (slot, id) if it is not reported closed yet, else NULL. */
+uds_peer *uds_peer_find(const uds_server *s, int slot, uint64_t id);
+/* Traffic: renews its idle deadline (and its place in the least-recently-active order). */
+void uds_peer_touch(uds_server *s, uds_peer *p);
+/* Queues or sends one datagram to p, as uds_send() describes. */
+int uds_peer_send(uds_server *s, uds_peer *p, const char *data, size_t len, const int *fds,
+                  int nfds);
+/* Retries the queued replies of full peers, when the back-off says so. */
+void uds_peer_retry_full(uds_server *s);
+/* Drops the replies queued for p (closing the descriptors they hold). */
+void uds_peer_give_up_replies(uds_peer *p);
+/* Starts closing p: it finishes once its queued replies are out or its flush deadline passes
+ * (at once if nothing is queued: the turn reports it). */
+void uds_peer_close(uds_server *s, uds_peer *p, int reason, int err);
+/* Emits p's CLOSED event at ev[n] and forgets it; a refused peer is kept, silent, until it
+ * expires, so that its datagrams cost nothing more. Returns n + 1. */
+int uds_peer_report_closed(uds_server *s, uds_peer *p, uds_event *ev, int n);
+/* Forgets p at once, whatever it was doing: reports it closed for reason (unless it was
+ * already reported), gives up what was queued for it. Returns n. */
+int uds_peer_forget(uds_server *s, uds_peer *p, int reason, uds_event *ev, int n);
+/* Takes p out of every list and the table, and frees it. */
+void uds_peer_free(uds_server *s, uds_peer *p);
+/* Frees every peer, without events. */
+void uds_peer_free_all(uds_server *s);
+
+/* ==== connections of the connection kinds =================================================== */
+
+/* Connection flags. */
+#define UDS_CF_NO_READ 0x01u   /* reading stopped for good: EOF, closing or shutting down */
+#define UDS_CF_EOF 0x02u       /* the peer closed its writing end */
+#define UDS_CF_CLOSING 0x04u   /* close once drained; reason is set */
+#define UDS_CF_DEAD 0x10u      /* the socket failed: close without flushing */
+#define UDS_CF_FINAL 0x20u     /* its CLOSED event was emitted; freed at the next turn */
+#define UDS_CF_PENDING 0x40u   /* on the pending list */
+#define UDS_CF_FLUSH 0x80u     /* on the flush list */
+#define UDS_CF_WANT_OUT 0x200u /* EPOLLOUT registered: output waits for room */
+#define UDS_CF_POLLED 0x400u   /* registered with epoll */
+#define UDS_CF_PAUSED 0x800u   /* output at the high-water mark: no reading, no delivering */
+#define UDS_CF_FRAMES 0x1000u  /* complete frames may wait in in: read no more until delivered */
+#define UDS_CF_DRAIN 0x2000u   /* shutting down: read until the queue is empty once, then stop */
+
 struct uds_conn {
     int fd;                 /* the data socket; also its slot */
     unsigned flags;         /* UDS_CF_* */
@@ -284,156 +519,67 @@ struct uds_conn {
                              * max_output: the deadline to take some */
     uds_tnode idle;         /* idle timeout, renewed by traffic */
     uds_tnode frame;        /* frame timeout, while a frame is incomplete */
-    uds_conn *attn_next;    /* attention list: has work to do before the next wait */
-    uds_conn *dirty_next;   /* dirty list: output queued since the last flush */
-    uds_conn *grave_next;   /* graveyard: finished, freed at the start of the next turn */
+    uds_conn *pending_next; /* pending list: has work to do before the next wait */
+    uds_conn *flush_next;   /* flush list: output queued since the last flush */
+    uds_conn *finished_next; /* finished list: freed at the start of the next turn */
 };
 
-struct uds_server {
-    uds_config cfg;         /* a copy of the caller's */
-    char path[108];         /* the socket file's name ("" if none of ours: abstract, adopted) */
-    int sock_type;          /* SOCK_STREAM or SOCK_SEQPACKET */
-    int listen_fd;          /* the master socket, -1 once closed */
-    int saved_flags;        /* adopted master socket: its file status flags to put back; else -1 */
-    uint32_t *allow_uid;    /* copies of the policy's lists (cfg points here) */
-    uint32_t *allow_gid;
-    int *fd_out;            /* descriptors handed out with this batch's events */
-    int fd_out_n;
-    char *scratch;          /* SEQPACKET, DGRAM: where a message too big for the buffer spills
-                             * over; max_message + 1 bytes reserved, touched only as used */
-    size_t scratch_len;
-    /* DGRAM (dgram.c) */
-    uds_peer **peers;       /* by slot */
-    int peers_cap, npeers;
-    int32_t *htab;          /* address -> slot + 1, open addressing; 0: empty */
-    size_t htab_size;       /* a power of two, at least twice npeers */
-    uds_peer *closing;      /* peers closing */
-    uds_peer *retry;        /* peers with replies queued */
-    uint64_t retry_at;      /* when to retry them (0: none) */
-    int retry_backoff_ms;
-    uds_buf big;            /* this turn's datagram that did not fit the arena */
-    uint64_t dgram_drain_until; /* shutting down: datagrams already queued are still read
-                                 * (until none is left, or this deadline); 0: not draining */
-    int dgram_empty;        /* the last read found the socket's queue empty */
-    dev_t file_dev;         /* identity of the socket file we made */
-    ino_t file_ino;
-    int ep;                 /* the epoll descriptor */
-    int wake_rd, wake_wr;   /* the wakeup pipe */
-    int shutting_down;      /* uds_shutdown() was called */
-    uint64_t turn;          /* uds_poll() calls so far */
-    uint64_t now_ms;        /* the clock, read once per turn */
-    uint64_t next_id;       /* id of the next accepted connection */
-    int live;               /* connections not yet reported closed */
-    size_t high_water;      /* output at which reading pauses */
-    int accept_paused;      /* out of descriptors: the master socket is out of epoll */
-    uint64_t accept_retry_ms; /* when to try accepting again */
-    int accept_backoff_ms;  /* the next pause's length */
-    uds_conn **conns;       /* indexed by fd */
-    int nconns;             /* length of conns */
-    uds_conn *attn_head, *attn_tail;
-    uds_conn *dirty_head;
-    uds_conn *graveyard;
-    uds_tlist linger;       /* by flush deadline: closing connections, and open ones owed
-                             * replies past max_output (the deadline to take some) */
-    uds_tlist idle;         /* connections by idle deadline */
-    uds_tlist frames;       /* connections with an incomplete frame, by frame deadline */
-    char *arena;            /* reads of connections with nothing buffered land here, back to
-                             * back; messages point into it; reset at the start of each turn,
-                             * so idle connections hold no input buffer at all */
-    size_t arena_used;
-    uds_server_stats stats;
-    uds_pool pool;          /* large buffers kept warm between connections and messages */
-    uds_ready ready[UDS_EPOLL_BATCH]; /* what epoll_wait reported */
-};
+/* ---- connection state (conn.c) ------------------------------------------------------------ */
 
-/* The uid/gid policy: with no list, everyone; else a listed uid or a listed gid. */
-int uds_policy_allows(const uds_server *s, uint32_t uid, uint32_t gid);
-/* Reads the clock into s->now_ms (monotonic, never going back). */
-void uds_server_clock(uds_server *s);
-/* Empties the wakeup pipe. */
-void uds_server_drain_wakeups(uds_server *s);
-/* Sets iov[] for one message of at most max_message + 1 bytes: iov[0] the room at `at`, and
- * iov[1] the scratch area (see uds_server.scratch, made on first use) for what the room cannot
- * hold. Returns the iovec count (1 or 2), or -ENOMEM. */
-int uds_scratch_iov(uds_server *s, struct iovec iov[2], char *at, size_t room);
-/* A message spilled n bytes into the scratch area (now copied out): large spills give the
- * memory back. */
-void uds_scratch_used(uds_server *s, size_t n);
-/* Hands n descriptors out with event e: returns where to put them (room for n must be left:
- * UDS_FD_OUT_MAX - fd_out_n), or NULL for n == 0. Inline: every message passes here. */
-static inline int *uds_fd_out(uds_server *s, uds_event *e, int n)
-{
-    int *at = n > 0 ? s->fd_out + s->fd_out_n : NULL;
-    e->nfds = n;
-    e->fds = at;
-    s->fd_out_n += n;
-    return at;
-}
-
-/* ---- the peer table (peers.c) ------------------------------------------------------------- */
-
-uint64_t uds_peers_hash(const struct sockaddr_un *a, socklen_t len);
-/* The peer with this address (and hash), or NULL. */
-uds_peer *uds_peers_find(const uds_server *s, const struct sockaddr_un *a, socklen_t len, uint64_t h);
-/* Indexes p (its slot and hash are set). There must be room (uds_peers_room). */
-void uds_peers_put(uds_server *s, uds_peer *p);
-/* Takes p out of the index. */
-void uds_peers_del(uds_server *s, const uds_peer *p);
-/* Makes room for one more peer in the slots and the index. Returns 0 or -ENOMEM. */
-int uds_peers_room(uds_server *s);
-
-/* ---- datagrams (dgram.c): the DGRAM kind's side of each API call --------------------------- */
-
-int uds_dgram_poll(uds_server *s, uds_event *ev, int cap, int timeout_ms);
-int uds_dgram_send(uds_server *s, int slot, uint64_t id, const char *data, size_t len,
-                   const int *fds, int nfds);
-int uds_dgram_close(uds_server *s, int slot, uint64_t id, int reason);
-int uds_dgram_peer_address(uds_server *s, int slot, uint64_t id, char *name, size_t *len);
-int uds_dgram_set_stats(uds_server *s, int slot, uint64_t id, uds_stats *stats);
-/* Stops hearing new datagrams and closes every peer (their queued replies still go out). */
-void uds_dgram_shutdown(uds_server *s);
-void uds_dgram_free(uds_server *s);
-
-/* ---- connections (conn.c, conn_io.c): used by the loop in server.c -------------------------------------- */
-
+/* Registers an accepted socket as a connection (with epoll, in conns[]). NULL: no memory. */
 uds_conn *uds_conn_new(uds_server *s, int fd);
-/* State changes shared by conn.c and conn_io.c. */
+/* The live connection (slot, id): not reported closed yet. NULL otherwise. */
+uds_conn *uds_conn_find(const uds_server *s, int slot, uint64_t id);
+/* Puts c on the pending list: it has frames to deliver or may be finished. */
+void uds_conn_mark_pending(uds_server *s, uds_conn *c);
+/* Puts c on the flush list: its output goes at the start of the next turn. */
+void uds_conn_schedule_flush(uds_server *s, uds_conn *c);
 void uds_conn_touch(uds_server *s, uds_conn *c);         /* traffic: renew the idle deadline */
 void uds_conn_stop_reading(uds_server *s, uds_conn *c, unsigned also_flags); /* for good */
 void uds_conn_set_want_out(uds_server *s, uds_conn *c, int on); /* wait for EPOLLOUT, or not */
 void uds_conn_pause_reading(uds_server *s, uds_conn *c); /* output at the high-water mark */
 void uds_conn_resume_if_drained(uds_server *s, uds_conn *c);
-/* Frees a connection's buffers and closes the descriptors it holds. */
-void uds_conn_free_buffers(uds_server *s, uds_conn *c);
-/* Frees finished connections (closing their descriptors) at the start of a turn. */
-void uds_conn_bury(uds_server *s);
-void uds_conn_read(uds_server *s, uds_conn *c);
-void uds_conn_flush(uds_server *s, uds_conn *c);
+/* Starts or stops the frame deadline: it runs while an incomplete frame waits for bytes the
+ * client owes; a frame delivered restarts it. */
+void uds_conn_time_frame(uds_server *s, uds_conn *c, int delivered);
+/* Moves a read still unparsed out of the arena into c's own buffer (the arena is reset at the
+ * next turn). */
+void uds_conn_keep_unparsed(uds_server *s, uds_conn *c);
 /* Closes once nothing more is owed. keep_input: what the client sent before now is still
  * delivered, including what waits unread in the socket (shutdown); otherwise it is dropped and
  * reading stops at once. */
 void uds_conn_close(uds_server *s, uds_conn *c, int reason, int err, int keep_input);
 /* The socket is broken (or the connection must go now): close without flushing. */
 void uds_conn_fail(uds_server *s, uds_conn *c, int reason, int err);
-/* Moves a read still unparsed out of the arena into c's own buffer (the arena is reset at the
- * next turn). */
-void uds_conn_settle(uds_server *s, uds_conn *c);
-/* Delivers c's frames as events and finishes it when nothing more is owed: returns n. */
-int uds_conn_attend(uds_server *s, uds_conn *c, uds_event *ev, int n, int cap);
-/* Queues a framed message (see uds_send). */
-int uds_conn_send(uds_server *s, uds_conn *c, const char *data, size_t len);
-/* ... as a reply (see uds_reply). */
-int uds_conn_reply(uds_server *s, uds_conn *c, const char *data, size_t len);
+/* Emits c's CLOSED event at ev[n] and moves it to the finished list; returns n + 1. */
+int uds_conn_report_closed(uds_server *s, uds_conn *c, uds_event *ev, int n);
+/* Frees the finished connections (closing their descriptors) at the start of a turn. */
+void uds_conn_free_finished(uds_server *s);
+/* Frees every connection, finished or not, without events. */
+void uds_conn_free_all(uds_server *s);
+
+/* ---- reading and delivering (conn_read.c) ------------------------------------------------- */
+
+/* Reads what c's readiness allows (bounded), and puts it on the pending list. */
+void uds_conn_read(uds_server *s, uds_conn *c);
+/* Serves a pending connection: delivers its frames as MESSAGE events from ev[n] while the batch
+ * has room, and reports it closed once nothing more is owed. Returns the new n. */
+int uds_conn_serve(uds_server *s, uds_conn *c, uds_event *ev, int n, int cap);
+
+/* ---- queueing and writing (conn_write.c) -------------------------------------------------- */
+
+/* Writes c's output while the socket takes it; waits for EPOLLOUT for the rest. */
+void uds_conn_flush(uds_server *s, uds_conn *c);
+/* Queues a framed message (see uds_send); reply: as uds_reply. */
+int uds_conn_send(uds_server *s, uds_conn *c, const char *data, size_t len, int reply);
 /* Queues up to n framed replies at once (reply i has lens[i] bytes, -1 for none, back to back
  * in data): one reservation and one accounting when they all fit under max_output, else
- * uds_conn_reply() one by one. rcs[i] gets what uds_conn_reply() would return for reply i (0
+ * uds_conn_send() one by one. rcs[i] gets what uds_conn_send() would return for reply i (0
  * for none); returns how many failed. */
 int uds_conn_send_run(uds_server *s, uds_conn *c, const char *data, const int16_t *lens, int n,
                       int *rcs);
 /* ... with descriptors (see uds_send_fds). */
 int uds_conn_send_fds(uds_server *s, uds_conn *c, const char *data, size_t len, const int *fds,
                       int nfds);
-void uds_conn_attn_push(uds_server *s, uds_conn *c);
-void uds_conn_dirty_push(uds_server *s, uds_conn *c);
 
 #endif /* UDS_INTERNAL_H */

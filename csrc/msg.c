@@ -1,6 +1,7 @@
 /*
  * msg.c - ancillary data: descriptors passed with messages (SCM_RIGHTS), the sender's
- * credentials (SCM_CREDENTIALS), and the queues that tie descriptors to stream offsets.
+ * credentials (SCM_CREDENTIALS), the queues that tie descriptors to stream offsets, and the
+ * duplicates made of descriptors to send.
  *
  * On a stream socket Linux attaches passed descriptors to the bytes of the send that carried
  * them, and may glue the bytes of earlier sends into the same read; but the read that brings
@@ -12,6 +13,7 @@
 #include "internal.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -128,8 +130,7 @@ ssize_t uds_recv_msg(int fd, struct iovec *iov, int iovcnt, int max_fds, uds_rec
 
 void uds_recv_info_close_fds(uds_recv_info *info)
 {
-    for (int i = 0; i < info->nfds; i++)
-        close(info->fds[i]);
+    uds_fds_close(info->fds, info->nfds);
     info->nfds = 0;
 }
 
@@ -162,4 +163,24 @@ ssize_t uds_send_msg(int fd, const char *data, size_t len, const int *fds, int n
         w = sendmsg(fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
     while (w < 0 && errno == EINTR);
     return w < 0 ? -errno : w;
+}
+
+/* ---- descriptors to send later ------------------------------------------------------------ */
+
+int uds_fds_dup(const int *fds, int n, int *out)
+{
+    for (int i = 0; i < n; i++) {
+        if ((out[i] = fcntl(fds[i], F_DUPFD_CLOEXEC, 3)) < 0) {
+            int err = errno;
+            uds_fds_close(out, i);
+            return -err;
+        }
+    }
+    return 0;
+}
+
+void uds_fds_close(const int *fds, int n)
+{
+    for (int i = 0; i < n; i++)
+        close(fds[i]);
 }

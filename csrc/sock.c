@@ -1,5 +1,6 @@
 /*
- * sock.c - socket helpers: the master socket's birth and end, peer credentials.
+ * sock.c - socket helpers: the master socket's birth and end, names, peer credentials, and
+ * the uid/gid policy that admits peers by their credentials.
  *
  * The socket file is the one piece of server state that outlives a crash, and other processes
  * share its directory. So: never remove what is not a socket, never remove a socket somebody
@@ -332,7 +333,89 @@ int uds_sock_name(int fd, int peer, char *name, size_t *len)
     return uds_sock_format_name(&sa, salen, name, len);
 }
 
-int uds_sock_in_groups(int fd, const uint32_t *gids, int n)
+/* Closing a Unix stream socket while bytes it never read wait in its queue makes Linux report
+ * ECONNRESET to the peer instead of end-of-file, and a peer that reads its last replies and
+ * then meets a reset takes the close for a failure. So read and drop what is queued first
+ * (nginx's "lingering close"), within a bound. */
+void uds_sock_discard_unread(int fd)
+{
+    char sink[16384];
+    for (size_t total = 0; total < UDS_LINGER_DISCARD;) {
+        ssize_t r = recv(fd, sink, sizeof sink, MSG_DONTWAIT);
+        if (r > 0)
+            total += (size_t)r;
+        else if (!(r < 0 && errno == EINTR))
+            return;
+    }
+}
+
+void uds_sock_peercred(int fd, int32_t *pid, uint32_t *uid, uint32_t *gid)
+{
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) {
+        *pid = -1;
+        *uid = *gid = (uint32_t)-1;
+        return;
+    }
+    *pid = cred.pid;
+    *uid = cred.uid;
+    *gid = cred.gid;
+}
+
+/* ---- the uid/gid policy --------------------------------------------------------------------- */
+
+/* Copies a policy list, so that the caller's may go away. */
+static int copy_ids(const uint32_t *from, int n, uint32_t **to)
+{
+    *to = NULL;
+    if (n == 0)
+        return 0;
+    if (n < 0 || from == NULL)
+        return -EINVAL;
+    if ((*to = malloc((size_t)n * sizeof **to)) == NULL)
+        return -ENOMEM;
+    memcpy(*to, from, (size_t)n * sizeof **to);
+    return 0;
+}
+
+int uds_policy_init(uds_policy *p, const uint32_t *uids, int n_uids, const uint32_t *gids,
+                    int n_gids)
+{
+    int rc;
+    p->gids = NULL;
+    if ((rc = copy_ids(uids, n_uids, &p->uids)) < 0 || (rc = copy_ids(gids, n_gids, &p->gids)) < 0) {
+        uds_policy_free(p);
+        return rc;
+    }
+    p->n_uids = n_uids;
+    p->n_gids = n_gids;
+    return 0;
+}
+
+void uds_policy_free(uds_policy *p)
+{
+    free(p->uids);
+    free(p->gids);
+    p->uids = p->gids = NULL;
+    p->n_uids = p->n_gids = 0;
+}
+
+int uds_policy_allows(const uds_policy *p, uint32_t uid, uint32_t gid)
+{
+    if (p->n_uids == 0 && p->n_gids == 0)
+        return 1;
+    for (int i = 0; i < p->n_uids; i++)
+        if (p->uids[i] == uid)
+            return 1;
+    for (int i = 0; i < p->n_gids; i++)
+        if (p->gids[i] == gid)
+            return 1;
+    return 0;
+}
+
+/* 1 if a supplementary group of fd's peer (SO_PEERGROUPS) is among gids[0..n), else 0. */
+static int in_peer_groups(int fd, const uint32_t *gids, int n)
 {
     gid_t small[64], *groups = small;
     socklen_t len = sizeof small;
@@ -351,30 +434,7 @@ int uds_sock_in_groups(int fd, const uint32_t *gids, int n)
     return found;
 }
 
-/* Closing a Unix stream socket while bytes it never read wait in its queue makes Linux report
- * ECONNRESET to the peer instead of end-of-file, and a peer that reads its last replies and
- * then meets a reset takes the close for a failure. So read and drop what is queued first
- * (nginx's "lingering close"), within a bound. */
-void uds_sock_discard_unread(int fd)
+int uds_policy_allows_peer(const uds_policy *p, int fd, uint32_t uid, uint32_t gid)
 {
-    char sink[16384];
-    for (size_t total = 0; total < UDS_LINGER_DISCARD;) {
-        ssize_t r = recv(fd, sink, sizeof sink, MSG_DONTWAIT);
-        if (r > 0)
-            total += (size_t)r;
-        else if (!(r < 0 && errno == EINTR))
-            return;
-    }
-}
-
-int uds_sock_peercred(int fd, int32_t *pid, uint32_t *uid, uint32_t *gid)
-{
-    struct ucred cred;
-    socklen_t len = sizeof cred;
-    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0)
-        return -errno;
-    *pid = cred.pid;
-    *uid = cred.uid;
-    *gid = cred.gid;
-    return 0;
+    return uds_policy_allows(p, uid, gid) || (p->n_gids > 0 && in_peer_groups(fd, p->gids, p->n_gids));
 }

@@ -10,6 +10,10 @@
  *
  * The part between "cffi-begin" and "cffi-end" is handed to cffi's cdef() as it is, so it holds
  * only declarations cffi can parse; the compiler fills in the constant values.
+ *
+ * Layering: the files behind this API form layers, leaves (framing, buffers, sockets...) at the
+ * bottom, this API at the top; no file calls a function of a file above its own. csrc/README.md
+ * lists them in order.
  */
 #ifndef UDS_H
 #define UDS_H
@@ -29,7 +33,7 @@
 #define UDS_KIND_STREAM 0    /* SOCK_STREAM: connections, messages cut by the framing */
 #define UDS_KIND_SEQPACKET 1 /* SOCK_SEQPACKET: connections, the kernel keeps boundaries */
 #define UDS_KIND_DGRAM 2     /* SOCK_DGRAM: no connections; each sender address is a peer,
-                              * reported like a connection (see dgram.c) */
+                              * reported like a connection (see dgram_server.c) */
 
 /* Event types filled in by uds_poll(). */
 #define UDS_EV_CONNECTED 1 /* a client was accepted; pid/uid/gid hold its credentials */

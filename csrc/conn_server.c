@@ -1,0 +1,285 @@
+/*
+ * conn_server.c - the connection kinds (STREAM and SEQPACKET): accepting clients, the turn
+ * over their connections, and their side of each API call (the table uds_conn_kind).
+ *
+ * A turn: free the connections the last batch finished with; move reads not parsed yet out
+ * of the arena; flush the replies queued since the last turn (one send per connection);
+ * expire deadlines; serve the pending connections; wait for readiness (not at all if events
+ * are ready); accept, write, read; serve the pending connections again.
+ */
+#define _GNU_SOURCE
+#include "internal.h"
+
+#include <errno.h>
+#include <stddef.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define CONN_OF(node, field) ((uds_conn *)((char *)(node) - offsetof(uds_conn, field)))
+
+/* ---- accepting ------------------------------------------------------------------------------- */
+
+/* Out of descriptors (or memory), accept() fails while the master socket stays readable, so a
+ * level-triggered loop would spin. libuv's answer is a spare descriptor, freed to accept and
+ * at once close the waiting clients; here accepting pauses instead: the master socket leaves
+ * epoll, waiting clients stay queued in the kernel's backlog rather than being turned away,
+ * and accepting resumes when a connection closes or after a back-off (50 ms doubling to
+ * 500 ms), whichever comes first. */
+static void pause_accepting(uds_server *s)
+{
+    if (s->accept_paused)
+        return;
+    uds_poller_del(&s->poller, s->listen_fd);
+    s->accept_paused = 1;
+    s->accept_retry_ms = s->now_ms + (uint64_t)s->accept_backoff_ms;
+    s->accept_backoff_ms *= 2;
+    if (s->accept_backoff_ms > UDS_ACCEPT_BACKOFF_MAX)
+        s->accept_backoff_ms = UDS_ACCEPT_BACKOFF_MAX;
+    UDS_COUNT(s->stats.accept_pauses, 1);
+}
+
+static void resume_accepting(uds_server *s)
+{
+    if (!s->accept_paused || s->listen_fd < 0 || s->now_ms < s->accept_retry_ms)
+        return;
+    if (uds_poller_add(&s->poller, s->listen_fd, UDS_POLL_IN) == 0)
+        s->accept_paused = 0;
+}
+
+/* Admits the accepted socket fd as a connection, with its CONNECTED event (or its REFUSED
+ * event, if the uid/gid policy refuses it). Returns n. */
+static int admit(uds_server *s, int fd, uds_event *ev, int n)
+{
+    int32_t pid;
+    uint32_t uid, gid;
+    uds_sock_peercred(fd, &pid, &uid, &gid);
+    uds_event *e;
+    if (!uds_policy_allows_peer(&s->policy, fd, uid, gid)) {
+        /* Counted before the close, so a client that sees its end finds it counted. */
+        UDS_COUNT(s->stats.closed[UDS_CLOSE_UNAUTHORIZED], 1);
+        uds_sock_discard_unread(fd); /* what it sent already: EOF for it, not a reset */
+        close(fd);
+        e = uds_event_next(ev, &n, UDS_EV_REFUSED, -1, 0);
+    } else if (s->cfg.max_connections > 0 && s->live >= s->cfg.max_connections) {
+        UDS_COUNT(s->stats.closed[UDS_CLOSE_REJECTED], 1); /* before the close, as above */
+        close(fd); /* over the cap: established clients come first */
+        return n;
+    } else {
+        uds_conn *c = uds_conn_new(s, fd);
+        if (c == NULL) {
+            close(fd);
+            return n;
+        }
+        e = uds_event_next(ev, &n, UDS_EV_CONNECTED, fd, c->id);
+        UDS_COUNT(s->stats.accepted, 1);
+    }
+    e->pid = pid;
+    e->uid = uid;
+    e->gid = gid;
+    return n;
+}
+
+static int accept_some(uds_server *s, uds_event *ev, int n, int cap)
+{
+    for (int i = 0; i < UDS_ACCEPT_BUDGET && n < cap; i++) {
+        int fd = accept4(s->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED)
+                continue;
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
+                pause_accepting(s);
+            return n; /* EAGAIN: none left */
+        }
+        s->accept_backoff_ms = UDS_ACCEPT_BACKOFF_MIN;
+        n = admit(s, fd, ev, n);
+    }
+    return n;
+}
+
+/* ---- a turn ---------------------------------------------------------------------------------- */
+
+static void flush_scheduled(uds_server *s)
+{
+    uds_conn *c = s->flush_head;
+    s->flush_head = NULL;
+    while (c) {
+        uds_conn *next = c->flush_next;
+        c->flags &= ~UDS_CF_FLUSH;
+        if (!(c->flags & UDS_CF_WANT_OUT))
+            uds_conn_flush(s, c);
+        c = next;
+    }
+}
+
+static void expire_deadlines(uds_server *s)
+{
+    uds_tnode *t;
+    while ((t = uds_tlist_due(&s->linger, s->now_ms)) != NULL) {
+        uds_conn *c = CONN_OF(t, linger);
+        uds_tlist_remove(&s->linger, t);
+        /* What is still queued is given up: a closing client's, or replies past max_output
+         * that an open one took none of in time. */
+        uds_conn_fail(s, c, (c->flags & UDS_CF_CLOSING) ? c->reason : UDS_CLOSE_SLOW_CONSUMER, c->err);
+    }
+    while ((t = uds_tlist_due(&s->idle, s->now_ms)) != NULL)
+        uds_conn_close(s, CONN_OF(t, idle), UDS_CLOSE_IDLE_TIMEOUT, 0, 0);
+    while ((t = uds_tlist_due(&s->frames, s->now_ms)) != NULL)
+        uds_conn_close(s, CONN_OF(t, frame), UDS_CLOSE_FRAME_TIMEOUT, 0, 0);
+}
+
+/* Serves the pending connections in order while the batch has room. The one the full batch
+ * cut short goes behind those that got no turn, so one client pipelining without pause cannot
+ * starve the others. */
+static int serve_pending(uds_server *s, uds_event *ev, int n, int cap)
+{
+    uds_conn *c = s->pending_head, *cut = NULL;
+    s->pending_head = s->pending_tail = NULL;
+    while (c) {
+        uds_conn *next = c->pending_next;
+        c->flags &= ~UDS_CF_PENDING;
+        if (c->flags & UDS_CF_FINAL)
+            ; /* finished earlier in this turn */
+        else if (n < cap) {
+            n = uds_conn_serve(s, c, ev, n, cap);
+            if (n >= cap)
+                cut = c;
+        } else
+            uds_conn_mark_pending(s, c);
+        c = next;
+    }
+    if (cut != NULL && !(cut->flags & UDS_CF_FINAL))
+        uds_conn_mark_pending(s, cut);
+    return n;
+}
+
+static int wait_timeout(const uds_server *s, int timeout_ms)
+{
+    if (s->pending_head)
+        return 0;
+    int64_t t = timeout_ms < 0 ? -1 : timeout_ms;
+    t = uds_timeout_list(t, &s->linger, s->now_ms);
+    t = uds_timeout_list(t, &s->idle, s->now_ms);
+    t = uds_timeout_list(t, &s->frames, s->now_ms);
+    if (s->accept_paused)
+        t = uds_timeout_at(t, s->accept_retry_ms, s->now_ms);
+    return uds_timeout_int(t);
+}
+
+static int poll_conns(uds_server *s, uds_event *ev, int cap, int timeout_ms)
+{
+    uds_conn_free_finished(s);
+    /* The last batch's messages are done with; reads not parsed yet (their connections wait
+     * on the pending list) move to their own buffers before the arena is reused. */
+    for (uds_conn *c = s->pending_head; c != NULL; c = c->pending_next)
+        uds_conn_keep_unparsed(s, c);
+    s->arena_used = 0;
+    flush_scheduled(s);
+    expire_deadlines(s);
+    resume_accepting(s);
+    int n = serve_pending(s, ev, 0, cap);
+    if (n >= cap)
+        return n;
+
+    int k = uds_poller_wait(&s->poller, s->ready, cap - n, n > 0 ? 0 : wait_timeout(s, timeout_ms));
+    if (k < 0)
+        return n > 0 ? n : k;
+    uds_clock_update(&s->now_ms); /* the wait may have been long: reads renew deadlines from now */
+    for (int i = 0; i < k; i++) {
+        int fd = s->ready[i].fd;
+        unsigned what = s->ready[i].events;
+        if (fd == s->listen_fd) {
+            n = accept_some(s, ev, n, cap);
+        } else if (fd >= 0 && fd < s->nconns && s->conns[fd] != NULL) {
+            uds_conn *c = s->conns[fd];
+            if ((what & (UDS_POLL_OUT | UDS_POLL_HUP)) && (c->flags & UDS_CF_WANT_OUT))
+                uds_conn_flush(s, c);
+            if (what & (UDS_POLL_IN | UDS_POLL_HUP))
+                uds_conn_read(s, c);
+        }
+    }
+    return serve_pending(s, ev, n, cap);
+}
+
+/* ---- the caller's requests ------------------------------------------------------------------- */
+
+/* The connection (slot, id) if it is live and its socket works, else NULL. */
+static uds_conn *working(const uds_server *s, int slot, uint64_t id)
+{
+    uds_conn *c = uds_conn_find(s, slot, id);
+    return c != NULL && !(c->flags & UDS_CF_DEAD) ? c : NULL;
+}
+
+static int send_conn(uds_server *s, int slot, uint64_t id, const char *data, size_t len,
+                     const int *fds, int nfds, int reply)
+{
+    uds_conn *c = working(s, slot, id);
+    if (c == NULL)
+        return -ENOTCONN;
+    return nfds > 0 ? uds_conn_send_fds(s, c, data, len, fds, nfds) : uds_conn_send(s, c, data, len, reply);
+}
+
+static int reply_run_conn(uds_server *s, int slot, uint64_t id, const char *data,
+                          const int16_t *lens, int n, int *rcs)
+{
+    uds_conn *c = working(s, slot, id);
+    if (c != NULL)
+        return uds_conn_send_run(s, c, data, lens, n, rcs);
+    int failed = 0;
+    for (int i = 0; i < n; i++) {
+        rcs[i] = lens[i] < 0 ? 0 : -ENOTCONN;
+        failed += lens[i] >= 0;
+    }
+    return failed;
+}
+
+static int close_conn(uds_server *s, int slot, uint64_t id, int reason)
+{
+    uds_conn *c = uds_conn_find(s, slot, id);
+    if (c == NULL)
+        return -ENOTCONN;
+    uds_clock_update(&s->now_ms);
+    uds_conn_close(s, c, reason, 0, 0);
+    return 0;
+}
+
+static int peer_address_conn(uds_server *s, int slot, uint64_t id, char *name, size_t *len)
+{
+    uds_conn *c = uds_conn_find(s, slot, id);
+    return c == NULL ? -ENOTCONN : uds_sock_name(c->fd, 1, name, len);
+}
+
+static uds_stats **stats_conn(uds_server *s, int slot, uint64_t id)
+{
+    uds_conn *c = uds_conn_find(s, slot, id);
+    return c == NULL ? NULL : &c->stats;
+}
+
+/* No more clients: each connection delivers what it was sent, gets its replies out (bounded
+ * by flush_timeout) and closes. The master socket is not needed any more. */
+static int shutdown_conns(uds_server *s)
+{
+    for (int i = 0; i < s->nconns; i++) {
+        uds_conn *c = s->conns[i];
+        if (c != NULL && !(c->flags & UDS_CF_FINAL))
+            uds_conn_close(s, c, UDS_CLOSE_SHUTDOWN, 0, 1);
+    }
+    return 0;
+}
+
+static void free_conns(uds_server *s)
+{
+    uds_conn_free_finished(s);
+    uds_conn_free_all(s);
+}
+
+const uds_kind_ops uds_conn_kind = {
+    .poll = poll_conns,
+    .send = send_conn,
+    .reply_run = reply_run_conn,
+    .close = close_conn,
+    .peer_address = peer_address_conn,
+    .stats = stats_conn,
+    .shutdown = shutdown_conns,
+    .free = free_conns,
+};
