@@ -66,8 +66,7 @@ static void keep_fds(uds_server *s, uds_conn *c, uds_recv_info *info, size_t r)
     }
     for (int i = 0; i < info->nfds; i++) {
         if (uds_fdq_push(&c->in_fds, info->fds[i], c->rx_total + r - 1) < 0) {
-            for (int j = i; j < info->nfds; j++)
-                close(info->fds[j]);
+            uds_fds_close(info->fds + i, info->nfds - i);
             refuse_fds_from_here(s, c);
             return;
         }

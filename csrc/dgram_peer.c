@@ -54,8 +54,7 @@ void uds_peer_give_up_replies(uds_peer *p)
     while (p->out_head) {
         struct uds_dgram *d = p->out_head;
         p->out_head = d->next;
-        for (int i = 0; i < d->nfds; i++)
-            close(d->fds[i]);
+        uds_fds_close(d->fds, d->nfds);
         free(d);
     }
     p->out_tail = NULL;
@@ -194,8 +193,7 @@ static int flush_queue(uds_server *s, uds_peer *p)
         if (p->out_head == NULL)
             p->out_tail = NULL;
         p->out_bytes -= d->len;
-        for (int i = 0; i < d->nfds; i++)
-            close(d->fds[i]);
+        uds_fds_close(d->fds, d->nfds);
         free(d);
         sent = 1;
     }

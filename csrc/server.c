@@ -117,7 +117,8 @@ static void close_master(uds_server *s)
 {
     if (s->listen_fd < 0)
         return;
-    stop_listening(s);
+    if (!s->shutting_down)
+        stop_listening(s); /* (else done by uds_shutdown() already) */
     if (s->saved_flags >= 0)
         fcntl(s->listen_fd, F_SETFL, s->saved_flags); /* the owner's socket, as it was */
     close(s->listen_fd);
