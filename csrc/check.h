@@ -5,6 +5,7 @@
 #define UDS_CHECK_H
 
 #include <stdio.h>
+#include <stdlib.h>
 
 static int failures;
 
@@ -15,6 +16,15 @@ static int failures;
             failures++;                                                                        \
         }                                                                                      \
     } while (0)
+
+/* Makes a fresh directory from template (ending in XXXXXX), or ends the test program. */
+static inline void check_mkdtemp(char *template)
+{
+    if (mkdtemp(template) == NULL) {
+        perror("mkdtemp");
+        exit(2);
+    }
+}
 
 /* The test program's verdict: prints it, returns its exit status. */
 static inline int check_done(const char *name)

@@ -259,16 +259,17 @@ void uds_conn_free_finished(uds_server *s)
 {
     if (s->finished == NULL)
         return;
-    /* A connection may be finished while it is (again) on the pending list: drop it there
+    /* A connection may be finished while it is (again) on the pending list: unlink it there
      * first, so that nothing points at it once it is freed. */
-    uds_conn *c = s->pending_head;
-    s->pending_head = s->pending_tail = NULL;
-    while (c) {
-        uds_conn *next = c->pending_next;
-        c->flags &= ~UDS_CF_PENDING;
-        if (!(c->flags & UDS_CF_FINAL))
-            uds_conn_mark_pending(s, c);
-        c = next;
+    uds_conn **link = &s->pending_head, *c;
+    s->pending_tail = NULL;
+    while ((c = *link) != NULL) {
+        if (c->flags & UDS_CF_FINAL) {
+            *link = c->pending_next;
+        } else {
+            s->pending_tail = c;
+            link = &c->pending_next;
+        }
     }
     while ((c = s->finished) != NULL) {
         s->finished = c->finished_next;

@@ -274,12 +274,7 @@ static void free_conns(uds_server *s)
 }
 
 const uds_kind_ops uds_conn_kind = {
-    .poll = poll_conns,
-    .send = send_conn,
-    .reply_run = reply_run_conn,
-    .close = close_conn,
-    .peer_address = peer_address_conn,
-    .stats = stats_conn,
-    .shutdown = shutdown_conns,
+    .poll = poll_conns, .send = send_conn, .reply_run = reply_run_conn, .close = close_conn,
+    .peer_address = peer_address_conn, .stats = stats_conn, .shutdown = shutdown_conns,
     .free = free_conns,
 };

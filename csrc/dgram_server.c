@@ -319,12 +319,7 @@ static void free_dgram(uds_server *s)
 }
 
 const uds_kind_ops uds_dgram_kind = {
-    .poll = poll_dgram,
-    .send = send_dgram,
-    .reply_run = reply_run_dgram,
-    .close = close_dgram,
-    .peer_address = peer_address_dgram,
-    .stats = stats_dgram,
-    .shutdown = shutdown_dgram,
+    .poll = poll_dgram, .send = send_dgram, .reply_run = reply_run_dgram, .close = close_dgram,
+    .peer_address = peer_address_dgram, .stats = stats_dgram, .shutdown = shutdown_dgram,
     .free = free_dgram,
 };

@@ -283,10 +283,7 @@ static void adopted(const char *dir)
 int main(void)
 {
     char dir[] = "/tmp/uds-kinds-XXXXXX";
-    if (mkdtemp(dir) == NULL) {
-        perror("mkdtemp");
-        return 2;
-    }
+    check_mkdtemp(dir);
     int before = open_fds();
     seqpacket();
     datagram(dir);

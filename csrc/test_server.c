@@ -334,10 +334,7 @@ static void replies_past_the_cap(const char *dir)
 int main(void)
 {
     char dir[] = "/tmp/uds-test-XXXXXX";
-    if (mkdtemp(dir) == NULL) {
-        perror("mkdtemp");
-        return 2;
-    }
+    check_mkdtemp(dir);
     char path[128];
     snprintf(path, sizeof path, "%s/s.sock", dir);
     uds_config cfg = u32_config(1000, 1 << 22);
