@@ -11,6 +11,12 @@ server pinned to one CPU, primes it with one request, drives it with loadgen pin
 CPU and stops it. Runs are interleaved (run -> scenario -> server) so that slow drift of the
 machine touches every server alike; tables show the median over runs.
 
+While it runs, it holds the CPUs' wake-up latency at 0 through PM QoS (/dev/cpu_dma_latency held
+open with 0, which needs root; --no-pm-qos leaves it alone), so that a server waking for each
+request is not measured against the machine's idle states; its output says whether it did.
+Each cell also shows the server's CPU time per message (its threads' run time from
+/proc/PID/task/*/schedstat over the measured window, divided by the messages in it).
+
 Exit status: 0 when every measurement verified every reply and every server stopped cleanly;
 1 when anything failed (loadgen mismatch / lost reply / error, a server that did not start or
 stop); 2 on a usage or build error.
@@ -72,7 +78,8 @@ START_TIMEOUT = 15.0      # the server's socket file must appear within this
 PRIME_TIMEOUT = 10.0      # ... and it must answer one request within this
 STOP_TIMEOUT = 20.0       # SIGTERM, then SIGKILL after this
 IDLE_READY_TIMEOUT = 120.0
-METRICS = ("msgs_per_s", "mb_per_s", "p50_us", "p99_us", "p999_us")
+METRICS = ("msgs_per_s", "mb_per_s", "p50_us", "p99_us", "p999_us", "server_cpu_us_per_msg")
+PM_QOS = "/dev/cpu_dma_latency"
 
 
 try:
@@ -166,6 +173,48 @@ def prime(path: str, deadline: float) -> None:
     raise RuntimeError(f"priming request got no reply within {PRIME_TIMEOUT:.0f} s ({last})")
 
 
+def cpu_ns(pid: int) -> int | None:
+    """CPU time of every thread of pid so far, in ns (the first field of schedstat); None if
+    the process is gone."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # a thread that just ended
+    return total
+
+
+class WakeupLatency:
+    """Holds the CPUs' wake-up latency at 0 through PM QoS while open (the kernel keeps the
+    request as long as the file stays open)."""
+
+    def __init__(self, wanted: bool) -> None:
+        self.fd: int | None = None
+        self.state = "not held (--no-pm-qos)"
+        if not wanted:
+            return
+        try:
+            self.fd = os.open(PM_QOS, os.O_WRONLY)
+            os.write(self.fd, struct.pack("i", 0))
+            self.state = f"held at 0 us (PM QoS, {PM_QOS})"
+        except OSError as exc:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+            self.state = f"not held: {PM_QOS}: {exc.strerror}"
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -256,7 +305,7 @@ class Runner:
                 if scenario == "idle":
                     self._idle(rec, proc, path, params["idle"])
                 else:
-                    self._load(rec, path, params)
+                    self._load(rec, path, params, proc.pid)
                 if proc.poll() is not None:
                     rec["problems"].append(f"server exited during the run (status {proc.returncode})")
             except Exception as exc:  # a failed measurement is reported, not a crash
@@ -295,7 +344,7 @@ class Runner:
                 raise RuntimeError(f"no socket file after {START_TIMEOUT:.0f} s")
             time.sleep(0.01)
 
-    def _load(self, rec: dict, path: str, p: dict) -> None:
+    def _load(self, rec: dict, path: str, p: dict, server_pid: int) -> None:
         a = self.args
         argv = [str(LOADGEN), "--path", path, "--conns", str(p["conns"]), "--depth", str(p["depth"]),
                 "--size", str(p["size"]), "--duration", str(a.duration), "--warmup", str(a.warmup),
@@ -304,6 +353,12 @@ class Runner:
                                    stderr=subprocess.PIPE, cwd=self.tmpdir)
         limit = a.duration + a.warmup + 60
         try:
+            # The server's CPU time over (most of) loadgen's measured window: from the end of
+            # its warm-up to a little before the end of its run.
+            time.sleep(a.warmup + min(0.1, a.duration / 10))
+            cpu0, t0 = cpu_ns(server_pid), time.monotonic()  # (None: the server is gone)
+            time.sleep(a.duration * 0.8)
+            cpu1, t1 = cpu_ns(server_pid), time.monotonic()
             out, err = proc.communicate(timeout=limit)
         except subprocess.TimeoutExpired:
             self.children.stop(proc, timeout=2)
@@ -314,6 +369,8 @@ class Runner:
         out_s, err_s = out.decode(errors="replace"), err.decode(errors="replace")
         rec["loadgen_exit"] = proc.returncode
         result = parse_json_line(out_s)
+        if result is not None and result.get("msgs_per_s") and cpu0 is not None and cpu1 is not None:
+            result["server_cpu_us_per_msg"] = (cpu1 - cpu0) / 1000 / (result["msgs_per_s"] * (t1 - t0))
         rec["result"] = result
         if err_s.strip():
             rec["loadgen_stderr"] = "\n".join(err_s.strip().splitlines()[-10:])
@@ -435,7 +492,7 @@ def tables(med: dict, records: list[dict], servers: list[str], scenarios: list[s
             lines.append(f"== {scen}: {p['conns']} conn{'s' * (p['conns'] != 1)}, depth {p['depth']}, "
                          f"{p['size']} B (median of {runs} run{'s' * (runs != 1)}) ==")
             lines.append(f"{'server':<16} {'msgs/s':>11} {'p50 us':>9} {'p99 us':>9} "
-                         f"{'vs uvloop':>9} {'vs C':>7}")
+                         f"{'CPU us/msg':>10} {'vs uvloop':>9} {'vs C':>7}")
         key = "bytes_per_conn" if scen == "idle" else "msgs_per_s"
         base_uv = m.get("uvloop", {}).get(key)
         base_c = m.get("c", {}).get(key)
@@ -454,7 +511,7 @@ def tables(med: dict, records: list[dict], servers: list[str], scenarios: list[s
                        f"{fmt_ratio(e[key], base_uv):>9} {fmt_ratio(e[key], base_c):>7}")
             else:
                 row = (f"{srv:<16} {fmt_num(e[key]):>11} {fmt_num(e.get('p50_us'), 1):>9} "
-                       f"{fmt_num(e.get('p99_us'), 1):>9} "
+                       f"{fmt_num(e.get('p99_us'), 1):>9} {fmt_num(e.get('server_cpu_us_per_msg'), 3):>10} "
                        f"{fmt_ratio(e[key], base_uv):>9} {fmt_ratio(e[key], base_c):>7}")
             if failed:
                 row += f"   !!! FAILED {len(failed)}/{e['runs']} run(s): {failed[0]['problems'][0]}"
@@ -543,6 +600,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="CI smoke: 1 run, 0.5 s duration, 0.2 s warmup, 200 idle connections")
     ap.add_argument("--no-build", action="store_true", help="do not run `make -C benchmarks` first")
+    ap.add_argument("--no-pm-qos", action="store_true",
+                    help=f"do not hold the CPUs' wake-up latency at 0 through {PM_QOS}")
     args = ap.parse_args(argv)
 
     servers = parse_list(args.servers, SERVERS, "server")
@@ -587,7 +646,9 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)  # a killed runner still stops its servers
     signal.signal(signal.SIGHUP, on_term)
+    wakeup = WakeupLatency(not args.no_pm_qos)
     facts = machine_facts(loadgen_cpu, server_cpu)
+    facts["cpu_wakeup_latency"] = wakeup.state
     started = datetime.datetime.now(datetime.timezone.utc)
     tmpdir = Path(tempfile.mkdtemp(prefix="pyuds-bench-", dir="/tmp"))
     runner = Runner(args, tmpdir, (server_cpu, loadgen_cpu))
@@ -595,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     total = args.runs * len(scenarios) * len(servers)
     interrupted = False
     log(f"run.py: {total} measurements; servers on CPU {server_cpu}, loadgen on CPU {loadgen_cpu}; "
-        f"sockets in {tmpdir}")
+        f"CPU wake-up latency {wakeup.state}; sockets in {tmpdir}")
     try:
         for run in range(1, args.runs + 1):          # interleaved: run -> scenario -> server
             for scen in scenarios:
@@ -619,9 +680,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         runner.children.stop_all()
         shutil.rmtree(tmpdir, ignore_errors=True)
+        wakeup.close()
 
     med = medians(records, servers, scenarios)
     failures = [r for r in records if r["status"] == "FAILED"]
+    print(f"CPU wake-up latency: {wakeup.state}; servers on CPU {server_cpu}, loadgen on CPU "
+          f"{loadgen_cpu}; CPU us/msg: the server's CPU time per message\n")
     print(tables(med, records, servers, scenarios, args.runs, args.idle_conns))
     if failures:
         print(f"!!! {len(failures)} FAILED measurement(s):")
