@@ -1,7 +1,8 @@
 /*
  * batch.c - the whole-batch calls, shaped for pyuds's Python loop: uds_poll_batch() describes a
  * batch of small messages so that Python makes all their bytes objects in one call, and
- * uds_reply_batch() takes all their replies in one call, a run of them per connection.
+ * uds_reply_batch() takes all their replies in one call, a run of them per connection;
+ * uds_reply_poll_batch() answers a batch of one message and polls again in one call.
  */
 #define _GNU_SOURCE
 #include "internal.h"
@@ -48,12 +49,22 @@ int uds_poll_batch(uds_server *s, uds_event *ev, int cap, int timeout_ms, uds_ba
             b->run_slot[runs++] = ev[i].slot;
         b->run_end[runs - 1] = (uint32_t)i + 1;
     }
-    b->pack_used = used;
-    b->layout_len = (size_t)(item - b->layout);
+    b->pack_used = (int64_t)used;
+    b->layout_len = item - b->layout;
     b->runs = runs;
     b->all_packed = all;
     b->any_fds = fds;
+    b->one_len = n == 1 && all ? (int64_t)ev[0].len : -1;
+    b->one_slot = n == 1 && all ? ev[0].slot : -1;
     return n;
+}
+
+int uds_reply_poll_batch(uds_server *s, const char *reply, int64_t len, uds_event *ev, int cap,
+                         int timeout_ms, uds_batch *b)
+{
+    b->reply_rc = len < 0 ? 0 : uds_reply(s, ev[0].slot, ev[0].id, reply, (size_t)len);
+    /* A reply that failed is the caller's to act on (its client may be owed a close): no wait. */
+    return uds_poll_batch(s, ev, cap, b->reply_rc < 0 ? 0 : timeout_ms, b);
 }
 
 int uds_reply_batch(uds_server *s, const uds_event *ev, int first, int n, const char *data,

@@ -181,7 +181,8 @@ static int poll_conns(uds_server *s, uds_event *ev, int cap, int timeout_ms)
     if (n >= cap)
         return n;
 
-    int k = uds_poller_wait(&s->poller, s->ready, cap - n, n > 0 ? 0 : wait_timeout(s, timeout_ms));
+    int k = uds_poller_wait(&s->poller, s->ready, cap - n, n > 0 ? 0 : wait_timeout(s, timeout_ms),
+                            s->cfg.busy_poll_us);
     if (k < 0)
         return n > 0 ? n : k;
     uds_clock_update(&s->now_ms); /* the wait may have been long: reads renew deadlines from now */

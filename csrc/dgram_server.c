@@ -239,7 +239,8 @@ static int poll_dgram(uds_server *s, uds_event *ev, int cap, int timeout_ms)
     t = uds_timeout_list(t, &s->linger, s->now_ms);
     if (s->retry != NULL)
         t = uds_timeout_at(t, s->retry_at, s->now_ms);
-    int k = uds_poller_wait(&s->poller, s->ready, 1, uds_timeout_int(t));
+    /* (2: the wakeup pipe may take one, and the socket is the only other descriptor) */
+    int k = uds_poller_wait(&s->poller, s->ready, 2, uds_timeout_int(t), s->cfg.busy_poll_us);
     if (k < 0)
         return n > 0 ? n : k;
     uds_clock_update(&s->now_ms);

@@ -208,9 +208,10 @@ int uds_poller_add(const uds_poller *p, int fd, unsigned events);
 int uds_poller_mod(const uds_poller *p, int fd, unsigned events);
 int uds_poller_del(const uds_poller *p, int fd);
 /* Waits up to timeout_ms for at most max ready descriptors and fills out[]; a wakeup is
- * drained here and not reported. Returns how many, 0 on timeout, a wakeup, or when a signal
+ * drained here and not reported. spin_us > 0: while nothing is ready, polls without sleeping
+ * for that long before it sleeps. Returns how many, 0 on timeout, a wakeup, or when a signal
  * interrupted the wait, or -errno. */
-int uds_poller_wait(const uds_poller *p, uds_ready *out, int max, int timeout_ms);
+int uds_poller_wait(const uds_poller *p, uds_ready *out, int max, int timeout_ms, int spin_us);
 /* Makes a wait in progress (or the next one) return. Thread-safe, async-signal-safe.
  * Returns 0 or -errno. */
 int uds_poller_wake(const uds_poller *p);

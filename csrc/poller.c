@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <sys/epoll.h>
+#include <time.h>
 #include <unistd.h>
 
 int uds_poller_open(uds_poller *p)
@@ -71,12 +72,36 @@ static void drain_wakeups(const uds_poller *p)
     }
 }
 
-int uds_poller_wait(const uds_poller *p, uds_ready *out, int max, int timeout_ms)
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* epoll_wait(), or while nothing is ready, epoll_wait() without sleeping for up to spin_us
+ * first (never past timeout_ms). */
+static int wait_spinning(const uds_poller *p, struct epoll_event *evs, int max, int timeout_ms,
+                         int spin_us)
+{
+    int n = 0;
+    if (spin_us > 0 && timeout_ms != 0) {
+        if (timeout_ms > 0 && (int64_t)timeout_ms * 1000 < spin_us)
+            spin_us = timeout_ms * 1000;
+        uint64_t until = now_ns() + (uint64_t)spin_us * 1000u;
+        do
+            n = epoll_wait(p->ep, evs, max, 0);
+        while (n == 0 && now_ns() < until);
+    }
+    return n != 0 ? n : epoll_wait(p->ep, evs, max, timeout_ms);
+}
+
+int uds_poller_wait(const uds_poller *p, uds_ready *out, int max, int timeout_ms, int spin_us)
 {
     struct epoll_event evs[UDS_EPOLL_BATCH];
     if (max > UDS_EPOLL_BATCH)
         max = UDS_EPOLL_BATCH;
-    int n = epoll_wait(p->ep, evs, max, timeout_ms);
+    int n = wait_spinning(p, evs, max, timeout_ms, spin_us);
     if (n < 0)
         /* EINTR is not retried here: the caller returns so its host can run signal handlers. */
         return errno == EINTR ? 0 : -errno;

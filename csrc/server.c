@@ -142,7 +142,8 @@ static int valid_config(const uds_config *cfg)
     return uds_frame_check(cfg->framing, "", 0) == 0 && cfg->max_message >= 1 &&
            cfg->max_message <= 0xFFFFFFFFu && cfg->flush_timeout_ms >= 0 &&
            cfg->max_connections >= 0 && cfg->idle_timeout_ms >= 0 && cfg->frame_timeout_ms >= 0 &&
-           cfg->max_fds >= 0 && cfg->max_fds <= UDS_MAX_FDS && cfg->kind >= 0 &&
+           cfg->max_fds >= 0 && cfg->max_fds <= UDS_MAX_FDS && cfg->busy_poll_us >= 0 &&
+           cfg->busy_poll_us <= 1000000 && cfg->kind >= 0 &&
            cfg->kind < (int)(sizeof kinds / sizeof kinds[0]) &&
            (!kinds[cfg->kind].needs_idle || cfg->idle_timeout_ms >= 1);
 }

@@ -217,7 +217,8 @@ static int batch_turn(uds_server *s, uds_event *ev, uds_batch *b)
 
 /* uds_poll_batch() describes a batch whole (the packed payloads, their layout, the runs per
  * connection) and uds_reply_batch() answers it in one call; a payload too big to pack makes
- * the batch one to take event by event. */
+ * the batch one to take event by event; a batch of one message is answered with the next
+ * poll. */
 static void batch_whole(uds_server *s, const char *path, uds_event *ev)
 {
     char pack[8192], layout[64 * UDS_LAYOUT_ITEM_MAX];
@@ -264,7 +265,15 @@ static void batch_whole(uds_server *s, const char *path, uds_event *ev)
     memcpy(big, "\0\0\x10\x01", 4);
     CHECK(send(a, big, sizeof big, 0) == (ssize_t)sizeof big);
     n = batch_turn(s, ev, &b);
-    CHECK(n == 1 && ev[0].len == UDS_PACK_MAX + 1 && !b.all_packed);
+    CHECK(n == 1 && ev[0].len == UDS_PACK_MAX + 1 && !b.all_packed && b.one_len == -1);
+    /* A batch of one packed message says so, and uds_reply_poll_batch() answers it as it polls
+     * (the reply leaves at the poll after). */
+    CHECK(send(c, "\0\0\0\2hi", 6, 0) == 6);
+    n = batch_turn(s, ev, &b);
+    CHECK(n == 1 && b.one_len == 2 && b.one_slot == ev[0].slot && memcmp(pack, "hi", 2) == 0);
+    CHECK(uds_reply_poll_batch(s, "HI", 2, ev, 64, 10, &b) >= 0 && b.reply_rc == 0);
+    CHECK(uds_reply_poll_batch(s, NULL, -1, ev, 64, 10, &b) >= 0 && b.reply_rc == 0);
+    CHECK(recv(c, buf, sizeof buf, 0) == 6 && memcmp(buf, "\0\0\0\2HI", 6) == 0);
     close(a);
     close(c);
     int closed = 0;

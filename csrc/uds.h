@@ -119,6 +119,9 @@ typedef struct uds_config {
     int n_allow_uid;           /* allow_uid, or whose gid or a supplementary group is in */
     const uint32_t *allow_gid; /* allow_gid, are accepted; the others are closed at accept */
     int n_allow_gid;           /* (UDS_EV_REFUSED). The lists are copied. */
+    int busy_poll_us;     /* before sleeping for readiness, poll without sleeping this long (a
+                           * core spent for latency: a request arriving meanwhile is taken
+                           * without waking the thread); 0: never, <= 1000000 */
 } uds_config;
 
 #define UDS_MAX_FDS 253 /* the most descriptors Linux passes in one message (SCM_MAX_FD) */
@@ -182,14 +185,20 @@ typedef struct uds_server_stats {
 typedef struct uds_batch {
     char *pack;         /* packed payloads */
     size_t pack_cap;    /* bytes of pack, at most 4 GiB - 2 */
-    size_t pack_used;   /* out: bytes of pack filled */
     char *layout;       /* [cap * UDS_LAYOUT_ITEM_MAX] out: the items of pack, not terminated */
-    size_t layout_len;  /* out: bytes of layout filled */
     int32_t *run_slot;  /* [cap] out: the slot of each run's connection */
     uint32_t *run_end;  /* [cap] out: the index of the event after each run */
-    int runs;           /* out: runs filled */
-    int all_packed;     /* out: 1 if every event is a MESSAGE whose payload is packed */
-    int any_fds;        /* out: 1 if some event brings descriptors */
+    /* The rest is filled in, all int64_t in a row, so that a caller may read them as one array
+     * (Python does: an index into a memoryview costs less than a struct field through cffi). */
+    int64_t pack_used;  /* bytes of pack filled */
+    int64_t layout_len; /* bytes of layout filled */
+    int64_t runs;       /* runs filled */
+    int64_t all_packed; /* 1 if every event is a MESSAGE whose payload is packed */
+    int64_t any_fds;    /* 1 if some event brings descriptors */
+    int64_t one_len;    /* the batch is one MESSAGE, packed (the usual turn of a client with one
+                         * request at a time): its length; else -1 */
+    int64_t one_slot;   /* ... and its connection's slot */
+    int64_t reply_rc;   /* uds_reply_poll_batch(): what queueing its reply returned (0: none) */
 } uds_batch;
 
 /* Creates the master socket and binds it to path, then listens. A path that starts with '@'
@@ -217,6 +226,14 @@ int uds_poll(uds_server *s, uds_event *ev, int cap, int timeout_ms);
 
 /* uds_poll(), then fills b for the events it returned. Returns as uds_poll(). */
 int uds_poll_batch(uds_server *s, uds_event *ev, int cap, int timeout_ms, uds_batch *b);
+
+/* For a batch that was one message (b->one_len >= 0): uds_reply() of the len bytes at reply to
+ * it (ev[0], as that batch left it; len < 0: no reply), b->reply_rc set to what uds_reply()
+ * returned (0 for no reply); then uds_poll_batch(), which does not wait if the reply failed. A
+ * server answering one request at a time thus crosses into C once per request. Returns as
+ * uds_poll(). */
+int uds_reply_poll_batch(uds_server *s, const char *reply, int64_t len, uds_event *ev, int cap,
+                         int timeout_ms, uds_batch *b);
 
 /* Queues the replies to the events ev[first .. first + n) of the last batch in one call: reply
  * i has lens[i] bytes (so at most 32767; larger ones go through uds_reply()), -1 for none, and

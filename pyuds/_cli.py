@@ -111,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
                             "credentials in client.pid / uid / gid; false refuses it")
     serve.add_argument("--max-fds", type=int, default=ServerConfig.max_fds, metavar="N",
                        help="file descriptors a client may pass with one message (default: 16)")
+    serve.add_argument("--busy-poll-us", type=int, default=ServerConfig.busy_poll_us, metavar="MICROSECONDS",
+                       help="keep polling this long for the next request before sleeping: lower "
+                            "latency for a core kept busy (default: 0, never)")
     serve.add_argument("--fd-name", metavar="NAME",
                        help="with socket activation passing several sockets: serve the one systemd "
                             "names NAME (FileDescriptorName=)")
@@ -169,7 +172,7 @@ def _serve(args: argparse.Namespace) -> int:
                         max_connections=args.max_connections, max_output_buffer=args.max_output_buffer,
                         idle_timeout=args.idle_timeout, frame_timeout=args.frame_timeout,
                         allow_uid=args.allow_uid, allow_gid=args.allow_gid, max_fds=args.max_fds,
-                        authorize=args.authorize)
+                        busy_poll_us=args.busy_poll_us, authorize=args.authorize)
     except (PyudsError, OSError, ValueError, TypeError) as exc:
         print(f"pyuds serve: {exc}", file=sys.stderr)
         return 1

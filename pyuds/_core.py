@@ -76,6 +76,11 @@ del _reason, _code
 
 EV_MESSAGE, EV_CONNECTED, EV_CLOSED = lib.UDS_EV_MESSAGE, lib.UDS_EV_CONNECTED, lib.UDS_EV_CLOSED
 
+# The int64 fields C fills in a uds_batch, as indexes into the batch read as an int64 array.
+(LAYOUT_LEN, RUNS, ALL_PACKED, ANY_FDS, ONE_LEN, ONE_SLOT, REPLY_RC) = (
+    ffi.offsetof("uds_batch", field) // 8
+    for field in ("layout_len", "runs", "all_packed", "any_fds", "one_len", "one_slot", "reply_rc"))
+
 
 # A batch this small takes the per-event path: the batch path's fixed cost per turn (a few
 # list conversions, a join, one more crossing) would outweigh what it saves per message.
@@ -230,6 +235,7 @@ class Core:
         cfg.frame_timeout_ms = _ms(config.frame_timeout)
         cfg.kind = KIND_CODES[config.kind]
         cfg.max_fds = config.max_fds
+        cfg.busy_poll_us = config.busy_poll_us
         allow_uid = ffi.new("uint32_t[]", list(config.allow_uid))  # alive until C copied them
         allow_gid = ffi.new("uint32_t[]", list(config.allow_gid))
         cfg.allow_uid, cfg.n_allow_uid = allow_uid, len(config.allow_uid)
@@ -266,6 +272,7 @@ class Core:
         batch.pack, batch.pack_cap = self._pack, PACK_BYTES
         batch.layout, batch.run_slot, batch.run_end = self._layout, self._run_slot, self._run_end
         self._pack_buf = ffi.buffer(self._pack)
+        self._batch_out = memoryview(ffi.buffer(batch)).cast("q")  # its fields, by index
         self._run_slot_mv = memoryview(ffi.buffer(self._run_slot)).cast("i")
         self._run_end_mv = memoryview(ffi.buffer(self._run_end)).cast("I")
         # Replies of the batch being dispatched, sent with one uds_reply_batch() call: the
@@ -462,25 +469,45 @@ class Core:
         # The per-message path. Where the time goes, measured on the server process (pinned to
         # one core) while benchmarks/loadgen drove it: perf stat -e task-clock, perf record,
         # py-spy record --native. Pipelined (64 conns x depth 16 x 64 B): 390-440 ns of CPU per
-        # message. uds_poll_batch() ~42%, nearly all of it the kernel's recv, send and epoll;
+        # message. The poll ~42%, nearly all of it the kernel's recv, send and epoll;
         # unpack_from() ~5%; the walk below ~22% (the handler call, the closed check, the
         # append); flush() ~30%: packing the lengths 14%, the join 4%, uds_reply_batch() 11%.
-        # Latency (1 x 1 x 64 B, one message a batch, taken by _dispatch_events): ~20 us of
-        # CPU per message, three quarters of it the kernel switching tasks; Python ~15%.
+        # Latency (1 x 1 x 64 B: a batch of one message, its reply queued by the next poll, one
+        # crossing into C per request): most of it the kernel switching tasks; this loop's part
+        # is the handler call and a few index reads.
         # Locals, not attribute chains: this loop runs once per message.
         srv, events, cap, batch = self._srv, self._events, self._cap, self._batch
-        poll, live, unpack = lib.uds_poll_batch, lib.uds_live, ffi.unpack
-        layout, pack = self._layout, self._pack_buf
+        poll, live, unpack = lib.uds_reply_poll_batch, lib.uds_live, ffi.unpack
+        layout, pack, out = self._layout, self._pack_buf, self._batch_out
+        one_len, one_slot, reply_rc = ONE_LEN, ONE_SLOT, REPLY_RC
         run_slot_mv, run_end_mv = self._run_slot_mv, self._run_end_mv
         handles, failed, pending = registry.handles, registry.handler_failed, self._pending
         flush, replies, other, kind = self.flush_replies, self._replies, self._as_reply, type
+        # The reply to a batch of one message goes with the next poll: (client, reply, length),
+        # length -1 for none (reply then b"": C takes bytes, not None, for a char *).
+        client, reply, length = None, b"", -1
         while (live(srv) > 0) if draining else not self._stopping:
-            n = poll(srv, events, cap, -1, batch)
+            n = poll(srv, reply, length, events, cap, -1, batch)
+            if length >= 0 and out[reply_rc]:
+                registry.reply_failed(client, send_error(out[reply_rc], client.id))
             if n < 0:
                 check(n)
-            self._first = 0
-            if n <= SMALL_BATCH or not batch.all_packed:
-                self._dispatch_events(n, batch.any_fds)
+            length = out[one_len]
+            if length >= 0:
+                # One message (a client with one request at a time): no batch to walk.
+                client = handles[out[one_slot]]
+                try:
+                    reply = handler(client, pack[:length]) if not client._closed else None
+                except Exception as exc:
+                    reply = failed(client, exc)
+                if kind(reply) is bytes:
+                    length = len(reply)
+                else:
+                    reply = other(client, reply)
+                    reply, length = (b"", -1) if reply is None else (reply, len(reply))
+            elif n <= SMALL_BATCH or not out[ALL_PACKED]:
+                self._first = 0
+                self._dispatch_events(n, out[ANY_FDS])
             else:
                 # Every event is a message whose payload is in pack: one call makes all their
                 # bytes objects. One reply (or None) per event is kept (replies.append() inline,
@@ -488,8 +515,9 @@ class Core:
                 # earlier in the batch gets no more calls; failed() closes the client and
                 # returns None. (Both loops write the body out: a function call per message
                 # would cost more than the body itself.)
-                messages = unpack_from(unpack(layout, batch.layout_len), pack)
-                runs = batch.runs
+                self._first = 0
+                messages = unpack_from(unpack(layout, out[LAYOUT_LEN]), pack)
+                runs = out[RUNS]
                 slots = run_slot_mv[:runs].tolist()
                 if runs == n:  # a message per connection: no runs to walk, they would cost more
                     for slot, message in zip(slots, messages):
@@ -511,8 +539,20 @@ class Core:
                             replies.append(reply if kind(reply) is bytes else other(client, reply))
                         start = end
                 flush()
+                reply = b""  # (none goes with the next poll: length is -1)
             if pending:
+                if length >= 0:  # what other threads send goes after it
+                    self._reply_to_one(client, reply, length)
+                    length = -1
                 self.run_posted()
+        if length >= 0:
+            self._reply_to_one(client, reply, length)
+
+    def _reply_to_one(self, client: ClientHandle, reply: bytes, length: int) -> None:
+        """Queues the reply to the last batch, a batch of one message, without polling."""
+        rc = lib.uds_reply(self._srv, self._events[0].slot, self._events[0].id, reply, length)
+        if rc:
+            self._registry.reply_failed(client, send_error(rc, client.id))
 
     def _dispatch_events(self, n: int, any_fds: int) -> None:
         """The per-event path: small batches, and those with connects, closes or payloads too

@@ -601,3 +601,79 @@ def test_wrong_reply_type_in_a_pipeline(serve, sock_path, caplog):
     wait_until(lambda: any(r.exc_info and "must return bytes" in str(r.exc_info[1]) for r in caplog.records))
     with pyuds.connect(sock_path, timeout=10) as conn:
         assert conn.request(b"next") == b"next"
+
+
+# ---- one request at a time ---------------------------------------------------------------------
+# A batch of one message is answered with the next poll (one crossing into C per request): what
+# else goes to the client meanwhile must still keep its order.
+
+
+def test_one_at_a_time_reply_precedes_what_other_threads_send_after_it(serve, sock_path):
+    """The handler has another thread push a message and waits for that push to be posted
+    before it returns its reply: the client gets the reply first, then the push (the order they
+    were made in), request after request."""
+    def handler(client, message):
+        pusher = threading.Thread(target=client.send, args=(b"after " + message,))
+        pusher.start()
+        pusher.join()
+        return b"reply " + message
+
+    serve(handler)
+    with pyuds.connect(sock_path, timeout=5) as conn:
+        for i in range(20):
+            conn.send(b"%d" % i)
+            assert [conn.recv(), conn.recv()] == [b"reply %d" % i, b"after %d" % i]
+
+
+def test_one_at_a_time_failures_cost_only_their_own_reply(serve, sock_path, caplog):
+    """One request at a time: a reply the framing refuses (a line with a newline) closes that
+    client as a handler error, after the replies before it; a handler returning None sends
+    nothing; the next client is served."""
+    def handler(client, message):
+        return None if message == b"quiet" else b"two\nlines" if message == b"bad" else message
+
+    server = serve(handler, framing="line")
+    with pyuds.connect(sock_path, framing="line", timeout=5) as conn:
+        assert conn.request(b"one") == b"one"
+        conn.send(b"quiet")
+        assert conn.request(b"two") == b"two"
+        conn.send(b"bad")
+        with pytest.raises(pyuds.ConnectionClosedError):
+            conn.recv()
+    wait_until(lambda: server.stats()["closed"]["handler_error"] == 1)
+    with pyuds.connect(sock_path, framing="line", timeout=5) as conn:
+        assert conn.request(b"next") == b"next"
+
+
+def _thread_cpu_seconds(thread: threading.Thread) -> float:
+    """CPU time a thread of this process has used, from the kernel's schedstat (ns)."""
+    with open(f"/proc/self/task/{thread.native_id}/schedstat") as f:
+        return int(f.read().split()[0]) / 1e9
+
+
+@pytest.mark.parametrize("busy_poll_us", [0, 300_000])
+def test_busy_poll_keeps_the_loop_polling_after_a_request(serve, sock_path, busy_poll_us):
+    """busy_poll_us: after a request the loop polls without sleeping that long before it sleeps,
+    which a user sees as CPU time spent while idle; requests are answered either way. With 0 it
+    sleeps at once."""
+    server = serve(busy_poll_us=busy_poll_us)
+    with pyuds.connect(sock_path, timeout=5) as conn:
+        for i in range(50):
+            assert conn.request(b"%d" % i) == b"%d" % i
+        before = _thread_cpu_seconds(server._thread)
+        time.sleep(0.25)  # idle, within the busy-poll window
+        used = _thread_cpu_seconds(server._thread) - before
+        assert conn.request(b"after") == b"after"
+    if busy_poll_us:
+        assert used > 0.1, f"the loop used {used:.3f} s of CPU in 0.25 s idle"
+    else:
+        assert used < 0.05, f"the loop used {used:.3f} s of CPU in 0.25 s idle"
+
+
+def test_busy_poll_us_is_checked():
+    with pytest.raises(ValueError, match="busy_poll_us"):
+        pyuds.ServerConfig(busy_poll_us=1_000_001)
+    with pytest.raises(ValueError, match="busy_poll_us"):
+        pyuds.ServerConfig(busy_poll_us=-1)
+    with pytest.raises(TypeError, match="busy_poll_us"):
+        pyuds.ServerConfig(busy_poll_us=0.5)
