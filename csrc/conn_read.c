@@ -132,11 +132,33 @@ static size_t growth_read_size(const uds_conn *c, size_t want)
     return (size_t)queued < want ? (size_t)queued : want;
 }
 
-/* A read for a connection with nothing buffered: one chunk, into the arena. */
+/* The len bytes read at p took all that was asked for and end inside a u32 frame: reads the
+ * bytes that frame still lacks right behind them, if they fit in room, so that the frame is
+ * whole where it was read (in the arena, it is not copied to the connection's buffer to wait
+ * for its end: a large frame would otherwise be copied once more than it is read). Returns the
+ * bytes added. */
+static size_t complete_last_frame(uds_server *s, uds_conn *c, char *p, size_t len, size_t room)
+{
+    size_t pos = 0, scan = 0, off, plen;
+    ssize_t r;
+    while (pos < len && (r = uds_frame_next(UDS_FRAMING_U32, p + pos, len - pos, s->cfg.max_message,
+                                            &scan, &off, &plen)) > 0)
+        pos += (size_t)r;
+    size_t need = uds_frame_missing(UDS_FRAMING_U32, p + pos, len - pos, s->cfg.max_message);
+    if (need == 0 || need > room || need > UDS_READ_BUDGET)
+        return 0; /* complete, over max_message (refused when parsed), or too much for now */
+    return recv_some(s, c, p + len, need);
+}
+
+/* A read for a connection with nothing buffered: one chunk, into the arena (and the rest of a
+ * u32 frame that chunk ends in). */
 static void read_into_arena(uds_server *s, uds_conn *c)
 {
-    size_t room = UDS_ARENA_SIZE - s->arena_used;
-    size_t got = recv_some(s, c, s->arena + s->arena_used, room < UDS_READ_CHUNK ? room : UDS_READ_CHUNK);
+    size_t room = UDS_ARENA_SIZE - s->arena_used, want = room < UDS_READ_CHUNK ? room : UDS_READ_CHUNK;
+    char *at = s->arena + s->arena_used;
+    size_t got = recv_some(s, c, at, want);
+    if (got == want && s->cfg.framing == UDS_FRAMING_U32 && !(c->flags & UDS_CF_NO_READ))
+        got += complete_last_frame(s, c, at, got, room - got);
     if (got > 0) {
         take_arena(s, c, got);
         uds_conn_touch(s, c);
