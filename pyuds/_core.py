@@ -86,6 +86,7 @@ EV_MESSAGE, EV_CONNECTED, EV_CLOSED = lib.UDS_EV_MESSAGE, lib.UDS_EV_CONNECTED, 
 # list conversions, a join, one more crossing) would outweigh what it saves per message.
 SMALL_BATCH = 2
 PACK_BYTES = 512 * 1024  # room for small payloads copied back to back, per batch
+COUNTS_PER_BLOCK = 64  # clients whose counters share one allocation (see Core.counters())
 # Replies longer than this go out on their own, without being joined (no copy); those up to it
 # go in one uds_reply_batch() call, their lengths as C int16_t (-1: no reply).
 BIG_REPLY = 32767
@@ -194,20 +195,6 @@ class Registry(Protocol):
         """A reply to client could not be queued, for the reason exc gives."""
 
 
-class ClientCounters:
-    """One client's counters (pyuds._handle.Counters). C writes them into memory this object
-    owns until the client's CLOSED event and never after, so they stay readable."""
-
-    __slots__ = ("_stats",)
-
-    def __init__(self, stats: Any) -> None:
-        self._stats = stats
-
-    def read(self) -> tuple[int, int, int, int]:
-        stats = self._stats
-        return stats.msgs_in, stats.bytes_in, stats.msgs_out, stats.bytes_out
-
-
 class Core:
     """One C server, its event batch, the loop that dispatches it, and the loop's own state:
     whether to stop, and the requests other threads posted to it."""
@@ -282,6 +269,9 @@ class Core:
         self._registry: Registry | None = None  # those serve() was given
         self._handler: Handler | None = None
         self._stopping = False
+        self._counts_block: Any = None  # where the next clients' counters go (see counters())
+        self._counts_view: memoryview | None = None
+        self._counts_left = 0
         # Requests from other threads: (function, arguments, descriptors they own).
         self._pending: deque[tuple[Callable[..., Any], tuple[Any, ...], list[int]]] = deque()
 
@@ -380,11 +370,20 @@ class Core:
         """The address the client bound (a datagram peer's, where replies go); None if none."""
         return _name(lib.uds_peer_address, self._srv, slot, cid)
 
-    def counters(self, slot: int, cid: int) -> ClientCounters:
-        """Moves the client's counters to memory that the returned object owns."""
-        stats = ffi.new("uds_stats *")
-        lib.uds_conn_set_stats(self._srv, slot, cid, stats)
-        return ClientCounters(stats)
+    def counters(self, slot: int, cid: int) -> tuple[memoryview, int]:
+        """Moves the client's counters to memory Python owns, where C writes them until the
+        client disconnects and never after: returns a uint64 memoryview and the index of the
+        first of the client's four. The memory comes in blocks for COUNTS_PER_BLOCK clients,
+        freed once the handles of all of them are gone (so a client costs 32 bytes here, not
+        an object of its own)."""
+        if self._counts_left == 0:
+            self._counts_block = ffi.new("uds_stats[]", COUNTS_PER_BLOCK)
+            self._counts_view = memoryview(ffi.buffer(self._counts_block)).cast("Q")
+            self._counts_left = COUNTS_PER_BLOCK
+        i = COUNTS_PER_BLOCK - self._counts_left
+        self._counts_left -= 1
+        lib.uds_conn_set_stats(self._srv, slot, cid, self._counts_block + i)
+        return self._counts_view, 4 * i
 
     def shutdown(self) -> int:
         """Stops accepting, removes the socket file, starts closing every client."""

@@ -1,8 +1,8 @@
 """A connected client as the application sees it, and why clients go away.
 
 A ClientHandle never touches the C extension: it asks its owner (the Server, through the
-Owner protocol below) to send, close and look up addresses, and reads its counters from a
-Counters object that the core made for it.
+Owner protocol below) to send, close and look up addresses, and reads its counters from four
+integers of a memoryview that the core gave it, where C writes them.
 """
 from __future__ import annotations
 
@@ -50,19 +50,12 @@ class Owner(Protocol):
         """The address the client's socket is bound to; None if it has none."""
 
 
-class Counters(Protocol):
-    """A client's traffic counters, kept where they stay readable after it disconnected."""
-
-    def read(self) -> tuple[int, int, int, int]:
-        """(messages in, bytes in, messages out, bytes out), payload only."""
-
-
 def _counter(index: int, doc: str) -> property:
-    """A read-only property: the counter at index of the client's Counters.read()."""
+    """A read-only property: the client's counter at index (see ClientHandle._counts)."""
 
     def get(self: ClientHandle) -> int:
-        counters = self._counters
-        return counters.read()[index] if counters is not None else 0
+        counts = self._counts
+        return counts[self._counts_at + index] if counts is not None else 0
 
     return property(get, doc=doc)
 
@@ -79,21 +72,25 @@ class ClientHandle:
     data: a dict for the application's per-client state.
     """
 
-    __slots__ = ("id", "pid", "uid", "gid", "connected_at", "data", "close_reason",
-                 "_owner", "_slot", "_counters", "_closed", "_admitted", "_fds", "_address")
+    __slots__ = ("id", "pid", "uid", "gid", "connected_at", "close_reason", "_data",
+                 "_owner", "_slot", "_counts", "_counts_at", "_closed", "_admitted", "_fds", "_address")
 
     def __init__(self, owner: Owner, slot: int, cid: int, pid: int, uid: int, gid: int,
-                 counters: Counters | None) -> None:
+                 counts: memoryview | None, counts_at: int) -> None:
         self.id = cid
         self.pid = pid
         self.uid = uid
         self.gid = gid
         self.connected_at = time.time()
-        self.data: dict[Any, Any] = {}
         self.close_reason: CloseReason | None = None  #: set once disconnected
+        self._data: dict[Any, Any] | None = None  # made on first use: most clients need none
         self._owner = owner
         self._slot = slot
-        self._counters = counters  # None: a datagram sender with no address, never counted
+        # Its counters: messages in, bytes in, messages out, bytes out at counts[counts_at:
+        # counts_at + 4] (uint64, written by C until it disconnected). None: a datagram sender
+        # with no address, never counted.
+        self._counts = counts
+        self._counts_at = counts_at
         self._closed = False     # close() was called or the connection is gone
         self._admitted = False   # on_connect accepted it: it is (or was) in the registry
         self._fds: list[int] | None = None  # descriptors that came with the message in hand
@@ -139,6 +136,17 @@ class ClientHandle:
         if self._address is False:
             self._address = None if self._closed or self._slot < 0 else self._owner._peer_address(self)
         return self._address  # type: ignore[return-value]
+
+    @property
+    def data(self) -> dict[Any, Any]:
+        """A dict for the application's per-client state (empty until used)."""
+        if self._data is None:
+            self._data = {}
+        return self._data
+
+    @data.setter
+    def data(self, value: dict[Any, Any]) -> None:
+        self._data = value
 
     @property
     def closed(self) -> bool:

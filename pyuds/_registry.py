@@ -47,7 +47,7 @@ class Registry:
         self._refusal_logged = 0.0    # when that was last logged (monotonic)
 
     def connected(self, slot: int, cid: int, pid: int, uid: int, gid: int) -> None:
-        client = ClientHandle(self._owner(), slot, cid, pid, uid, gid, self._core.counters(slot, cid))
+        client = ClientHandle(self._owner(), slot, cid, pid, uid, gid, *self._core.counters(slot, cid))
         handles = self.handles
         if slot >= len(handles):
             handles.extend([None] * (slot + 1 - len(handles)))
@@ -134,7 +134,7 @@ class Registry:
     def anonymous(self, pid: int, uid: int, gid: int) -> ClientHandle:
         """A handle for one datagram from a sender with no address: never in the registry,
         and nothing sent to it can arrive."""
-        client = ClientHandle(self._owner(), -1, 0, pid, uid, gid, None)
+        client = ClientHandle(self._owner(), -1, 0, pid, uid, gid, None, 0)
         client._address = None
         return client
 
