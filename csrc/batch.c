@@ -59,12 +59,13 @@ int uds_poll_batch(uds_server *s, uds_event *ev, int cap, int timeout_ms, uds_ba
     return n;
 }
 
-int uds_reply_poll_batch(uds_server *s, const char *reply, int64_t len, uds_event *ev, int cap,
-                         int timeout_ms, uds_batch *b)
+int uds_reply_poll_batch(uds_server *s, const char *reply, int64_t len, int timeout_ms,
+                         uds_batch *b)
 {
-    b->reply_rc = len < 0 ? 0 : uds_reply(s, ev[0].slot, ev[0].id, reply, (size_t)len);
+    const uds_event *e = &b->ev[0];
+    b->reply_rc = len < 0 ? 0 : s->kind->send(s, e->slot, e->id, reply, (size_t)len, NULL, 0, UDS_SEND_NOW);
     /* A reply that failed is the caller's to act on (its client may be owed a close): no wait. */
-    return uds_poll_batch(s, ev, cap, b->reply_rc < 0 ? 0 : timeout_ms, b);
+    return uds_poll_batch(s, b->ev, b->cap, b->reply_rc < 0 ? 0 : timeout_ms, b);
 }
 
 int uds_reply_batch(uds_server *s, const uds_event *ev, int first, int n, const char *data,

@@ -212,12 +212,12 @@ static uds_conn *working(const uds_server *s, int slot, uint64_t id)
 }
 
 static int send_conn(uds_server *s, int slot, uint64_t id, const char *data, size_t len,
-                     const int *fds, int nfds, int reply)
+                     const int *fds, int nfds, int how)
 {
     uds_conn *c = working(s, slot, id);
     if (c == NULL)
         return -ENOTCONN;
-    return nfds > 0 ? uds_conn_send_fds(s, c, data, len, fds, nfds) : uds_conn_send(s, c, data, len, reply);
+    return nfds > 0 ? uds_conn_send_fds(s, c, data, len, fds, nfds) : uds_conn_send(s, c, data, len, how);
 }
 
 static int reply_run_conn(uds_server *s, int slot, uint64_t id, const char *data,

@@ -190,9 +190,9 @@ static void put_frame(uds_conn *c, const unsigned char *hdr, int h, const char *
     c->tx_total += (size_t)h + len + (size_t)trailer;
 }
 
-/* A large frame goes straight to the socket when nothing waits to go before it, which saves
- * copying it into the output buffer (libuv's uv_write() tries a write first too). Streams only:
- * a packet must leave whole, with the others. Returns the bytes of the frame the socket took,
+/* A large frame (or the one reply of a turn) goes straight to the socket when nothing waits to
+ * go before it, which saves copying it into the output buffer (libuv's uv_write() tries a write
+ * first too). Streams only: a packet must leave whole, with the others. Returns the bytes of the frame the socket took,
  * 0 if none (full or failing: the frame is queued, and the flush finds out). */
 static size_t write_through(uds_server *s, uds_conn *c, const unsigned char *hdr, int h,
                             const char *data, size_t len, int trailer)
@@ -231,7 +231,7 @@ static void queued(uds_server *s, uds_conn *c, uint64_t msgs, uint64_t bytes)
     uds_conn_schedule_flush(s, c);
 }
 
-int uds_conn_send(uds_server *s, uds_conn *c, const char *data, size_t len, int reply)
+int uds_conn_send(uds_server *s, uds_conn *c, const char *data, size_t len, int how)
 {
     unsigned char hdr[4];
     int trailer;
@@ -251,7 +251,7 @@ int uds_conn_send(uds_server *s, uds_conn *c, const char *data, size_t len, int 
         if (c->flags & UDS_CF_DEAD)
             return -ENOTCONN;
         if (uds_buf_len(b) + frame > s->cfg.max_output) {
-            if (!reply) {
+            if (how == UDS_SEND_PUSH) {
                 uds_conn_fail(s, c, UDS_CLOSE_SLOW_CONSUMER, 0);
                 return -ENOBUFS;
             }
@@ -263,7 +263,8 @@ int uds_conn_send(uds_server *s, uds_conn *c, const char *data, size_t len, int 
             }
         }
     }
-    size_t sent = len >= UDS_WRITE_THROUGH_MIN ? write_through(s, c, hdr, h, data, len, trailer) : 0;
+    size_t sent = len >= UDS_WRITE_THROUGH_MIN || how == UDS_SEND_NOW
+                      ? write_through(s, c, hdr, h, data, len, trailer) : 0;
     if (sent == frame) {
         c->tx_total += frame;
     } else if ((rc = uds_buf_reserve(b, frame - sent, &s->pool)) < 0) {
@@ -293,7 +294,7 @@ int uds_conn_send_run(uds_server *s, uds_conn *c, const char *data, const int16_
                 rcs[i] = 0;
                 continue;
             }
-            rcs[i] = (c->flags & UDS_CF_DEAD) ? -ENOTCONN : uds_conn_send(s, c, data, (size_t)lens[i], 1);
+            rcs[i] = (c->flags & UDS_CF_DEAD) ? -ENOTCONN : uds_conn_send(s, c, data, (size_t)lens[i], UDS_SEND_REPLY);
             failed += rcs[i] < 0;
             data += lens[i];
         }
@@ -330,7 +331,7 @@ int uds_conn_send_fds(uds_server *s, uds_conn *c, const char *data, size_t len, 
                       int nfds)
 {
     if (nfds == 0)
-        return uds_conn_send(s, c, data, len, 0);
+        return uds_conn_send(s, c, data, len, UDS_SEND_PUSH);
     unsigned char hdr[4];
     int trailer;
     int h = uds_frame_header(s->cfg.framing, len, hdr, &trailer);
@@ -356,7 +357,7 @@ int uds_conn_send_fds(uds_server *s, uds_conn *c, const char *data, size_t len, 
         (rc = uds_fdq_push(q, UDS_FDQ_END, at + (size_t)h + len + (size_t)trailer)) == 0)
         pushed++;
     if (rc == 0)
-        rc = uds_conn_send(s, c, data, len, 0);
+        rc = uds_conn_send(s, c, data, len, UDS_SEND_PUSH);
     if (rc < 0) {
         /* Take ours back off the tail. A slow-consumer close may have emptied the queue. */
         for (; pushed > 0 && uds_fdq_len(q) > 0; pushed--) {

@@ -255,9 +255,9 @@ static int poll_dgram(uds_server *s, uds_event *ev, int cap, int timeout_ms)
 
 /* A reply, or a push: the same for a datagram. */
 static int send_dgram(uds_server *s, int slot, uint64_t id, const char *data, size_t len,
-                      const int *fds, int nfds, int reply)
+                      const int *fds, int nfds, int how)
 {
-    (void)reply;
+    (void)how;
     if (slot < 0) {
         UDS_COUNT(s->stats.replies_unroutable, 1); /* its sender has no address */
         return -ENOTCONN;
@@ -273,7 +273,7 @@ static int reply_run_dgram(uds_server *s, int slot, uint64_t id, const char *dat
 {
     int failed = 0;
     for (int i = 0; i < n; i++) {
-        rcs[i] = lens[i] < 0 ? 0 : send_dgram(s, slot, id, data, (size_t)lens[i], NULL, 0, 1);
+        rcs[i] = lens[i] < 0 ? 0 : send_dgram(s, slot, id, data, (size_t)lens[i], NULL, 0, UDS_SEND_REPLY);
         failed += rcs[i] < 0;
         data += lens[i] < 0 ? 0 : lens[i];
     }

@@ -318,15 +318,22 @@ void uds_scratch_free(uds_scratch *sc);
 
 typedef struct uds_conn uds_conn;
 
+/* How a message is sent (uds_kind_ops.send). */
+#define UDS_SEND_PUSH 0  /* uds_send(): bounded by max_output */
+#define UDS_SEND_REPLY 1 /* uds_reply(): may pass it (see there) */
+#define UDS_SEND_NOW 2   /* a reply that is the last of its turn: to the socket at once, if
+                          * nothing waits before it (else as UDS_SEND_REPLY) */
+
 /* What each socket kind does for the server (server.c, batch.c): one table per kind
  * (uds_conn_kind in conn_server.c, uds_dgram_kind in dgram_server.c). (slot, id) names a
  * connection or a DGRAM peer; a call for one that is finished returns -ENOTCONN. */
 typedef struct uds_kind_ops {
     /* The kind's part of a turn (see uds_poll()). */
     int (*poll)(uds_server *s, uds_event *ev, int cap, int timeout_ms);
-    /* uds_send() (reply 0), uds_reply() (reply 1), uds_send_fds() (nfds > 0). */
+    /* uds_send() (how UDS_SEND_PUSH), uds_reply() (UDS_SEND_REPLY or UDS_SEND_NOW),
+     * uds_send_fds() (nfds > 0). */
     int (*send)(uds_server *s, int slot, uint64_t id, const char *data, size_t len,
-                const int *fds, int nfds, int reply);
+                const int *fds, int nfds, int how);
     /* Replies to one peer's run of events, as uds_reply_batch() describes. Returns how many
      * failed. */
     int (*reply_run)(uds_server *s, int slot, uint64_t id, const char *data,
@@ -572,8 +579,8 @@ int uds_conn_serve(uds_server *s, uds_conn *c, uds_event *ev, int n, int cap);
 
 /* Writes c's output while the socket takes it; waits for EPOLLOUT for the rest. */
 void uds_conn_flush(uds_server *s, uds_conn *c);
-/* Queues a framed message (see uds_send); reply: as uds_reply. */
-int uds_conn_send(uds_server *s, uds_conn *c, const char *data, size_t len, int reply);
+/* Queues a framed message: how UDS_SEND_PUSH as uds_send(), else as uds_reply(). */
+int uds_conn_send(uds_server *s, uds_conn *c, const char *data, size_t len, int how);
 /* Queues up to n framed replies at once (reply i has lens[i] bytes, -1 for none, back to back
  * in data): one reservation and one accounting when they all fit under max_output, else
  * uds_conn_send() one by one. rcs[i] gets what uds_conn_send() would return for reply i (0

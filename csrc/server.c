@@ -39,12 +39,12 @@ int uds_poll(uds_server *s, uds_event *ev, int cap, int timeout_ms)
 
 int uds_send(uds_server *s, int slot, uint64_t id, const char *data, size_t len)
 {
-    return s->kind->send(s, slot, id, data, len, NULL, 0, 0);
+    return s->kind->send(s, slot, id, data, len, NULL, 0, UDS_SEND_PUSH);
 }
 
 int uds_reply(uds_server *s, int slot, uint64_t id, const char *data, size_t len)
 {
-    return s->kind->send(s, slot, id, data, len, NULL, 0, 1);
+    return s->kind->send(s, slot, id, data, len, NULL, 0, UDS_SEND_REPLY);
 }
 
 int uds_send_fds(uds_server *s, int slot, uint64_t id, const char *data, size_t len,
@@ -52,7 +52,7 @@ int uds_send_fds(uds_server *s, int slot, uint64_t id, const char *data, size_t 
 {
     if (nfds < 0 || nfds > UDS_MAX_FDS)
         return -EINVAL;
-    return s->kind->send(s, slot, id, data, len, fds, nfds, 0);
+    return s->kind->send(s, slot, id, data, len, fds, nfds, UDS_SEND_PUSH);
 }
 
 int uds_close(uds_server *s, int slot, uint64_t id, int reason)

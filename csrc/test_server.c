@@ -224,8 +224,8 @@ static void batch_whole(uds_server *s, const char *path, uds_event *ev)
     char pack[8192], layout[64 * UDS_LAYOUT_ITEM_MAX];
     int32_t run_slot[64];
     uint32_t run_end[64];
-    uds_batch b = {.pack = pack, .pack_cap = sizeof pack, .layout = layout, .run_slot = run_slot,
-                   .run_end = run_end};
+    uds_batch b = {.ev = ev, .cap = 64, .pack = pack, .pack_cap = sizeof pack, .layout = layout,
+                   .run_slot = run_slot, .run_end = run_end};
     int a = connect_to(path);
     for (int round = 0; round < 20; round++) /* both accepted before anything is sent */
         CHECK(uds_poll_batch(s, ev, 64, 10, &b) >= 0);
@@ -271,8 +271,8 @@ static void batch_whole(uds_server *s, const char *path, uds_event *ev)
     CHECK(send(c, "\0\0\0\2hi", 6, 0) == 6);
     n = batch_turn(s, ev, &b);
     CHECK(n == 1 && b.one_len == 2 && b.one_slot == ev[0].slot && memcmp(pack, "hi", 2) == 0);
-    CHECK(uds_reply_poll_batch(s, "HI", 2, ev, 64, 10, &b) >= 0 && b.reply_rc == 0);
-    CHECK(uds_reply_poll_batch(s, NULL, -1, ev, 64, 10, &b) >= 0 && b.reply_rc == 0);
+    CHECK(uds_reply_poll_batch(s, "HI", 2, 10, &b) >= 0 && b.reply_rc == 0);
+    CHECK(uds_reply_poll_batch(s, NULL, -1, 10, &b) >= 0 && b.reply_rc == 0);
     CHECK(recv(c, buf, sizeof buf, 0) == 6 && memcmp(buf, "\0\0\0\2HI", 6) == 0);
     close(a);
     close(c);

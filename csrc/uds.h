@@ -183,6 +183,8 @@ typedef struct uds_server_stats {
 #define UDS_PACK_MAX 4096    /* payloads up to this size are packed */
 #define UDS_LAYOUT_ITEM_MAX 5 /* bytes of layout one event takes at most ("4096s") */
 typedef struct uds_batch {
+    uds_event *ev;      /* uds_reply_poll_batch(): the events, ev[0..cap) */
+    int cap;
     char *pack;         /* packed payloads */
     size_t pack_cap;    /* bytes of pack, at most 4 GiB - 2 */
     char *layout;       /* [cap * UDS_LAYOUT_ITEM_MAX] out: the items of pack, not terminated */
@@ -228,12 +230,13 @@ int uds_poll(uds_server *s, uds_event *ev, int cap, int timeout_ms);
 int uds_poll_batch(uds_server *s, uds_event *ev, int cap, int timeout_ms, uds_batch *b);
 
 /* For a batch that was one message (b->one_len >= 0): uds_reply() of the len bytes at reply to
- * it (ev[0], as that batch left it; len < 0: no reply), b->reply_rc set to what uds_reply()
- * returned (0 for no reply); then uds_poll_batch(), which does not wait if the reply failed. A
- * server answering one request at a time thus crosses into C once per request. Returns as
- * uds_poll(). */
-int uds_reply_poll_batch(uds_server *s, const char *reply, int64_t len, uds_event *ev, int cap,
-                         int timeout_ms, uds_batch *b);
+ * it (b->ev[0], as that batch left it; len < 0: no reply), written to the socket at once if
+ * nothing waits before it, b->reply_rc set to what uds_reply() returned (0 for no reply); then
+ * uds_poll_batch(s, b->ev, b->cap, timeout_ms, b), which does not wait if the reply failed. A
+ * server answering one request at a time thus crosses into C once per request, and its reply
+ * leaves first. Returns as uds_poll(). */
+int uds_reply_poll_batch(uds_server *s, const char *reply, int64_t len, int timeout_ms,
+                         uds_batch *b);
 
 /* Queues the replies to the events ev[first .. first + n) of the last batch in one call: reply
  * i has lens[i] bytes (so at most 32767; larger ones go through uds_reply()), -1 for none, and

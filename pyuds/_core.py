@@ -256,6 +256,7 @@ class Core:
         self._reply_lens = ffi.new("int16_t[]", cap)
         self._reply_lens_buf = ffi.buffer(self._reply_lens)
         batch = self._batch = ffi.new("uds_batch *")
+        batch.ev, batch.cap = self._events, cap
         batch.pack, batch.pack_cap = self._pack, PACK_BYTES
         batch.layout, batch.run_slot, batch.run_end = self._layout, self._run_slot, self._run_end
         self._pack_buf = ffi.buffer(self._pack)
@@ -465,41 +466,34 @@ class Core:
     def serve(self, registry: Registry, handler: Handler, draining: bool) -> None:
         """Polls and dispatches until stop(), or, when draining, until every client is closed."""
         self._registry, self._handler = registry, handler
-        # The per-message path. Where the time goes, measured on the server process (pinned to
-        # one core) while benchmarks/loadgen drove it: perf stat -e task-clock, perf record,
-        # py-spy record --native. Pipelined (64 conns x depth 16 x 64 B): 390-440 ns of CPU per
-        # message. The poll ~42%, nearly all of it the kernel's recv, send and epoll;
-        # unpack_from() ~5%; the walk below ~22% (the handler call, the closed check, the
-        # append); flush() ~30%: packing the lengths 14%, the join 4%, uds_reply_batch() 11%.
-        # Latency (1 x 1 x 64 B: a batch of one message, its reply queued by the next poll, one
-        # crossing into C per request): most of it the kernel switching tasks; this loop's part
-        # is the handler call and a few index reads.
-        # Locals, not attribute chains: this loop runs once per message.
-        srv, events, cap, batch = self._srv, self._events, self._cap, self._batch
-        poll, live, unpack = lib.uds_reply_poll_batch, lib.uds_live, ffi.unpack
-        layout, pack, out = self._layout, self._pack_buf, self._batch_out
+        # The per-request path: a client with one request at a time makes batches of one
+        # message, taken here without a walk, its reply queued by the next poll, so one
+        # crossing into C per request. Where the time goes (latency benchmark, 1 x 1 x 64 B;
+        # perf record on the server pinned to one core, CPU wake-up latency held at 0): of about
+        # 8.5 us of server CPU per request, the kernel's recv, send, epoll and task switches
+        # take 82%; this loop and the handler 9%; the C core 4.5%, libc 2.4%, cffi 1.3%.
+        # Locals, not attribute chains: this loop runs once per request.
+        srv, batch = self._srv, self._batch
+        poll, live, pack, out = lib.uds_reply_poll_batch, lib.uds_live, self._pack_buf, self._batch_out
         one_len, one_slot, reply_rc = ONE_LEN, ONE_SLOT, REPLY_RC
-        run_slot_mv, run_end_mv = self._run_slot_mv, self._run_end_mv
-        handles, failed, pending = registry.handles, registry.handler_failed, self._pending
-        flush, replies, other, kind = self.flush_replies, self._replies, self._as_reply, type
+        handles, failed, other, pending = registry.handles, registry.handler_failed, self._as_reply, self._pending
         # The reply to a batch of one message goes with the next poll: (client, reply, length),
         # length -1 for none (reply then b"": C takes bytes, not None, for a char *).
         client, reply, length = None, b"", -1
         while (live(srv) > 0) if draining else not self._stopping:
-            n = poll(srv, reply, length, events, cap, -1, batch)
+            n = poll(srv, reply, length, -1, batch)
             if length >= 0 and out[reply_rc]:
                 registry.reply_failed(client, send_error(out[reply_rc], client.id))
             if n < 0:
                 check(n)
             length = out[one_len]
             if length >= 0:
-                # One message (a client with one request at a time): no batch to walk.
                 client = handles[out[one_slot]]
                 try:
                     reply = handler(client, pack[:length]) if not client._closed else None
                 except Exception as exc:
                     reply = failed(client, exc)
-                if kind(reply) is bytes:
+                if type(reply) is bytes:
                     length = len(reply)
                 else:
                     reply = other(client, reply)
@@ -508,37 +502,7 @@ class Core:
                 self._first = 0
                 self._dispatch_events(n, out[ANY_FDS])
             else:
-                # Every event is a message whose payload is in pack: one call makes all their
-                # bytes objects. One reply (or None) per event is kept (replies.append() inline,
-                # not a bound method); flush() checks and sends them in bulk. A client closed
-                # earlier in the batch gets no more calls; failed() closes the client and
-                # returns None. (Both loops write the body out: a function call per message
-                # would cost more than the body itself.)
-                self._first = 0
-                messages = unpack_from(unpack(layout, out[LAYOUT_LEN]), pack)
-                runs = out[RUNS]
-                slots = run_slot_mv[:runs].tolist()
-                if runs == n:  # a message per connection: no runs to walk, they would cost more
-                    for slot, message in zip(slots, messages):
-                        client = handles[slot]
-                        try:
-                            reply = handler(client, message) if not client._closed else None
-                        except Exception as exc:
-                            reply = failed(client, exc)
-                        replies.append(reply if kind(reply) is bytes else other(client, reply))
-                else:
-                    start = 0
-                    for slot, end in zip(slots, run_end_mv[:runs].tolist()):
-                        client = handles[slot]
-                        for message in messages[start:end]:
-                            try:
-                                reply = handler(client, message) if not client._closed else None
-                            except Exception as exc:
-                                reply = failed(client, exc)
-                            replies.append(reply if kind(reply) is bytes else other(client, reply))
-                        start = end
-                flush()
-                reply = b""  # (none goes with the next poll: length is -1)
+                self._serve_packed(n)
             if pending:
                 if length >= 0:  # what other threads send goes after it
                     self._reply_to_one(client, reply, length)
@@ -546,6 +510,44 @@ class Core:
                 self.run_posted()
         if length >= 0:
             self._reply_to_one(client, reply, length)
+
+    def _serve_packed(self, n: int) -> None:
+        """A batch of n small messages, their payloads packed back to back: the per-message
+        path of a busy server. One call makes every message's bytes object, one reply (or None)
+        per message is kept, and flush_replies() checks and queues them in bulk. A client closed
+        earlier in the batch gets no more calls; failed() closes the client and returns None.
+        Where the time goes (pipelined benchmark, 64 conns x depth 16 x 64 B, about 400 ns of
+        server CPU per message): the poll ~42%, nearly all of it the kernel's recv, send and
+        epoll; unpack_from() ~5%; the walk below ~22% (the handler call, the closed check, the
+        append); flush_replies() ~30%: packing the lengths 14%, the join 4%, uds_reply_batch()
+        11%. (Both loops write the body out: a function call per message would cost more than
+        the body itself.)"""
+        self._first = 0
+        handles, handler, failed = self._registry.handles, self._handler, self._registry.handler_failed
+        replies, other, kind, out = self._replies, self._as_reply, type, self._batch_out
+        messages = unpack_from(ffi.unpack(self._layout, out[LAYOUT_LEN]), self._pack_buf)
+        runs = out[RUNS]
+        slots = self._run_slot_mv[:runs].tolist()
+        if runs == n:  # a message per connection: no runs to walk, they would cost more
+            for slot, message in zip(slots, messages):
+                client = handles[slot]
+                try:
+                    reply = handler(client, message) if not client._closed else None
+                except Exception as exc:
+                    reply = failed(client, exc)
+                replies.append(reply if kind(reply) is bytes else other(client, reply))
+        else:
+            start = 0
+            for slot, end in zip(slots, self._run_end_mv[:runs].tolist()):
+                client = handles[slot]
+                for message in messages[start:end]:
+                    try:
+                        reply = handler(client, message) if not client._closed else None
+                    except Exception as exc:
+                        reply = failed(client, exc)
+                    replies.append(reply if kind(reply) is bytes else other(client, reply))
+                start = end
+        self.flush_replies()
 
     def _reply_to_one(self, client: ClientHandle, reply: bytes, length: int) -> None:
         """Queues the reply to the last batch, a batch of one message, without polling."""
