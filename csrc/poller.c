@@ -86,12 +86,16 @@ static int wait_spinning(const uds_poller *p, struct epoll_event *evs, int max, 
 {
     int n = 0;
     if (spin_us > 0 && timeout_ms != 0) {
-        if (timeout_ms > 0 && (int64_t)timeout_ms * 1000 < spin_us)
-            spin_us = timeout_ms * 1000;
-        uint64_t until = now_ns() + (uint64_t)spin_us * 1000u;
+        uint64_t start = now_ns(), spin_ns = (uint64_t)spin_us * 1000u;
+        if (timeout_ms > 0 && spin_ns > (uint64_t)timeout_ms * 1000000u)
+            spin_ns = (uint64_t)timeout_ms * 1000000u;
         do
             n = epoll_wait(p->ep, evs, max, 0);
-        while (n == 0 && now_ns() < until);
+        while (n == 0 && now_ns() - start < spin_ns);
+        if (n == 0 && timeout_ms > 0) { /* the spin counts against the timeout */
+            uint64_t spent_ms = (now_ns() - start) / 1000000u;
+            timeout_ms = spent_ms >= (uint64_t)timeout_ms ? 0 : timeout_ms - (int)spent_ms;
+        }
     }
     return n != 0 ? n : epoll_wait(p->ep, evs, max, timeout_ms);
 }
