@@ -169,10 +169,12 @@ def main(argv: list[str]) -> int:
     sub = (f"{m.get('cpu_model')}, {m.get('nproc')} CPUs (server on CPU {m.get('server_cpu')}, "
            f"loadgen on CPU {m.get('loadgen_cpu')}); {m.get('kernel')}; Python {m.get('python')}, "
            f"pyuds {m.get('pyuds')}, uvloop {m.get('uvloop')}; {doc.get('date')}")
+    if m.get("cpu_wakeup_latency"):
+        sub += f"\nCPU wake-up latency {m['cpu_wakeup_latency']}"
     if not doc.get("ok", True):
         sub += "   !!! SOME RUNS FAILED: see the JSON"
     fig.suptitle(title + "\n" + sub, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.97 - 0.02 * (nrows == 1)))
+    fig.tight_layout(rect=(0, 0, 1, 0.96 - 0.02 * (nrows == 1)))
     fig.savefig(argv[2], dpi=110)
     print(f"chart.py: wrote {argv[2]}")
     return 0
