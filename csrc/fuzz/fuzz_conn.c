@@ -2,7 +2,8 @@
  * fuzz_conn.c - libFuzzer harness: a real server (one per stream framing, and a SEQPACKET one,
  * made once) and, per input, one real client connection fed arbitrary bytes in arbitrary
  * pieces (packets, for SEQPACKET), some carrying descriptors, with the server polled in
- * between, echoing what it delivers and sometimes closing the client. Checks that events are
+ * between, echoing what it delivers (a batch of one message with the next poll, as pyuds
+ * does; bigger batches in one call) and sometimes closing the client. Checks that events are
  * well formed, that no message brings more than max_fds descriptors, and that every
  * connection is finished and its descriptor freed.
  * Input: server, then pairs (piece length, action), then the bytes.
@@ -91,23 +92,50 @@ static void check_batch(const uds_event *ev, int n, const uds_batch *b)
         abort();
 }
 
+/* Per server, kept from turn to turn: its events and batch, and the reply to a batch of one
+ * message, which goes with the next poll (uds_reply_poll_batch()), as pyuds's loop sends it. */
+static struct turn_state {
+    uds_event ev[32];
+    uds_batch b;
+    char pack[64 * 1024], layout[32 * UDS_LAYOUT_ITEM_MAX];
+    int32_t run_slot[32];
+    uint32_t run_end[32];
+    char reply[MAX];
+    int64_t reply_len; /* -1: none */
+} states[SERVERS];
+
 static int turn(uds_server *s, int close_on_message)
 {
-    static char pack[64 * 1024], layout[32 * UDS_LAYOUT_ITEM_MAX];
-    static int32_t run_slot[32];
-    static uint32_t run_end[32];
-    uds_batch b = {.pack = pack, .pack_cap = sizeof pack, .layout = layout, .run_slot = run_slot,
-                   .run_end = run_end};
-    uds_event ev[32];
-    int n = uds_poll_batch(s, ev, 32, 0, &b);
+    int which = 0;
+    while (servers[which] != s)
+        which++;
+    struct turn_state *st = &states[which];
+    if (st->b.ev == NULL) {
+        st->b = (uds_batch){.ev = st->ev, .cap = 32, .pack = st->pack, .pack_cap = sizeof st->pack,
+                            .layout = st->layout, .run_slot = st->run_slot, .run_end = st->run_end};
+        st->reply_len = -1;
+    }
+    uds_event *ev = st->ev;
+    int n = uds_reply_poll_batch(s, st->reply, st->reply_len, 0, &st->b);
+    st->reply_len = -1;
     if (n < 0)
         abort();
-    if (n > 0 && b.all_packed) {
-        check_batch(ev, n, &b);
+    if (st->b.one_len != (n == 1 && st->b.all_packed ? (int64_t)ev[0].len : -1))
+        abort();
+    if (n > 0 && st->b.all_packed) {
+        check_batch(ev, n, &st->b);
+        if (!close_on_message && n == 1) {
+            /* Echoed with the next poll; no reply to one that starts with an odd byte. */
+            if (!(ev[0].len > 0 && (ev[0].data[0] & 1))) {
+                memcpy(st->reply, ev[0].data, ev[0].len);
+                st->reply_len = (int64_t)ev[0].len;
+            }
+            return n;
+        }
         if (!close_on_message) {
             /* Echo the whole batch in one call, as pyuds's batch path does; no reply (-1) to
              * payloads that start with an odd byte. */
-            static char echo[sizeof pack];
+            static char echo[sizeof st->pack];
             int16_t lens[32];
             int rcs[32];
             size_t used = 0;
