@@ -190,38 +190,57 @@ static void put_frame(uds_conn *c, const unsigned char *hdr, int h, const char *
     c->tx_total += (size_t)h + len + (size_t)trailer;
 }
 
+/* Whether a frame may go straight to the socket: nothing waits to go before it. Streams only: a
+ * packet must leave whole, with the others. */
+static int nothing_waits(const uds_server *s, const uds_conn *c)
+{
+    return !s->packets && uds_buf_len(&c->out) == 0 && uds_fdq_len(&c->out_fds) == 0 &&
+           !(c->flags & (UDS_CF_CLOSING | UDS_CF_DEAD | UDS_CF_WANT_OUT));
+}
+
+/* One send() of p[0..n): the bytes the socket took, 0 if none (full or failing: the caller
+ * queues them, and the flush finds out). */
+static size_t send_now(uds_server *s, uds_conn *c, const char *p, size_t n)
+{
+    ssize_t w;
+    do
+        w = send(c->fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+    while (w < 0 && errno == EINTR);
+    if (w <= 0)
+        return 0;
+    uds_conn_touch(s, c);
+    return (size_t)w;
+}
+
 /* A large frame (or the one reply of a turn) goes straight to the socket when nothing waits to
  * go before it, which saves copying it into the output buffer (libuv's uv_write() tries a write
- * first too). Streams only: a packet must leave whole, with the others. Returns the bytes of the frame the socket took,
- * 0 if none (full or failing: the frame is queued, and the flush finds out). */
+ * first too). Returns the bytes of the frame the socket took (see send_now()). */
 static size_t write_through(uds_server *s, uds_conn *c, const unsigned char *hdr, int h,
                             const char *data, size_t len, int trailer)
 {
-    if (s->packets || uds_buf_len(&c->out) > 0 || uds_fdq_len(&c->out_fds) > 0 ||
-        (c->flags & (UDS_CF_CLOSING | UDS_CF_DEAD | UDS_CF_WANT_OUT)))
+    if (!nothing_waits(s, c))
         return 0;
-    char nl = '\n', small[UDS_SMALL_FRAME];
-    ssize_t w;
-    if ((size_t)h + len + (size_t)trailer <= sizeof small) {
+    size_t frame = (size_t)h + len + (size_t)trailer;
+    if (frame <= UDS_SMALL_SEND) {
         /* A small frame in one piece: send() costs the kernel less than sendmsg()'s iovecs. */
+        char small[UDS_SMALL_SEND];
         memcpy(small, hdr, (size_t)h);
         if (len > 0)
             memcpy(small + h, data, len);
         if (trailer)
             small[(size_t)h + len] = '\n';
-        do
-            w = send(c->fd, small, (size_t)h + len + (size_t)trailer, MSG_NOSIGNAL | MSG_DONTWAIT);
-        while (w < 0 && errno == EINTR);
-    } else {
-        struct iovec iov[3] = {{(void *)hdr, (size_t)h}, {(void *)data, len}, {&nl, (size_t)trailer}};
-        struct msghdr mh;
-        memset(&mh, 0, sizeof mh);
-        mh.msg_iov = iov;
-        mh.msg_iovlen = 3;
-        do
-            w = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
-        while (w < 0 && errno == EINTR);
+        return send_now(s, c, small, frame);
     }
+    char nl = '\n';
+    struct iovec iov[3] = {{(void *)hdr, (size_t)h}, {(void *)data, len}, {&nl, (size_t)trailer}};
+    struct msghdr mh;
+    memset(&mh, 0, sizeof mh);
+    mh.msg_iov = iov;
+    mh.msg_iovlen = 3;
+    ssize_t w;
+    do
+        w = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+    while (w < 0 && errno == EINTR);
     if (w <= 0)
         return 0;
     uds_conn_touch(s, c);
@@ -290,6 +309,38 @@ int uds_conn_send(uds_server *s, uds_conn *c, const char *data, size_t len, int 
     return 0;
 }
 
+/* Frames the replies of a run (see uds_conn_send_run()) back to back at `to`, which has room for
+ * them all; sets rcs[] and adds to the counts. Returns the bytes written. */
+static size_t frame_run(uds_server *s, const char *data, const int16_t *lens, int n, int *rcs,
+                        char *to, uint64_t *msgs, uint64_t *bytes, int *failed)
+{
+    char *p = to;
+    for (int i = 0; i < n; i++) {
+        if (lens[i] < 0) {
+            rcs[i] = 0;
+            continue;
+        }
+        size_t len = (size_t)lens[i];
+        unsigned char hdr[4];
+        int trailer;
+        int h = uds_frame_header(s->cfg.framing, len, hdr, &trailer);
+        rcs[i] = h < 0 ? h : uds_frame_check(s->cfg.framing, data, len);
+        if (rcs[i] == 0) {
+            memcpy(p, hdr, (size_t)h);
+            if (len > 0)
+                memcpy(p + h, data, len);
+            p += (size_t)h + len;
+            if (trailer)
+                *p++ = '\n';
+            *msgs += 1;
+            *bytes += len;
+        }
+        *failed += rcs[i] < 0;
+        data += len;
+    }
+    return (size_t)(p - to);
+}
+
 int uds_conn_send_run(uds_server *s, uds_conn *c, const char *data, const int16_t *lens, int n,
                       int *rcs)
 {
@@ -298,8 +349,20 @@ int uds_conn_send_run(uds_server *s, uds_conn *c, const char *data, const int16_
     for (int i = 0; i < n; i++)
         room += lens[i] < 0 ? 0 : (size_t)lens[i] + 5;
     int failed = 0;
-    if ((s->cfg.max_output > 0 && uds_buf_len(b) + room > s->cfg.max_output) ||
-        uds_buf_reserve(b, room, &s->pool) < 0) {
+    uint64_t msgs = 0, bytes = 0;
+    if (room <= UDS_SMALL_SEND && (s->cfg.max_output == 0 || room <= s->cfg.max_output) &&
+        nothing_waits(s, c)) {
+        /* Small, and nothing waits before them: to the socket now, from one stack copy (the
+         * usual case, a client with a request or a few in flight); what it does not take is
+         * queued (within max_output: it is no more than room). */
+        char run[UDS_SMALL_SEND];
+        size_t framed = frame_run(s, data, lens, n, rcs, run, &msgs, &bytes, &failed);
+        size_t sent = framed > 0 ? send_now(s, c, run, framed) : 0;
+        c->tx_total += framed;
+        if (sent < framed && uds_buf_append(b, run + sent, framed - sent, &s->pool) < 0)
+            uds_conn_fail(s, c, UDS_CLOSE_ERROR, ENOMEM); /* the peer may have half a frame */
+    } else if ((s->cfg.max_output > 0 && uds_buf_len(b) + room > s->cfg.max_output) ||
+               uds_buf_reserve(b, room, &s->pool) < 0) {
         /* Near the limit (or short of memory): one by one, each decided as a reply is. */
         for (int i = 0; i < n; i++) {
             if (lens[i] < 0) {
@@ -311,28 +374,10 @@ int uds_conn_send_run(uds_server *s, uds_conn *c, const char *data, const int16_
             data += lens[i];
         }
         return failed;
-    }
-    uint64_t msgs = 0, bytes = 0;
-    for (int i = 0; i < n; i++) {
-        if (lens[i] < 0) {
-            rcs[i] = 0;
-            continue;
-        }
-        size_t len = (size_t)lens[i];
-        unsigned char hdr[4];
-        int trailer;
-        int h = uds_frame_header(s->cfg.framing, len, hdr, &trailer);
-        int rc = h < 0 ? h : uds_frame_check(s->cfg.framing, data, len);
-        rcs[i] = rc;
-        if (rc < 0) {
-            failed++;
-            data += len;
-            continue;
-        }
-        put_frame(c, hdr, h, data, len, trailer, 0);
-        msgs++;
-        bytes += len;
-        data += len;
+    } else {
+        size_t framed = frame_run(s, data, lens, n, rcs, b->data + b->end, &msgs, &bytes, &failed);
+        b->end += framed;
+        c->tx_total += framed;
     }
     if (msgs > 0)
         queued(s, c, msgs, bytes);

@@ -26,7 +26,8 @@
                                        * u32 frame in progress is read in up to this much) */
 #define UDS_CONN_MSGS_PER_TURN 128    /* messages one connection delivers per turn */
 #define UDS_WRITE_THROUGH_MIN 16384   /* payloads this big try the socket before the buffer */
-#define UDS_SMALL_FRAME 2048          /* frames this small are written from one stack copy */
+#define UDS_SMALL_SEND 4096           /* replies this small, with nothing waiting before them,
+                                       * are sent at once from one stack copy */
 #define UDS_ARENA_SIZE (2 * 1024 * 1024) /* the shared read arena (see uds_server.arena): it
                                          * holds about 32 reads of 64 KiB a turn, each whole */
 #define UDS_ARENA_MIN_READ (16 * 1024) /* arena room below which reads use their own buffers */
