@@ -350,6 +350,11 @@ int uds_conn_send_run(uds_server *s, uds_conn *c, const char *data, const int16_
         room += lens[i] < 0 ? 0 : (size_t)lens[i] + 5;
     int failed = 0;
     uint64_t msgs = 0, bytes = 0;
+    if (room == 0) { /* no reply at all: every one -1 */
+        for (int i = 0; i < n; i++)
+            rcs[i] = 0;
+        return 0;
+    }
     if (room <= UDS_SMALL_SEND && (s->cfg.max_output == 0 || room <= s->cfg.max_output) &&
         nothing_waits(s, c)) {
         /* Small, and nothing waits before them: to the socket now, from one stack copy (the
