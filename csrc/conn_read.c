@@ -371,7 +371,7 @@ static void consume_input(uds_server *s, uds_conn *c, size_t pos)
  * its share of this turn, and its output is below the high-water mark.
  *
  * This loop is the C half of the per-message path; the rest is the recv() that filled the
- * arena, and the reply framed into c's output (uds_conn_send_run()) and sent at the next turn.
+ * arena, and the replies framed and sent by uds_conn_send_run() (at once, or at the next turn).
  * Where the time goes (perf record on the server, pipelined benchmark: 64 B, 64 connections x
  * 16 in flight, ~400 ns of server CPU per message): the kernel's recv(), send(), epoll and the
  * client's wakeup about 48%; Python (the loop and the handler) about 37%; this core about 9%

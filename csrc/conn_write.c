@@ -198,18 +198,37 @@ static int nothing_waits(const uds_server *s, const uds_conn *c)
            !(c->flags & (UDS_CF_CLOSING | UDS_CF_DEAD | UDS_CF_WANT_OUT));
 }
 
-/* One send() of p[0..n): the bytes the socket took, 0 if none (full or failing: the caller
- * queues them, and the flush finds out). */
+/* What a direct write returned (w), as the bytes the socket took: 0 if none (full or failing:
+ * the caller queues them, and the flush finds out). */
+static size_t took(uds_server *s, uds_conn *c, ssize_t w)
+{
+    if (w <= 0)
+        return 0;
+    uds_conn_touch(s, c);
+    return (size_t)w;
+}
+
+/* One send() of p[0..n): see took(). */
 static size_t send_now(uds_server *s, uds_conn *c, const char *p, size_t n)
 {
     ssize_t w;
     do
         w = send(c->fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
     while (w < 0 && errno == EINTR);
-    if (w <= 0)
-        return 0;
-    uds_conn_touch(s, c);
-    return (size_t)w;
+    return took(s, c, w);
+}
+
+/* Writes one whole frame at p; returns its end. */
+static char *frame_at(char *p, const unsigned char *hdr, int h, const char *data, size_t len,
+                      int trailer)
+{
+    memcpy(p, hdr, (size_t)h);
+    if (len > 0)
+        memcpy(p + h, data, len);
+    p += (size_t)h + len;
+    if (trailer)
+        *p++ = '\n';
+    return p;
 }
 
 /* A large frame (or the one reply of a turn) goes straight to the socket when nothing waits to
@@ -224,11 +243,7 @@ static size_t write_through(uds_server *s, uds_conn *c, const unsigned char *hdr
     if (frame <= UDS_SMALL_SEND) {
         /* A small frame in one piece: send() costs the kernel less than sendmsg()'s iovecs. */
         char small[UDS_SMALL_SEND];
-        memcpy(small, hdr, (size_t)h);
-        if (len > 0)
-            memcpy(small + h, data, len);
-        if (trailer)
-            small[(size_t)h + len] = '\n';
+        frame_at(small, hdr, h, data, len, trailer);
         return send_now(s, c, small, frame);
     }
     char nl = '\n';
@@ -241,10 +256,7 @@ static size_t write_through(uds_server *s, uds_conn *c, const unsigned char *hdr
     do
         w = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
     while (w < 0 && errno == EINTR);
-    if (w <= 0)
-        return 0;
-    uds_conn_touch(s, c);
-    return (size_t)w;
+    return took(s, c, w);
 }
 
 /* Accounts for msgs messages (bytes of payload) just queued to c or written out, which leave at
@@ -326,12 +338,7 @@ static size_t frame_run(uds_server *s, const char *data, const int16_t *lens, in
         int h = uds_frame_header(s->cfg.framing, len, hdr, &trailer);
         rcs[i] = h < 0 ? h : uds_frame_check(s->cfg.framing, data, len);
         if (rcs[i] == 0) {
-            memcpy(p, hdr, (size_t)h);
-            if (len > 0)
-                memcpy(p + h, data, len);
-            p += (size_t)h + len;
-            if (trailer)
-                *p++ = '\n';
+            p = frame_at(p, hdr, h, data, len, trailer);
             *msgs += 1;
             *bytes += len;
         }

@@ -13,13 +13,14 @@ the handles it indexes talk to their server through pyuds._handle.Owner, not thr
 tests/test_layering.py checks these rules.
 
 The C loop never calls into Python. ``Core.serve()`` pulls a batch of events with one
-``uds_poll_batch()`` call (cffi releases the GIL around it), then walks the batch, a handler
-call per message. A batch of small messages only (the busy case) is taken whole: C copies
-their payloads back to back and describes them as a struct layout, so one
-``struct.unpack_from()`` makes every message's bytes object, and the replies go back in one
-``uds_reply_batch()`` call with their lengths packed by one ``struct.pack_into()``. Any other
-batch is taken event by event, each reply queued with ``uds_reply()``. Either way the replies
-leave at the next poll, one send() per connection.
+``uds_reply_poll_batch()`` call (cffi releases the GIL around it), then walks the batch, a
+handler call per message. A batch of one message (a client with one request at a time) is
+answered by the next of those calls, which writes the reply before it polls. A batch of small
+messages only (the busy case) is taken whole: C copies their payloads back to back and
+describes them as a struct layout, so one ``struct.unpack_from()`` makes every message's
+bytes object, and the replies go back in one ``uds_reply_batch()`` call with their lengths
+packed by one ``struct.pack_into()``, one send() per connection. Any other batch is taken
+event by event, each reply queued with ``uds_reply()``, to leave at the next poll.
 """
 from __future__ import annotations
 
