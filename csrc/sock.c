@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -182,13 +183,121 @@ static int listen_abstract(const struct sockaddr_un *sa, socklen_t len, int type
     return 0;
 }
 
+/* pyuds servers starting in one directory take turns through an exclusive flock() on the
+ * directory, held from clearing a stale file until the new socket listens (microseconds). Under
+ * it, a socket that refuses connections cannot be one of ours between bind() and listen(), so
+ * clear_stale() may take it for stale, and the socket can be bound straight to path: the kernel
+ * then reports path as its address (getsockname(), getpeername(), recvfrom(), ss, /proc/net/unix).
+ * Returns the locked directory's descriptor, or -errno: the directory cannot be opened for
+ * reading (no read permission, say), or the lock stayed taken for UDS_DIR_LOCK_WAIT_MS. */
+#define UDS_DIR_LOCK_WAIT_MS 1000
+static int lock_dir(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    char dir[sizeof ((struct sockaddr_un *)0)->sun_path + 1] = ".";
+    if (slash) {
+        size_t dirlen = slash == path ? 1 : (size_t)(slash - path); /* "/x" is in "/" */
+        if (dirlen >= sizeof dir)
+            return -ENAMETOOLONG;
+        memcpy(dir, path, dirlen);
+        dir[dirlen] = '\0';
+    }
+    int dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dirfd < 0)
+        return -errno;
+    /* Not a blocking flock(): whoever holds the lock for long (any process that can read the
+     * directory can take it) costs a starting server this wait and its true address, no more. */
+    for (int waited_ms = 0; waited_ms < UDS_DIR_LOCK_WAIT_MS;) {
+        if (flock(dirfd, LOCK_EX | LOCK_NB) == 0)
+            return dirfd;
+        if (errno == EINTR)
+            continue;
+        if (errno != EWOULDBLOCK)
+            break; /* e.g. ENOLCK on a filesystem without locks */
+        struct timespec pause = {0, 1000 * 1000};
+        nanosleep(&pause, NULL); /* woken early by a signal: counted all the same */
+        waited_ms++;
+    }
+    close(dirfd);
+    return -EWOULDBLOCK;
+}
+
+/* Releases lock_dir()'s lock. LOCK_UN first: closing alone would leave the lock held by any
+ * copy of the descriptor that a fork() in another thread made meanwhile. */
+static void unlock_dir(int dirfd)
+{
+    flock(dirfd, LOCK_UN);
+    close(dirfd);
+}
+
+/* Binds fd straight to path, under lock_dir()'s lock, and sets *st to the file made. The file is
+ * at path, with at most mode, from bind() on; it answers from listen() on. */
+static int bind_in_place(int fd, const struct sockaddr_un *sa, socklen_t len, const char *path,
+                         unsigned mode, int type, int backlog, struct stat *st)
+{
+    int rc;
+    for (int attempt = 0;; attempt++) {
+        if ((rc = clear_stale(sa, len, path)) < 0)
+            return rc;
+        if (bind(fd, (const struct sockaddr *)sa, len) == 0)
+            break;
+        rc = -errno;
+        /* -EADDRINUSE: something not taking the lock put a file there since clear_stale()
+         * looked: look again. */
+        if (rc != -EADDRINUSE || attempt == 3)
+            return rc;
+    }
+    if (lstat(path, st) < 0)
+        return -errno; /* removed by someone not taking the lock: our socket is unreachable */
+    /* The umask may have narrowed the mode; widen it to exactly what was asked for. */
+    if ((st->st_mode & 07777) != mode && chmod(path, mode) < 0)
+        rc = -errno;
+    else
+        rc = start_listening(fd, type, backlog);
+    if (rc < 0)
+        uds_sock_unlink_if_same(path, st->st_dev, st->st_ino);
+    return rc;
+}
+
+/* Binds fd and listens under a temporary name in path's directory, then renames the file into
+ * place, and sets *st to the file made. For when lock_dir() fails: the file at path listens from
+ * the instant it appears, so no server starting at the same moment can take it for stale. The
+ * kernel keeps the temporary name as the socket's address, though. */
+static int bind_renamed(int fd, const struct sockaddr_un *sa, socklen_t len, const char *path,
+                        unsigned mode, int type, int backlog, struct stat *st)
+{
+    char tmp[4096];
+    int rc = bind_temp(fd, path, tmp, sizeof tmp);
+    if (rc < 0)
+        return rc;
+    if (lstat(tmp, st) < 0)
+        return -errno; /* it vanished: nothing of ours to remove */
+    if ((st->st_mode & 07777) != mode && chmod(tmp, mode) < 0)
+        rc = -errno;
+    else
+        rc = start_listening(fd, type, backlog);
+    for (int attempt = 0; rc == 0; attempt++) {
+        if ((rc = clear_stale(sa, len, path)) < 0)
+            break;
+        rc = rename_noreplace(tmp, path);
+        if (rc == 0)
+            return 0;
+        /* -EEXIST: another server put a file there since clear_stale() looked: look again
+         * (it is live, most likely, and then the answer is -EADDRINUSE). */
+        if (rc != -EEXIST || attempt == 3)
+            break;
+        rc = 0;
+    }
+    uds_sock_unlink_if_same(tmp, st->st_dev, st->st_ino);
+    return rc;
+}
+
 int uds_sock_listen(const char *path, int type, unsigned mode, int backlog, int *fdp,
                     dev_t *dev, ino_t *ino)
 {
     struct sockaddr_un sa;
     socklen_t len;
     struct stat st;
-    char tmp[4096];
     int rc = make_addr(path, &sa, &len);
     if (rc < 0)
         return rc;
@@ -208,45 +317,23 @@ int uds_sock_listen(const char *path, int type, unsigned mode, int backlog, int 
      * alone. */
     if (fchmod(fd, mode) < 0) {
         rc = -errno;
-        goto fail;
+    } else {
+        int dirfd = lock_dir(path);
+        if (dirfd >= 0) {
+            rc = bind_in_place(fd, &sa, len, path, mode, type, backlog, &st);
+            unlock_dir(dirfd);
+        } else {
+            rc = bind_renamed(fd, &sa, len, path, mode, type, backlog, &st);
+        }
     }
-    /* The file appears at path only once it listens: bound and listening under a temporary
-     * name first, then renamed into place. So a client never finds path refusing connections,
-     * and no other server starting at the same moment can take it for stale and remove it. */
-    if ((rc = bind_temp(fd, path, tmp, sizeof tmp)) < 0)
-        goto fail;
-    if (lstat(tmp, &st) < 0) {
-        rc = -errno;
-        goto fail; /* it vanished: nothing of ours to remove */
-    }
-    /* The umask may have narrowed the mode; widen it to exactly what was asked for. */
-    if ((st.st_mode & 07777) != mode && chmod(tmp, mode) < 0) {
-        rc = -errno;
-        goto fail_unlink;
-    }
-    if ((rc = start_listening(fd, type, backlog)) < 0)
-        goto fail_unlink;
-    for (int attempt = 0;; attempt++) {
-        if ((rc = clear_stale(&sa, len, path)) < 0)
-            goto fail_unlink;
-        rc = rename_noreplace(tmp, path);
-        if (rc == 0)
-            break;
-        /* -EEXIST: another server put a file there since clear_stale() looked: look again
-         * (it is live, most likely, and then the answer is -EADDRINUSE). */
-        if (rc != -EEXIST || attempt == 3)
-            goto fail_unlink;
+    if (rc < 0) {
+        close(fd);
+        return rc;
     }
     *fdp = fd;
     *dev = st.st_dev;
     *ino = st.st_ino;
     return 0;
-
-fail_unlink:
-    uds_sock_unlink_if_same(tmp, st.st_dev, st.st_ino);
-fail:
-    close(fd);
-    return rc;
 }
 
 int uds_sock_unlink_if_same(const char *path, dev_t dev, ino_t ino)

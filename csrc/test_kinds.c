@@ -188,7 +188,11 @@ static void datagram(const char *dir)
         c[i] = dgram_client();
         CHECK(sendto(c[i], "ping", 4, 0, (struct sockaddr *)&sa, salen) == 4);
         serve(s, 10, -1, closed);
-        CHECK(recv(c[i], buf, sizeof buf, 0) == 4);
+        /* The reply comes from the path itself: the socket was bound to it, not renamed. */
+        struct sockaddr_un from;
+        socklen_t fromlen = sizeof from;
+        CHECK(recvfrom(c[i], buf, sizeof buf, 0, (struct sockaddr *)&from, &fromlen) == 4);
+        CHECK(fromlen == salen && strcmp(from.sun_path, path) == 0);
     }
     CHECK(closed[UDS_CLOSE_EVICTED] == 1); /* two peers at most: the first was forgotten */
     int anon = socket(AF_UNIX, SOCK_DGRAM, 0);

@@ -208,7 +208,10 @@ typedef struct uds_batch {
  * made or removed, and file permissions do not apply (mode is ignored).
  * An existing path is replaced only if it is a socket nobody answers on (connect refused);
  * the socket file is created with at most cfg->mode (never a wider mode, not even for an
- * instant) and then set to exactly cfg->mode.
+ * instant) and then set to exactly cfg->mode. The socket's address, as the kernel reports it
+ * (getsockname(), a client's getpeername(), the sender of a datagram reply), is path itself,
+ * except when path's directory cannot be read or its lock stays taken for a second (see
+ * sock.c): then a temporary name in that directory, renamed into place.
  * Returns 0 and sets *out; -ENAMETOOLONG if path does not fit sun_path; -EADDRINUSE if a server
  * answers on path; -ENOTSOCK if path exists and is not a socket (file, directory, symlink);
  * -EINVAL for an empty path or a bad config; any other -errno from the system calls

@@ -237,8 +237,8 @@ class Core:
                 raise _adopt_error(-rc, sock_fd, config.kind)
             raise _listen_error(-rc, path or "")
         self._srv = out[0]
-        # The address clients use. (The kernel's name for a socket file made here is the
-        # temporary one it was bound under before being renamed into place.)
+        # The address clients use. (The kernel's name for a socket file made here is the same,
+        # except in the rare case sock.c's bind_renamed() describes.)
         self.address = path
         if sock_fd is not None:
             self.address = _name(lib.uds_server_address, self._srv) or ""

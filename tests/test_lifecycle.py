@@ -691,12 +691,17 @@ def test_unread_requests_at_shutdown_give_eof(sock_path, serve):
     wait_until(lambda: server.closed)
 
 
-def test_simultaneous_starts_have_one_winner(sock_path):
-    """Several threads construct a Server on the same path at the same moment: at most one
-    may succeed; every other one must get AddressInUseError (never a silently orphaned
-    server). Repeated for many rounds, stopping at the first round with two winners."""
+@pytest.mark.parametrize("stale", [False, True], ids=["free-path", "stale-file"])
+def test_simultaneous_starts_have_one_winner(sock_path, stale):
+    """Several threads construct a Server on the same path at the same moment, the path free or
+    holding a crashed server's socket file: exactly one succeeds, and it is the server a client
+    reaches at the path; every other one gets AddressInUseError (never a silently orphaned
+    server, listening on a file another starter removed as stale). Repeated for many rounds,
+    stopping at the first round with two winners."""
     threads_per_round, rounds, deadline = 8, 500, time.monotonic() + 6.0
     for round_no in range(rounds):
+        if stale:
+            stale_socket(sock_path)
         barrier = threading.Barrier(threads_per_round)
         winners: list[pyuds.Server] = []
         unexpected: list[BaseException] = []
@@ -705,7 +710,7 @@ def test_simultaneous_starts_have_one_winner(sock_path):
         def attempt() -> None:
             barrier.wait(TIMEOUT)
             try:
-                server = pyuds.Server(sock_path)
+                server = pyuds.Server(sock_path, pyuds.echo)
             except pyuds.AddressInUseError:
                 return
             except BaseException as exc:  # reported below
@@ -725,6 +730,8 @@ def test_simultaneous_starts_have_one_winner(sock_path):
             assert len(winners) == 1, (
                 f"round {round_no}: {len(winners)} of {threads_per_round} simultaneous Server() calls "
                 f"on one path succeeded; only one of them owns the socket file")
+            winners[0].start()
+            assert roundtrip(sock_path, b"round %d" % round_no) == b"round %d" % round_no
         finally:
             for server in winners:
                 server.shutdown(timeout=TIMEOUT)
