@@ -21,13 +21,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Callable
 
 from . import _core
 from ._config import ServerConfig
 from ._framing import Decoder, encode
 
 
-def _pin(cpu: int | None):
+def _pin(cpu: int | None) -> Callable[[], None] | None:
     return (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
 
 

@@ -8,11 +8,12 @@ import os
 import signal
 import socket
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from ._client import KINDS as CLIENT_KINDS
 from ._config import FRAMINGS, KINDS, ServerConfig
 from ._errors import PyudsError
+from ._version import __version__
 
 DEFAULT_PATH = "./pyuds.sock"
 
@@ -27,7 +28,7 @@ def _octal_mode(text: str) -> int:
     return mode
 
 
-def _load_callable(spec: str, option: str) -> Callable:
+def _load_callable(spec: str, option: str) -> Callable[..., Any]:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise argparse.ArgumentTypeError(f"{option} wants MODULE:FUNCTION, not {spec!r}")
@@ -48,11 +49,11 @@ def _load_callable(spec: str, option: str) -> Callable:
     return target
 
 
-def _load_handler(spec: str) -> Callable:
+def _load_handler(spec: str) -> Callable[..., Any]:
     return _load_callable(spec, "--handler")
 
 
-def _load_authorize(spec: str) -> Callable:
+def _load_authorize(spec: str) -> Callable[..., Any]:
     return _load_callable(spec, "--authorize")
 
 
@@ -70,6 +71,7 @@ def _fd_number(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyuds", description="Unix-domain-socket servers with Python handlers.")
+    parser.add_argument("--version", action="version", version=f"pyuds {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run a server until Ctrl-C or SIGTERM",
@@ -164,7 +166,7 @@ def _serve(args: argparse.Namespace) -> int:
             kind = args.kind or kind_found
             if args.path is not None and args.path != address:
                 raise ValueError(f"socket activation passed a socket on {address!r}, not on {args.path!r}")
-            where: dict = {"sock": fd}
+            where: dict[str, Any] = {"sock": fd}
         else:
             where = {"path": args.path or DEFAULT_PATH}
         server = Server(**where, handler=args.handler, kind=kind, framing=args.framing, mode=args.mode,
