@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -182,8 +183,25 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(sig, server._on_signal)
     if early:
         server._on_signal(early[0], None)  # serve_forever() then only shuts down
+    else:
+        _say_ready(server.path, kind, args.framing, args.handler)
     server.serve_forever()
     return 0
+
+
+def _say_ready(path: str, kind: str, framing: str, handler: Callable[..., Any] | None) -> None:
+    """The one line on stdout saying that clients may connect: where, and to which handler.
+    (The library itself only logs; this is the command's.)"""
+    socket_kind = f"stream, framing {framing}" if kind == "stream" else kind
+    name = "echo (the default)" if handler is None else _callable_name(handler)
+    with contextlib.suppress(OSError):  # no stdout (closed, or a reader gone): serve all the same
+        print(f"ready on {path} ({socket_kind}), handler {name}", flush=True)
+
+
+def _callable_name(fn: Callable[..., Any]) -> str:
+    """MODULE:QUALNAME, as --handler takes it."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    return f"{module}:{qualname}" if module and qualname else repr(fn)
 
 
 SD_LISTEN_FDS_START = 3
