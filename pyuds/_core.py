@@ -33,7 +33,6 @@ from typing import Any, Callable, Protocol, Union, cast
 
 from ._address import SUN_PATH_MAX, to_sockaddr
 from ._config import DGRAM_IDLE_TIMEOUT, ServerConfig
-from ._framing import BytesLike
 from ._errors import (
     AddressInUseError,
     ClientClosedError,
@@ -41,6 +40,7 @@ from ._errors import (
     NotASocketError,
     PathTooLongError,
 )
+from ._framing import BytesLike
 from ._handle import ClientHandle, CloseReason
 try:
     from ._uds import ffi, lib
