@@ -29,8 +29,7 @@ from ._errors import (
 )
 from ._handle import ClientHandle, CloseReason
 from ._server import Server, echo
-
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
 
 __all__ = [
     "AddressInUseError",

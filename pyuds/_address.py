@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import Union
 
 from ._errors import PathTooLongError
+
+# What an address may be given as: "@name", or a path as str, bytes or a path object.
+Address = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 
 # sun_path holds 108 bytes. A path keeps one for its terminating NUL (as the server does); an
 # abstract name has no terminator, but its leading NUL takes that byte.
 SUN_PATH_MAX = 107
 
 
-def to_sockaddr(address: str | bytes | os.PathLike, what: str = "socket path") -> str | bytes:
+def to_sockaddr(address: Address, what: str = "socket path") -> str | bytes:
     """Returns address in the form socket.bind()/connect() take: a path unchanged, ``"@name"``
     as ``b"\\0name"``. Raises ValueError if it is empty or holds a NUL byte (the kernel would
     cut the name there), PathTooLongError if it does not fit in sun_path."""

@@ -21,13 +21,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Callable, TextIO
 
 from . import _core
 from ._config import ServerConfig
 from ._framing import Decoder, encode
 
 
-def _pin(cpu: int | None):
+def _pin(cpu: int | None) -> Callable[[], None] | None:
     return (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
 
 
@@ -58,6 +59,31 @@ def _prime(path: str, size: int, deadline: float) -> None:
             if not chunk:
                 raise ConnectionError("the server closed the priming connection (does the handler reply?)")
             decoder.feed(chunk)
+
+
+def _show_progress(load: subprocess.Popen[str], server_pid: int, cpu_before: float, started: float,
+                   warmup: float, duration: float, err: TextIO) -> None:
+    """Waits for the load generator, showing how far it got and the server's CPU so far: on a
+    terminal one line, redrawn in place (and wiped at the end); otherwise a plain line a second."""
+    live = err.isatty()
+    total = warmup + duration
+    shown = -1.0  # when the last plain line was printed
+    while load.poll() is None:
+        now = time.monotonic()
+        elapsed = min(now - started, total)
+        phase = "warm-up" if elapsed < warmup else "measuring"
+        cpu = (_cpu_seconds(server_pid) - cpu_before) / max(now - started, 1e-9)
+        if live:
+            bar = "#" * int(30 * elapsed / total)
+            err.write(f"\r  {phase:<9} [{bar:<30}] {elapsed:4.1f}/{total:g} s  server CPU {100 * cpu:3.0f}%")
+            err.flush()
+        elif shown < 0 or now - shown >= 1.0:
+            shown = now
+            print(f"pyuds bench: {phase} {elapsed:.1f}/{total:g} s, server CPU {100 * cpu:.0f}%", file=err, flush=True)
+        time.sleep(0.25)
+    if live:
+        err.write("\r" + " " * 72 + "\r")
+        err.flush()
 
 
 def bench(args: argparse.Namespace) -> int:
@@ -99,18 +125,7 @@ def bench(args: argparse.Namespace) -> int:
              "--warmup", str(args.warmup), "--verify", verify],
             cwd=workdir, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, preexec_fn=_pin(load_cpu))
-        total = args.warmup + args.duration
-        progress = sys.stderr.isatty()
-        if not progress:
-            print(f"pyuds bench: measuring for {total:g} s", file=sys.stderr, flush=True)
-        while load.poll() is None:
-            if progress:
-                done = min(time.monotonic() - started, total)
-                bar = "#" * int(30 * done / total)
-                print(f"\r  measuring [{bar:<30}] {done:4.1f}/{total:g} s", end="", file=sys.stderr, flush=True)
-            time.sleep(0.25)
-        if progress:
-            print("\r" + " " * 60 + "\r", end="", file=sys.stderr, flush=True)
+        _show_progress(load, server.pid, cpu_before, started, args.warmup, args.duration, sys.stderr)
         cpu = (_cpu_seconds(server.pid) - cpu_before) / max(time.monotonic() - started, 1e-9)
         stdout, stderr = load.communicate()
         try:

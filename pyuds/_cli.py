@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import signal
 import socket
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from ._client import KINDS as CLIENT_KINDS
 from ._config import FRAMINGS, KINDS, ServerConfig
 from ._errors import PyudsError
+from ._version import __version__
 
 DEFAULT_PATH = "./pyuds.sock"
 
@@ -27,7 +29,7 @@ def _octal_mode(text: str) -> int:
     return mode
 
 
-def _load_callable(spec: str, option: str) -> Callable:
+def _load_callable(spec: str, option: str) -> Callable[..., Any]:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise argparse.ArgumentTypeError(f"{option} wants MODULE:FUNCTION, not {spec!r}")
@@ -48,11 +50,11 @@ def _load_callable(spec: str, option: str) -> Callable:
     return target
 
 
-def _load_handler(spec: str) -> Callable:
+def _load_handler(spec: str) -> Callable[..., Any]:
     return _load_callable(spec, "--handler")
 
 
-def _load_authorize(spec: str) -> Callable:
+def _load_authorize(spec: str) -> Callable[..., Any]:
     return _load_callable(spec, "--authorize")
 
 
@@ -70,6 +72,7 @@ def _fd_number(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyuds", description="Unix-domain-socket servers with Python handlers.")
+    parser.add_argument("--version", action="version", version=f"pyuds {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run a server until Ctrl-C or SIGTERM",
@@ -164,7 +167,7 @@ def _serve(args: argparse.Namespace) -> int:
             kind = args.kind or kind_found
             if args.path is not None and args.path != address:
                 raise ValueError(f"socket activation passed a socket on {address!r}, not on {args.path!r}")
-            where: dict = {"sock": fd}
+            where: dict[str, Any] = {"sock": fd}
         else:
             where = {"path": args.path or DEFAULT_PATH}
         server = Server(**where, handler=args.handler, kind=kind, framing=args.framing, mode=args.mode,
@@ -180,8 +183,25 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(sig, server._on_signal)
     if early:
         server._on_signal(early[0], None)  # serve_forever() then only shuts down
+    else:
+        _say_ready(server.path, kind, args.framing, args.handler)
     server.serve_forever()
     return 0
+
+
+def _say_ready(path: str, kind: str, framing: str, handler: Callable[..., Any] | None) -> None:
+    """The one line on stdout saying that clients may connect: where, and to which handler.
+    (The library itself only logs; this is the command's.)"""
+    socket_kind = f"stream, framing {framing}" if kind == "stream" else kind
+    name = "echo (the default)" if handler is None else _callable_name(handler)
+    with contextlib.suppress(OSError):  # no stdout (closed, or a reader gone): serve all the same
+        print(f"ready on {path} ({socket_kind}), handler {name}", flush=True)
+
+
+def _callable_name(fn: Callable[..., Any]) -> str:
+    """MODULE:QUALNAME, as --handler takes it."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    return f"{module}:{qualname}" if module and qualname else repr(fn)
 
 
 SD_LISTEN_FDS_START = 3

@@ -14,10 +14,10 @@ import select
 import socket
 from typing import Any, Iterable, Protocol, Union
 
-from ._address import from_sockaddr, is_abstract, to_sockaddr
+from ._address import Address, from_sockaddr, is_abstract, to_sockaddr
 from ._config import MAX_FDS, check_framing
 from ._errors import ConnectionClosedError, FramingError
-from ._framing import Decoder, FdQueue, encode
+from ._framing import BytesLike, Decoder, FdQueue, encode
 
 log = logging.getLogger("pyuds")
 
@@ -74,7 +74,7 @@ class Connection:
         # An anonymous mapping made at the first receive and reused: its pages become memory
         # only as messages fill them, so a 16 MiB limit costs nothing until 16 MiB arrive.
         self._buf: mmap.mmap | None = None
-        self._view: memoryview | None = None
+        self._view = memoryview(b"")  # of _buf, once there is one
         self._owned_path = _owned_path
         self._address = from_sockaddr(sock.getsockname())
         self._closed = False
@@ -85,11 +85,11 @@ class Connection:
         is one), a path, or None if the socket was never bound."""
         return self._address
 
-    def send(self, message: bytes, fds: Iterable[FdLike] = ()) -> None:
+    def send(self, message: BytesLike, fds: Iterable[FdLike] = ()) -> None:
         """Sends one message (framed on a stream). fds, ints or objects with fileno(), travel with
         it (SCM_RIGHTS, at most 253); the peer gets duplicates and the caller keeps its own."""
         fd_list = fd_numbers(fds)
-        if self.kind == "stream":
+        if self.framing is not None:  # a stream
             data = encode(self.framing, bytes(message))
         else:
             data = bytes(message)
@@ -129,12 +129,12 @@ class Connection:
                                "(out of descriptors?); it was dropped, and those that arrived were closed")
         return message, fds
 
-    def request(self, message: bytes, fds: Iterable[FdLike] = ()) -> bytes:
+    def request(self, message: BytesLike, fds: Iterable[FdLike] = ()) -> bytes:
         """Sends message (with fds) and returns the reply; descriptors in the reply are closed."""
         self.send(message, fds)
         return self.recv()
 
-    def request_fds(self, message: bytes, fds: Iterable[FdLike] = ()) -> tuple[bytes, list[int]]:
+    def request_fds(self, message: BytesLike, fds: Iterable[FdLike] = ()) -> tuple[bytes, list[int]]:
         """Sends message (with fds) and returns the reply and the descriptors that came with it."""
         self.send(message, fds)
         return self.recv_fds()
@@ -161,8 +161,8 @@ class Connection:
                 _unlink_if_same(*self._owned_path)
         finally:
             self._sock.close()
-            if self._view is not None:
-                self._view.release()
+            self._view.release()
+            if self._buf is not None:
                 self._buf.close()
 
     def __enter__(self) -> Connection:
@@ -181,7 +181,7 @@ class Connection:
 
     def _recvmsg(self, flags: int = 0) -> tuple[int, list[int], int]:
         """One recvmsg() into the receive buffer: bytes received, descriptors, msg_flags."""
-        if self._view is None:
+        if self._buf is None:
             self._buf = mmap.mmap(-1, self._buf_size)
             self._view = memoryview(self._buf)
         try:
@@ -193,6 +193,7 @@ class Connection:
 
     def _recv_stream(self) -> tuple[bytes, list[int], bool]:
         decoder = self._decoder
+        assert decoder is not None  # a stream has one
         while True:
             message = decoder.next()
             if message is not None:
@@ -225,9 +226,9 @@ class Connection:
         return bool(poller.poll(0))
 
 
-def connect(path: str | bytes | os.PathLike, framing: str = "u32", *, kind: str = "stream",
+def connect(path: Address, framing: str = "u32", *, kind: str = "stream",
             timeout: float | None = None, max_message_size: int | None = None,
-            bind: str | bytes | os.PathLike | None = None) -> Connection:
+            bind: Address | None = None) -> Connection:
     """Connects to the server at path and returns a blocking Connection.
 
     path is a socket file, or ``"@name"`` for a name in Linux's abstract namespace. kind is

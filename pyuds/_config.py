@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import resource
 import socket
-from typing import Optional, Tuple
+from typing import Optional, Sequence, TypedDict
 
 FRAMINGS = ("u32", "line", "raw")
 KINDS = ("stream", "seqpacket", "datagram")
@@ -74,8 +74,8 @@ class ServerConfig:
     flush_timeout: float = 5.0
     batch_size: int = 1024
     kind: str = "stream"
-    allow_uid: Tuple[int, ...] = ()
-    allow_gid: Tuple[int, ...] = ()
+    allow_uid: Sequence[int] = ()  # kept as a tuple, whatever sequence was given
+    allow_gid: Sequence[int] = ()
     max_fds: int = 16
     busy_poll_us: int = 0
 
@@ -120,6 +120,27 @@ class ServerConfig:
         if soft == resource.RLIM_INFINITY:
             return 2**31 - 1
         return max(1, soft - FD_RESERVE)
+
+
+class ServerOptions(TypedDict, total=False):
+    """The options pyuds.Server takes as keywords: ServerConfig's fields, by name and type.
+    Type checkers check Server(...)'s keywords against it."""
+
+    framing: str
+    mode: int
+    backlog: int
+    max_message_size: int
+    max_connections: Optional[int]
+    max_output_buffer: int
+    idle_timeout: Optional[float]
+    frame_timeout: Optional[float]
+    flush_timeout: float
+    batch_size: int
+    kind: str
+    allow_uid: Sequence[int]
+    allow_gid: Sequence[int]
+    max_fds: int
+    busy_poll_us: int
 
 
 def _check_seconds(name: str, value: object) -> None:

@@ -2,7 +2,7 @@
 
 Layering, bottom to top: a module imports only modules below it, never one above::
 
-    _errors, _config  ->  _address  ->  _framing  ->  _client  ->  _handle
+    _errors, _config, _version  ->  _address  ->  _framing  ->  _client  ->  _handle
         ->  _core  ->  _registry  ->  _server  ->  _bench  ->  _cli  ->  __main__
 
 (``__init__`` imports the public names from below ``_cli``.) Nothing but this module imports
@@ -29,7 +29,7 @@ import os
 import stat
 from collections import deque
 from struct import error as StructError, pack_into, unpack_from
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Protocol, Union, cast
 
 from ._address import SUN_PATH_MAX, to_sockaddr
 from ._config import DGRAM_IDLE_TIMEOUT, ServerConfig
@@ -40,6 +40,7 @@ from ._errors import (
     NotASocketError,
     PathTooLongError,
 )
+from ._framing import BytesLike
 from ._handle import ClientHandle, CloseReason
 try:
     from ._uds import ffi, lib
@@ -50,7 +51,9 @@ except ImportError as exc:  # e.g. imported from a source checkout that was neve
         f"(imported from {__file__})"
     ) from exc
 
-Handler = Callable[[ClientHandle, bytes], Optional[bytes]]
+# What a handler may return: the reply (any of these bytes-like types), or None for none.
+Reply = Union[BytesLike, None]
+Handler = Callable[[ClientHandle, bytes], Reply]
 
 FRAMING_CODES = {
     "u32": lib.UDS_FRAMING_U32,
@@ -196,6 +199,12 @@ class Registry(Protocol):
         """A reply to client could not be queued, for the reason exc gives."""
 
 
+def _live(registry: Registry) -> list[ClientHandle]:
+    """registry.handles, for a loop that indexes it only by the slot of an event: such a slot
+    holds a client."""
+    return cast("list[ClientHandle]", registry.handles)
+
+
 class Core:
     """One C server, its event batch, the loop that dispatches it, and the loop's own state:
     whether to stop, and the requests other threads posted to it."""
@@ -239,7 +248,7 @@ class Core:
         self._srv = out[0]
         # The address clients use. (The kernel's name for a socket file made here is the same,
         # except in the rare case sock.c's bind_renamed() describes.)
-        self.address = path
+        self.address = path or ""
         if sock_fd is not None:
             self.address = _name(lib.uds_server_address, self._srv) or ""
         # At least 4: a datagram may need three events (a peer forgotten, one new, its message).
@@ -268,11 +277,11 @@ class Core:
         # reply to event first + i, as bytes, or None for none.
         self._replies: list[bytes | None] = []
         self._first = 0
-        self._registry: Registry | None = None  # those serve() was given
-        self._handler: Handler | None = None
+        self._registry: Registry  # those serve() was given, set by it
+        self._handler: Handler
         self._stopping = False
         self._counts_block: Any = None  # where the next clients' counters go (see counters())
-        self._counts_view: memoryview | None = None
+        self._counts_view = memoryview(b"")  # that block's counters, as uint64 (none yet)
         self._counts_left = 0
         # Requests from other threads: (function, arguments, descriptors they own).
         self._pending: deque[tuple[Callable[..., Any], tuple[Any, ...], list[int]]] = deque()
@@ -299,13 +308,13 @@ class Core:
         try:
             # The common case, checked in bulk and in C: no None (len() raises TypeError), none
             # big ("h" raises struct.error past BIG_REPLY).
-            pack_into("%dh" % count, self._reply_lens_buf, 0, *map(len, replies))
+            pack_into("%dh" % count, self._reply_lens_buf, 0, *map(len, replies))  # type: ignore[arg-type]
         except (TypeError, StructError):
             each = replies[:]
             replies.clear()
             self._flush_each(first, each)
             return
-        data = b"".join(replies)
+        data = b"".join(cast("list[bytes]", replies))  # none is None: len() above took them all
         replies.clear()
         self._reply_batch(first, count, data)
 
@@ -348,7 +357,7 @@ class Core:
                     self._reply_failed_at(ev, rc)
         self._reply_batch(start, first + len(replies) - start, b"".join(parts))
 
-    def _as_reply(self, client: Any, reply: Any) -> bytes | None:
+    def _as_reply(self, client: ClientHandle, reply: Any) -> bytes | None:
         """A handler's return value that is not bytes, made a reply at once (a buffer that the
         handler reuses must be copied before it changes): None stays None, any bytes-like object
         becomes bytes, anything else is the handler's error (None)."""
@@ -477,10 +486,12 @@ class Core:
         srv, batch = self._srv, self._batch
         poll, live, pack, out = lib.uds_reply_poll_batch, lib.uds_live, self._pack_buf, self._batch_out
         one_len, one_slot, reply_rc = ONE_LEN, ONE_SLOT, REPLY_RC
-        handles, failed, other, pending = registry.handles, registry.handler_failed, self._as_reply, self._pending
+        handles, failed, other, pending = _live(registry), registry.handler_failed, self._as_reply, self._pending
         # The reply to a batch of one message goes with the next poll: (client, reply, length),
         # length -1 for none (reply then b"": C takes bytes, not None, for a char *).
-        client, reply, length = None, b"", -1
+        reply: Any = b""  # a Reply from the handler; bytes by the time it goes to C
+        length = -1
+        client: ClientHandle  # set whenever length >= 0
         while (live(srv) > 0) if draining else not self._stopping:
             n = poll(srv, reply, length, -1, batch)
             if length >= 0 and out[reply_rc]:
@@ -524,11 +535,13 @@ class Core:
         11%. (Both loops write the body out: a function call per message would cost more than
         the body itself.)"""
         self._first = 0
-        handles, handler, failed = self._registry.handles, self._handler, self._registry.handler_failed
+        handles, handler, failed = _live(self._registry), self._handler, self._registry.handler_failed
         replies, other, kind, out = self._replies, self._as_reply, type, self._batch_out
         messages = unpack_from(ffi.unpack(self._layout, out[LAYOUT_LEN]), self._pack_buf)
         runs = out[RUNS]
         slots = self._run_slot_mv[:runs].tolist()
+        # (The ignores below: kind is type, which mypy does not follow, so it cannot tell that
+        # reply is then bytes.)
         if runs == n:  # a message per connection: no runs to walk, they would cost more
             for slot, message in zip(slots, messages):
                 client = handles[slot]
@@ -536,7 +549,7 @@ class Core:
                     reply = handler(client, message) if not client._closed else None
                 except Exception as exc:
                     reply = failed(client, exc)
-                replies.append(reply if kind(reply) is bytes else other(client, reply))
+                replies.append(reply if kind(reply) is bytes else other(client, reply))  # type: ignore[arg-type]
         else:
             start = 0
             for slot, end in zip(slots, self._run_end_mv[:runs].tolist()):
@@ -546,7 +559,7 @@ class Core:
                         reply = handler(client, message) if not client._closed else None
                     except Exception as exc:
                         reply = failed(client, exc)
-                    replies.append(reply if kind(reply) is bytes else other(client, reply))
+                    replies.append(reply if kind(reply) is bytes else other(client, reply))  # type: ignore[arg-type]
                 start = end
         self.flush_replies()
 
@@ -561,7 +574,7 @@ class Core:
         big to pack. Replies go out one call each (large ones without an extra copy)."""
         srv, events, unpack, send = self._srv, self._events, ffi.unpack, lib.uds_reply
         registry, handler = self._registry, self._handler
-        handles = registry.handles
+        handles = _live(registry)
         for i in range(n):
             ev = events[i]
             kind = ev.type
@@ -586,7 +599,7 @@ class Core:
                         client._close_fds()
                 if reply is not None:
                     try:
-                        rc = send(srv, slot, ev.id, reply, len(reply))
+                        rc = send(srv, slot, ev.id, reply, len(reply))  # type: ignore[arg-type]  # else TypeError
                     except TypeError:
                         data = self._as_reply(client, reply)
                         rc = 0 if data is None else send(srv, slot, ev.id, data, len(data))
@@ -615,7 +628,8 @@ def decode_all(framing: str, data: bytes, max_message_size: int) -> tuple[list[b
     buf = ffi.from_buffer(data)
     scan, off, plen = ffi.new("size_t *"), ffi.new("size_t *"), ffi.new("size_t *")
     code = FRAMING_CODES[framing]
-    messages, pos = [], 0
+    messages: list[bytes] = []
+    pos = 0
     while pos < len(data):
         rc = lib.uds_frame_next(code, buf + pos, len(data) - pos, max_message_size, scan, off, plen)
         if rc == 0:

@@ -12,9 +12,13 @@ message's first byte (in one sendmsg() with the whole frame). FdQueue applies th
 from __future__ import annotations
 
 from collections import deque
+from typing import Union
 
 from ._config import FRAMINGS, MAX_U32
 from ._errors import FramingError
+
+# What a message may be given as (it is sent as bytes(memoryview(message))).
+BytesLike = Union[bytes, bytearray, memoryview]
 
 
 def encode(framing: str, payload: bytes) -> bytes:
@@ -49,7 +53,7 @@ class Decoder:
         self._scan = 0  # line framing: bytes already known to hold no newline
         self.consumed = 0  # stream offset just past the last message next() returned
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
         self._buf += data
 
     @property

@@ -10,7 +10,8 @@ import enum
 import time
 from typing import Any, Iterable, Protocol
 
-from ._client import close_fds
+from ._client import FdLike, close_fds
+from ._framing import BytesLike
 
 
 class CloseReason(str, enum.Enum):
@@ -40,7 +41,7 @@ class Owner(Protocol):
     """What a ClientHandle asks of the server it belongs to (pyuds.Server). Any thread: the
     owner routes each request to its loop."""
 
-    def _send(self, client: ClientHandle, message: Any, fds: Iterable[Any]) -> None:
+    def _send(self, client: ClientHandle, message: BytesLike, fds: Iterable[FdLike]) -> None:
         """ClientHandle.send()."""
 
     def _close(self, client: ClientHandle) -> None:
@@ -49,15 +50,6 @@ class Owner(Protocol):
     def _peer_address(self, client: ClientHandle) -> str | None:
         """The address the client's socket is bound to; None if it has none."""
 
-
-def _counter(index: int, doc: str) -> property:
-    """A read-only property: the client's counter at index (see ClientHandle._counts)."""
-
-    def get(self: ClientHandle) -> int:
-        counts = self._counts
-        return counts[self._counts_at + index] if counts is not None else 0
-
-    return property(get, doc=doc)
 
 
 class ClientHandle:
@@ -96,7 +88,7 @@ class ClientHandle:
         self._fds: list[int] | None = None  # descriptors that came with the message in hand
         self._address: str | None | bool = False  # False: not asked yet
 
-    def send(self, message: bytes, fds: Iterable[int | Any] = ()) -> None:
+    def send(self, message: BytesLike, fds: Iterable[FdLike] = ()) -> None:
         """Pushes a message to this client, framed like replies. Any thread. From a handler it
         goes out after the replies to the messages handled before, so it can serve as the
         reply (return None then).
@@ -153,10 +145,30 @@ class ClientHandle:
         """True once close() was called or the client disconnected."""
         return self._closed
 
-    messages_received = _counter(0, "Messages received from this client.")
-    bytes_received = _counter(1, "Payload bytes received (framing not counted).")
-    messages_sent = _counter(2, "Replies and pushed messages queued for this client.")
-    bytes_sent = _counter(3, "Payload bytes queued for this client (framing not counted).")
+    def _counter(self, index: int) -> int:
+        """The client's counter at index (see _counts)."""
+        counts = self._counts
+        return counts[self._counts_at + index] if counts is not None else 0
+
+    @property
+    def messages_received(self) -> int:
+        """Messages received from this client."""
+        return self._counter(0)
+
+    @property
+    def bytes_received(self) -> int:
+        """Payload bytes received (framing not counted)."""
+        return self._counter(1)
+
+    @property
+    def messages_sent(self) -> int:
+        """Replies and pushed messages queued for this client."""
+        return self._counter(2)
+
+    @property
+    def bytes_sent(self) -> int:
+        """Payload bytes queued for this client (framing not counted)."""
+        return self._counter(3)
 
     def __repr__(self) -> str:
         state = f"closed ({self.close_reason})" if self.close_reason else "closing" if self._closed else "open"

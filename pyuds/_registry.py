@@ -21,7 +21,7 @@ from ._handle import ClientHandle, CloseReason, Owner
 
 log = logging.getLogger("pyuds")
 
-Hook = Callable[[ClientHandle], Any]
+Hook = Callable[[ClientHandle], object]
 
 
 class Registry:
@@ -29,7 +29,7 @@ class Registry:
 
     def __init__(self, core: Core, owner: Owner, config: ServerConfig, authorize: Hook | None,
                  on_connect: Hook | None,
-                 on_disconnect: Callable[[ClientHandle, CloseReason], Any] | None) -> None:
+                 on_disconnect: Callable[[ClientHandle, CloseReason], object] | None) -> None:
         self._core = core
         # What the handles made here ask to send, close, look up: the server, which holds this
         # registry. Weak, so that a server dropped without shutdown() is still freed (and
@@ -46,8 +46,14 @@ class Registry:
         self._refusals = 0            # clients the uid/gid policy refused, not yet logged
         self._refusal_logged = 0.0    # when that was last logged (monotonic)
 
+    def _server(self) -> Owner:
+        """The owner, which is alive while its loop runs: the loop is what calls here."""
+        owner = self._owner()
+        assert owner is not None
+        return owner
+
     def connected(self, slot: int, cid: int, pid: int, uid: int, gid: int) -> None:
-        client = ClientHandle(self._owner(), slot, cid, pid, uid, gid, *self._core.counters(slot, cid))
+        client = ClientHandle(self._server(), slot, cid, pid, uid, gid, *self._core.counters(slot, cid))
         handles = self.handles
         if slot >= len(handles):
             handles.extend([None] * (slot + 1 - len(handles)))
@@ -134,7 +140,7 @@ class Registry:
     def anonymous(self, pid: int, uid: int, gid: int) -> ClientHandle:
         """A handle for one datagram from a sender with no address: never in the registry,
         and nothing sent to it can arrive."""
-        client = ClientHandle(self._owner(), -1, 0, pid, uid, gid, None, 0)
+        client = ClientHandle(self._server(), -1, 0, pid, uid, gid, None, 0)
         client._address = None
         return client
 

@@ -18,14 +18,18 @@ import socket
 import threading
 import warnings
 import weakref
-from typing import Any, Callable, Iterable, Mapping, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Union
 
-from ._client import fd_numbers
-from ._config import ServerConfig
+from ._client import FdLike, fd_numbers
+from ._config import ServerConfig, ServerOptions
 from ._core import Core, Handler, send_error
 from ._errors import ClientClosedError
 from ._handle import ClientHandle, CloseReason
+from ._framing import BytesLike
 from ._registry import Registry
+
+if TYPE_CHECKING:  # typing.Unpack is Python 3.11's; type checkers know typing_extensions
+    from typing_extensions import Unpack
 
 log = logging.getLogger("pyuds")
 
@@ -71,11 +75,11 @@ class Server:
         handler: Handler | None = None,
         *,
         sock: socket.socket | int | None = None,
-        authorize: Callable[[ClientHandle], Any] | None = None,
-        on_connect: Callable[[ClientHandle], Any] | None = None,
-        on_disconnect: Callable[[ClientHandle, CloseReason], Any] | None = None,
+        authorize: Callable[[ClientHandle], object] | None = None,
+        on_connect: Callable[[ClientHandle], object] | None = None,
+        on_disconnect: Callable[[ClientHandle, CloseReason], object] | None = None,
         config: ServerConfig | None = None,
-        **options: Any,
+        **options: Unpack[ServerOptions],
     ) -> None:
         config = dataclasses.replace(config or ServerConfig(), **options)
         if (path is None) == (sock is None):
@@ -221,7 +225,7 @@ class Server:
                 stats["handler_errors"] = self._registry.handler_errors
         return stats
 
-    def broadcast(self, message: bytes) -> None:
+    def broadcast(self, message: BytesLike) -> None:
         """Sends message to every connected client. Any thread."""
         data = self._as_bytes(message)
         if threading.get_ident() == self._loop_ident:
@@ -240,7 +244,7 @@ class Server:
 
     # ---- requests from any thread ----
 
-    def _send(self, client: ClientHandle, message: bytes, fds: Iterable[Any] = ()) -> None:
+    def _send(self, client: ClientHandle, message: BytesLike, fds: Iterable[FdLike] = ()) -> None:
         if client._slot < 0:
             raise ClientClosedError("this datagram's sender has no address of its own (it never bound "
                                     "one), so nothing sent to it can arrive")

@@ -6,6 +6,9 @@ its own pid."""
 from __future__ import annotations
 
 import os
+import pty
+import re
+import select
 import shutil
 import signal
 import socket
@@ -65,14 +68,21 @@ class ServeProcess:
     def __init__(self, args: Sequence[str], stderr_path: str, launcher: Sequence[str] = MODULE,
                  cwd: str | None = None) -> None:
         self.stderr_path = stderr_path
-        with open(stderr_path, "wb") as err:
+        self.stdout_path = stderr_path + ".stdout"
+        with open(stderr_path, "wb") as err, open(self.stdout_path, "wb") as out:
             self.proc = subprocess.Popen([*launcher, "serve", *args], cwd=cwd or NEUTRAL_CWD, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, stderr=err)
+                                         stdout=out, stderr=err)
         self.pid = self.proc.pid
 
     @property
     def stderr(self) -> str:
         with open(self.stderr_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    @property
+    def stdout(self) -> str:
+        """What it printed so far (a file, not a terminal: only what it flushed)."""
+        with open(self.stdout_path, "rb") as f:
             return f.read().decode(errors="replace")
 
     def wait_listening(self, path: str, framing: str = "u32", kind: str = "stream") -> None:
@@ -148,6 +158,23 @@ class TestServeAndSend:
         assert not os.path.lexists(sock_path)
         assert "SIGTERM" in server.stderr
         assert "Traceback" not in server.stderr
+
+    @pytest.mark.parametrize("args, handler", [([], "echo (the default)"),
+                                               (["--handler", "upper:handle"], "upper:handle"),
+                                               (["--kind", "seqpacket"], "echo (the default)")])
+    def test_one_line_on_stdout_when_ready(self, spawn, sockdir, tmp_path, args, handler):
+        """serve prints one line on stdout, flushed at once (stdout is a file here), once
+        clients can connect: the endpoint and the handler. Its logging goes to stderr."""
+        (tmp_path / "upper.py").write_text("def handle(client, message):\n    return message.upper()\n")
+        path = os.path.join(sockdir, "r.sock")
+        server = spawn([path, *args], cwd=str(tmp_path))
+        kind = "seqpacket" if "seqpacket" in args else "stream"
+        server.wait_listening(path, kind=kind)
+        socket_kind = "stream, framing u32" if kind == "stream" else kind
+        assert server.stdout == f"ready on {path} ({socket_kind}), handler {handler}\n"
+        assert "ready on" not in server.stderr
+        assert server.signal(signal.SIGTERM) == 0
+        assert server.stdout.count("\n") == 1
 
     def test_sigint_stops_cleanly(self, spawn, sock_path):
         """SIGINT (Ctrl-C) does the same as SIGTERM: exit 0, socket file gone, no traceback."""
@@ -376,6 +403,18 @@ class TestErrors:
         assert "serve" in result.stdout and "send" in result.stdout
 
 
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_version(launcher):
+    """`pyuds --version` prints the one version there is: pyuds.__version__, which the installed
+    package's metadata (made from pyproject.toml) has too."""
+    from importlib.metadata import version
+
+    result = run(["--version"], launcher)
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"pyuds {pyuds.__version__}\n", "")
+    assert version("pyuds") == pyuds.__version__
+    assert re.fullmatch(r"\d+\.\d+\.\d+", pyuds.__version__)
+
+
 # ---- a signal at the earliest moment ------------------------------------------------------------
 
 
@@ -463,6 +502,60 @@ class TestBench:
     def test_a_bad_handler_spec_is_a_usage_error(self):
         result = run([*self.ARGS, "--handler", "no_such_module_here:handle"])
         assert result.returncode == 2 and "cannot import" in result.stderr
+
+    PROGRESS_ARGS = ["bench", "--duration", "1.6", "--warmup", "0.3", "--conns", "4", "--depth", "2"]
+
+    def test_progress_as_plain_lines_when_not_a_terminal(self):
+        """Piped, progress comes as whole lines on stderr, about one a second, from the warm-up
+        on; no carriage return; the figures go to stdout alone."""
+        result = run(self.PROGRESS_ARGS)
+        assert result.returncode == 0, result.stderr
+        lines = result.stderr.splitlines()
+        assert len(lines) >= 2, result.stderr
+        assert "\r" not in result.stderr
+        assert lines[0].startswith("pyuds bench: warm-up 0.0/1.9 s, server CPU ")
+        for line in lines:
+            assert re.fullmatch(r"pyuds bench: (warm-up|measuring) \d+\.\d/1\.9 s, server CPU \d+%", line), line
+        assert any("measuring" in line for line in lines)
+        assert "pyuds bench" not in result.stdout and "msgs/s" in result.stdout
+
+    def test_progress_redrawn_on_a_terminal(self):
+        """On a terminal (a pty here), progress is one line redrawn with carriage returns, each
+        drawing further along, and wiped at the end; the figures still go to stdout."""
+        master, slave = pty.openpty()
+        try:
+            proc = subprocess.Popen([*MODULE, *self.PROGRESS_ARGS], cwd=NEUTRAL_CWD, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=slave)
+        finally:
+            os.close(slave)
+        shown = b""
+        try:
+            deadline = time.monotonic() + RUN_TIMEOUT
+            while time.monotonic() < deadline:
+                if select.select([master], [], [], 1.0)[0]:
+                    try:
+                        chunk = os.read(master, 4096)
+                    except OSError:  # EIO: the last holder of the terminal closed it
+                        break
+                    if not chunk:
+                        break
+                    shown += chunk
+            stdout, _ = proc.communicate(timeout=EXIT_TIMEOUT)
+        finally:
+            os.close(master)
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(EXIT_TIMEOUT)
+        assert proc.returncode == 0, shown
+        text = shown.decode()
+        assert "\n" not in text.replace("\r\n", "")  # the terminal only ever sees one line
+        draws = [d for d in text.split("\r") if d.strip()]
+        assert len(draws) >= 3, text
+        assert "warm-up" in draws[0] and any("measuring" in d for d in draws)
+        done = [float(m.group(1)) for m in (re.search(r"(\d+\.\d)/1\.9 s", d) for d in draws) if m]
+        assert len(done) == len(draws) and done == sorted(done) and done[-1] > done[0], text
+        assert text.endswith("\r"), text  # wiped: what comes next starts on a clean line
+        assert b"every reply checked byte for byte; errors 0, lost 0" in stdout
 
 
 # ---- socket kinds, abstract names, credentials -----------------------------------------------

@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "pyuds"
 # Bottom to top, as _core.py's docstring gives them: a module imports only from layers below
 # its own.
 PYTHON_LAYERS = (
-    {"_errors", "_config"},
+    {"_errors", "_config", "_version"},
     {"_address"},
     {"_framing"},
     {"_client"},
