@@ -15,6 +15,7 @@ import sys
 if not sys.platform.startswith("linux"):
     raise ImportError(f"pyuds runs on Linux only (it is built on epoll and SO_PEERCRED); this is {sys.platform}")
 
+from ._aclient import AsyncConnection, open_connection
 from ._client import Connection, connect
 from ._config import ServerConfig
 from ._errors import (
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AddressInUseError",
+    "AsyncConnection",
     "ClientClosedError",
     "ClientHandle",
     "CloseReason",
@@ -48,4 +50,5 @@ __all__ = [
     "SocketPathError",
     "connect",
     "echo",
+    "open_connection",
 ]
