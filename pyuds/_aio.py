@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import errno
 import logging
 import sys
@@ -39,7 +40,10 @@ from ._registry import Registry
 
 log = logging.getLogger("pyuds")
 
-TURNS_PER_READINESS = 16  # turns served per readiness callback before the loop runs others
+# Turns served per readiness callback, at most, before the loop runs its other callbacks and
+# tasks; and the time after which no more turns begin in that callback (the first always runs).
+TURNS_PER_READINESS = 16
+SECONDS_PER_READINESS = 0.002
 # A datagram server cannot stop reading one peer (one socket serves them all): a peer's
 # requests over max_in_flight wait in memory, up to this many times max_in_flight; further
 # ones are dropped, as the kernel drops datagrams once the socket's buffer is full.
@@ -113,10 +117,12 @@ else:
         asyncio.timeout() and task groups work in it): (None, result) if that finished it (its
         exception raised here), else (task, None), the task going on from where it stopped."""
         box: list[Any] = [coro, None]
-        task = loop.create_task(_rest(box))
+        context = contextvars.copy_context()  # the task's, where its first step runs too
+        task = (loop.create_task(_rest(box), context=context) if sys.version_info >= (3, 11)
+                else context.run(loop.create_task, _rest(box)))
         _enter_task(loop, task)
         try:
-            box[1] = coro.send(None)
+            box[1] = context.run(coro.send, None)
         except StopIteration as stop:
             box[0] = None
             return None, stop.value
@@ -350,7 +356,7 @@ class Driver:
         core, handler = self._core, self.dispatcher
         if handler is not None:
             handler.collect()
-        core.serve_ready(self._registry, handler or self._handler, TURNS_PER_READINESS)
+        core.serve_ready(self._registry, handler or self._handler, TURNS_PER_READINESS, SECONDS_PER_READINESS)
         if handler is not None:
             handler.collect()  # those whose wake-up these turns' polls took
         if core._stopping and not self.stopped.done():

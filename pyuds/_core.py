@@ -29,6 +29,7 @@ import os
 import stat
 from collections import deque
 from struct import error as StructError, pack_into, unpack_from
+from time import monotonic
 from typing import Any, Callable, Optional, Protocol
 
 from ._address import SUN_PATH_MAX, to_sockaddr
@@ -535,14 +536,18 @@ class Core:
         if length >= 0:
             self._reply_to_one(client, reply, length)
 
-    def serve_ready(self, registry: Registry, handler: Handler, turns: int) -> None:
+    def serve_ready(self, registry: Registry, handler: Handler, turns: int, seconds: float) -> None:
         """Serves what is ready without waiting: turns polled with timeout 0, each dispatched as
-        serve() does, until one finds nothing or turns are done (then timeout() is 0 if more
-        waits). For a caller that waits in an event loop of its own on epoll_fd(). The replies
-        of the last batch leave with the poll that found nothing, or wait for the next call."""
+        serve() does, until one finds nothing, or turns are done, or seconds have passed (then
+        timeout() is 0 if more waits). For a caller that waits in an event loop of its own on
+        epoll_fd(), whose other work must not wait long. The replies of the last batch leave
+        with the poll that found nothing, or wait for the next call."""
         self._registry, self._handler = registry, handler
         srv, events, cap, batch, out = self._srv, self._events, self._cap, self._batch, self._batch_out
+        until = monotonic() + seconds
         for _ in range(turns):
+            if monotonic() > until:
+                break
             n = lib.uds_poll_batch(srv, events, cap, 0, batch)
             if n <= 0:
                 check(n)

@@ -4,6 +4,8 @@ runs its loop under a timeout."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
 import os
 import random
@@ -445,3 +447,29 @@ def test_a_task_of_the_loop_pushes_and_closes(loop_kind, sock_path):
                     await conn.recv()
 
     run(loop_kind, main, timeout=20)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_a_coroutine_handler_runs_in_a_task_of_its_own(loop_kind, sock_path):
+    """Before and after its first await, a handler is inside its own task, with its own
+    context: a context variable it sets is still set after the await, and not seen by the
+    handlers of other messages."""
+    var: contextvars.ContextVar[bytes] = contextvars.ContextVar("var", default=b"unset")
+
+    async def handler(client, message):
+        seen = var.get()
+        var.set(message)
+        task = asyncio.current_task()
+        # (asyncio.timeout() needs the current task: 3.11 and later)
+        async with asyncio.timeout(5) if hasattr(asyncio, "timeout") else contextlib.nullcontext():
+            await asyncio.sleep(0.001 if message != b"now" else 0)
+        assert asyncio.current_task() is task
+        return seen + b"/" + var.get()
+
+    async def main():
+        async with pyuds.Server(sock_path, handler) as server:
+            await serving(server)
+            async with await pyuds.open_connection(sock_path) as conn:
+                return await asyncio.gather(*(conn.request(m) for m in (b"a", b"b", b"now")))
+
+    assert run(loop_kind, main, timeout=20) == [b"unset/a", b"unset/b", b"unset/now"]
