@@ -53,6 +53,9 @@ SERVERS: dict[str, list[str]] = {
     "c": [str(C_SERVER)],
     "pyuds": [sys.executable, str(PEERS / "pyuds_server.py")],
     "uvloop": [sys.executable, str(PEERS / "uvloop_protocol.py")],
+    "pyuds_async": [sys.executable, str(PEERS / "pyuds_async.py")],
+    "pyuds_async_coro": [sys.executable, str(PEERS / "pyuds_async_coro.py")],
+    "uvloop_tasks": [sys.executable, str(PEERS / "uvloop_tasks.py")],
     "asyncio": [sys.executable, str(PEERS / "asyncio_protocol.py")],
     "asyncio_streams": [sys.executable, str(PEERS / "asyncio_streams.py")],
     "socketserver": [sys.executable, str(PEERS / "socketserver_threading.py")],
@@ -627,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
         if not os.access(exe, os.X_OK):
             log(f"run.py: {exe} is missing: run `make -C {HERE}`")
             return 2
-    needs = {"pyuds": "pyuds", "uvloop": "uvloop"}
+    needs = {"pyuds": "pyuds", "uvloop": "uvloop", "pyuds_async": "pyuds, uvloop",
+             "pyuds_async_coro": "pyuds, uvloop", "uvloop_tasks": "uvloop"}
     for srv, mod in needs.items():
         if srv in servers and subprocess.run([sys.executable, "-c", f"import {mod}"],
                                              capture_output=True, cwd="/").returncode != 0:

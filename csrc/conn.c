@@ -51,7 +51,7 @@ void uds_conn_schedule_flush(uds_server *s, uds_conn *c)
  * taken out of epoll altogether: a hang-up would otherwise be reported at every turn. */
 static void update_interest(uds_server *s, uds_conn *c)
 {
-    unsigned ev = ((c->flags & (UDS_CF_NO_READ | UDS_CF_PAUSED)) ? 0u : UDS_POLL_IN) |
+    unsigned ev = ((c->flags & (UDS_CF_NO_READ | UDS_CF_PAUSED | UDS_CF_HELD)) ? 0u : UDS_POLL_IN) |
                   ((c->flags & UDS_CF_WANT_OUT) ? UDS_POLL_OUT : 0u);
     int rc = 0;
     if (ev == 0) {
@@ -95,7 +95,7 @@ static void stop_timers(uds_server *s, uds_conn *c)
 void uds_conn_time_frame(uds_server *s, uds_conn *c, int delivered)
 {
     int waiting = s->cfg.frame_timeout_ms > 0 && uds_buf_len(&c->in) > 0 &&
-                  !(c->flags & (UDS_CF_FRAMES | UDS_CF_PAUSED | UDS_CF_NO_READ));
+                  !(c->flags & (UDS_CF_FRAMES | UDS_CF_PAUSED | UDS_CF_HELD | UDS_CF_NO_READ));
     if (!waiting)
         uds_tlist_remove(&s->frames, &c->frame);
     else if (!c->frame.linked || delivered)
@@ -123,6 +123,20 @@ void uds_conn_resume_if_drained(uds_server *s, uds_conn *c)
     c->flags &= ~UDS_CF_PAUSED;
     update_interest(s, c);
     uds_conn_mark_pending(s, c); /* frames it sent meanwhile may wait in its buffer */
+}
+
+void uds_conn_hold(uds_server *s, uds_conn *c, int hold)
+{
+    unsigned was = c->flags;
+    c->flags &= ~(UDS_CF_HELD | UDS_CF_OWED);
+    c->flags |= ((hold & UDS_HOLD_READ) ? UDS_CF_HELD : 0u) | ((hold & UDS_HOLD_OPEN) ? UDS_CF_OWED : 0u);
+    if ((was ^ c->flags) & UDS_CF_HELD) {
+        update_interest(s, c);
+        uds_conn_time_frame(s, c, 0); /* the server is the one not reading while held */
+    }
+    /* Released: frames it holds come without new bytes, and it may be finished now. */
+    if (was & ~c->flags & (UDS_CF_HELD | UDS_CF_OWED))
+        uds_conn_mark_pending(s, c);
 }
 
 void uds_conn_fail(uds_server *s, uds_conn *c, int reason, int err)

@@ -272,7 +272,7 @@ static void read_packets(uds_server *s, uds_conn *c)
 
 void uds_conn_read(uds_server *s, uds_conn *c)
 {
-    if (c->flags & (UDS_CF_NO_READ | UDS_CF_PAUSED | UDS_CF_FRAMES))
+    if (c->flags & (UDS_CF_NO_READ | UDS_CF_PAUSED | UDS_CF_HELD | UDS_CF_FRAMES))
         return; /* complete frames wait: the kernel keeps the rest until they are delivered */
     if (c->msg_turn == s->turn)
         return; /* its buffer must not move in this turn; epoll reports it again */
@@ -391,7 +391,8 @@ static int deliver_frames(uds_server *s, uds_conn *c, uds_event *ev, int n, int 
         len = uds_buf_len(&c->in);
     }
     while (pos < len) {
-        if (n >= cap || c->turn_msgs >= UDS_CONN_MSGS_PER_TURN || (c->flags & UDS_CF_PAUSED)) {
+        if (n >= cap || c->turn_msgs >= UDS_CONN_MSGS_PER_TURN ||
+            (c->flags & (UDS_CF_PAUSED | UDS_CF_HELD))) {
             c->flags |= UDS_CF_FRAMES;
             break;
         }
@@ -447,8 +448,9 @@ int uds_conn_serve(uds_server *s, uds_conn *c, uds_event *ev, int n, int cap)
         n = deliver_frames(s, c, ev, n, cap);
         if (c->flags & UDS_CF_FRAMES) {
             /* More frames wait. Batch full: the turn puts it back on the pending list. Its share of
-             * the turn spent: next turn. Paused: when its output drains. */
-            if (n < cap && !(c->flags & UDS_CF_PAUSED))
+             * the turn spent: next turn. Paused: when its output drains. Held: when the caller
+             * releases it. */
+            if (n < cap && !(c->flags & (UDS_CF_PAUSED | UDS_CF_HELD)))
                 uds_conn_mark_pending(s, c);
             return n;
         }
@@ -457,6 +459,8 @@ int uds_conn_serve(uds_server *s, uds_conn *c, uds_event *ev, int n, int cap)
         if (!(c->flags & UDS_CF_CLOSING))
             return n;
         if (c->flags & UDS_CF_DRAIN) {
+            if (c->flags & UDS_CF_HELD)
+                return n; /* the caller's release brings it back here */
             /* Shutting down: read what still waits (no readiness may ever come for it). The
              * read ends the drain on EAGAIN; bytes it finds come back here as pending work. */
             uds_conn_read(s, c);
@@ -465,6 +469,8 @@ int uds_conn_serve(uds_server *s, uds_conn *c, uds_event *ev, int n, int cap)
                 return n;
             }
         }
+        if (c->flags & UDS_CF_OWED)
+            return n; /* replies still to come: the caller's release brings it back here */
         if (c->msg_turn == s->turn) {
             uds_conn_mark_pending(s, c); /* the replies to this turn's messages are not queued yet */
             return n;

@@ -155,8 +155,8 @@ static int serve_pending(uds_server *s, uds_event *ev, int n, int cap)
 
 static int wait_timeout(const uds_server *s, int timeout_ms)
 {
-    if (s->pending_head)
-        return 0;
+    if (s->pending_head || s->flush_head)
+        return 0; /* (output queued between turns waits for the turn's flush) */
     int64_t t = timeout_ms < 0 ? -1 : timeout_ms;
     t = uds_timeout_list(t, &s->linger, s->now_ms);
     t = uds_timeout_list(t, &s->idle, s->now_ms);
@@ -244,6 +244,17 @@ static int close_conn(uds_server *s, int slot, uint64_t id, int reason)
     return 0;
 }
 
+static int hold_conn(uds_server *s, int slot, uint64_t id, int hold)
+{
+    uds_conn *c = uds_conn_find(s, slot, id);
+    if (c == NULL)
+        return -ENOTCONN;
+    uds_conn_hold(s, c, hold);
+    return 0;
+}
+
+static int timeout_conns(const uds_server *s) { return wait_timeout(s, -1); }
+
 static int peer_address_conn(uds_server *s, int slot, uint64_t id, char *name, size_t *len)
 {
     uds_conn *c = uds_conn_find(s, slot, id);
@@ -276,6 +287,6 @@ static void free_conns(uds_server *s)
 
 const uds_kind_ops uds_conn_kind = {
     .poll = poll_conns, .send = send_conn, .reply_run = reply_run_conn, .close = close_conn,
-    .peer_address = peer_address_conn, .stats = stats_conn, .shutdown = shutdown_conns,
-    .free = free_conns,
+    .peer_address = peer_address_conn, .stats = stats_conn, .hold = hold_conn,
+    .timeout = timeout_conns, .shutdown = shutdown_conns, .free = free_conns,
 };

@@ -223,6 +223,16 @@ static int drain_for_shutdown(uds_server *s, uds_event *ev, int n, int cap)
     return n;
 }
 
+/* The sooner of timeout and the next deadline of the peers. */
+static int64_t dgram_deadlines(const uds_server *s, int64_t timeout)
+{
+    timeout = uds_timeout_list(timeout, &s->idle, s->now_ms);
+    timeout = uds_timeout_list(timeout, &s->linger, s->now_ms);
+    if (s->retry != NULL)
+        timeout = uds_timeout_at(timeout, s->retry_at, s->now_ms);
+    return timeout;
+}
+
 static int poll_dgram(uds_server *s, uds_event *ev, int cap, int timeout_ms)
 {
     s->arena_used = 0;
@@ -234,11 +244,7 @@ static int poll_dgram(uds_server *s, uds_event *ev, int cap, int timeout_ms)
     if (s->drain_until > 0)
         return drain_for_shutdown(s, ev, n, cap);
     /* (Peers still closing now wait for their queued replies: the retry or linger timer.) */
-    int64_t t = n > 0 ? 0 : timeout_ms < 0 ? -1 : timeout_ms;
-    t = uds_timeout_list(t, &s->idle, s->now_ms);
-    t = uds_timeout_list(t, &s->linger, s->now_ms);
-    if (s->retry != NULL)
-        t = uds_timeout_at(t, s->retry_at, s->now_ms);
+    int64_t t = dgram_deadlines(s, n > 0 ? 0 : timeout_ms < 0 ? -1 : timeout_ms);
     /* (2: the wakeup pipe may take one, and the socket is the only other descriptor) */
     int k = uds_poller_wait(&s->poller, s->ready, 2, uds_timeout_int(t), s->cfg.busy_poll_us);
     if (k < 0)
@@ -297,6 +303,25 @@ static int close_dgram(uds_server *s, int slot, uint64_t id, int reason)
     return 0;
 }
 
+/* One socket serves every peer: reading cannot stop for one of them. */
+static int hold_dgram(uds_server *s, int slot, uint64_t id, int hold)
+{
+    (void)s, (void)slot, (void)id, (void)hold;
+    return -EOPNOTSUPP;
+}
+
+/* 0 while a turn has work without readiness: a shutdown's drain, or a peer closing that owes
+ * nothing (the turn reports it). */
+static int timeout_dgram(const uds_server *s)
+{
+    if (s->drain_until > 0)
+        return 0;
+    for (const uds_peer *p = s->closing; p != NULL; p = p->close_next)
+        if (p->out_head == NULL)
+            return 0;
+    return uds_timeout_int(dgram_deadlines(s, -1));
+}
+
 static uds_stats **stats_dgram(uds_server *s, int slot, uint64_t id)
 {
     uds_peer *p = uds_peer_find(s, slot, id);
@@ -321,6 +346,6 @@ static void free_dgram(uds_server *s)
 
 const uds_kind_ops uds_dgram_kind = {
     .poll = poll_dgram, .send = send_dgram, .reply_run = reply_run_dgram, .close = close_dgram,
-    .peer_address = peer_address_dgram, .stats = stats_dgram, .shutdown = shutdown_dgram,
-    .free = free_dgram,
+    .peer_address = peer_address_dgram, .stats = stats_dgram, .hold = hold_dgram,
+    .timeout = timeout_dgram, .shutdown = shutdown_dgram, .free = free_dgram,
 };

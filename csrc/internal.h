@@ -332,18 +332,18 @@ typedef struct uds_conn uds_conn;
 typedef struct uds_kind_ops {
     /* The kind's part of a turn (see uds_poll()). */
     int (*poll)(uds_server *s, uds_event *ev, int cap, int timeout_ms);
-    /* uds_send() (how UDS_SEND_PUSH), uds_reply() (UDS_SEND_REPLY or UDS_SEND_NOW),
-     * uds_send_fds() (nfds > 0). */
+    /* uds_send() (how UDS_SEND_PUSH), uds_reply() (_REPLY or _NOW), uds_send_fds() (nfds). */
     int (*send)(uds_server *s, int slot, uint64_t id, const char *data, size_t len,
                 const int *fds, int nfds, int how);
-    /* Replies to one peer's run of events, as uds_reply_batch() describes. Returns how many
-     * failed. */
+    /* Replies to one peer's run of events, as uds_reply_batch() describes; returns failures. */
     int (*reply_run)(uds_server *s, int slot, uint64_t id, const char *data,
                      const int16_t *lens, int n, int *rcs);
     int (*close)(uds_server *s, int slot, uint64_t id, int reason);
     int (*peer_address)(uds_server *s, int slot, uint64_t id, char *name, size_t *len);
     /* Where the peer's counters pointer is (see uds_conn_set_stats()), or NULL. */
     uds_stats **(*stats)(uds_server *s, int slot, uint64_t id);
+    int (*hold)(uds_server *s, int slot, uint64_t id, int hold); /* uds_hold() */
+    int (*timeout)(const uds_server *s); /* uds_timeout(), the clock read already */
     /* Starts the graceful shutdown (see uds_shutdown()); the socket file is gone already and
      * the master socket out of epoll. Returns 1 if the kind still sends from the master
      * socket (DGRAM: replies do), 0 if it may be closed now. */
@@ -500,6 +500,8 @@ void uds_peer_free_all(uds_server *s);
 #define UDS_CF_PAUSED 0x800u   /* output at the high-water mark: no reading, no delivering */
 #define UDS_CF_FRAMES 0x1000u  /* complete frames may wait in in: read no more until delivered */
 #define UDS_CF_DRAIN 0x2000u   /* shutting down: read until the queue is empty once, then stop */
+#define UDS_CF_HELD 0x4000u    /* UDS_HOLD_READ: the caller has it neither read nor delivered */
+#define UDS_CF_OWED 0x8000u    /* UDS_HOLD_OPEN: the caller owes it replies: not finished */
 
 struct uds_conn {
     int fd;                 /* the data socket; also its slot */
@@ -550,6 +552,7 @@ void uds_conn_stop_reading(uds_server *s, uds_conn *c, unsigned also_flags); /* 
 void uds_conn_set_want_out(uds_server *s, uds_conn *c, int on); /* wait for EPOLLOUT, or not */
 void uds_conn_pause_reading(uds_server *s, uds_conn *c); /* output at the high-water mark */
 void uds_conn_resume_if_drained(uds_server *s, uds_conn *c);
+void uds_conn_hold(uds_server *s, uds_conn *c, int hold); /* see uds_hold() */
 /* Starts or stops the frame deadline: it runs while an incomplete frame waits for bytes the
  * client owes; a frame delivered restarts it. */
 void uds_conn_time_frame(uds_server *s, uds_conn *c, int delivered);

@@ -91,6 +91,21 @@ int uds_wakeup_fd(const uds_server *s) { return s->poller.wake_wr; }
 
 int uds_listen_fd(const uds_server *s) { return s->listen_fd; }
 
+int uds_epoll_fd(const uds_server *s) { return s->poller.ep; }
+
+int uds_timeout(uds_server *s)
+{
+    uds_clock_update(&s->now_ms);
+    return s->kind->timeout(s);
+}
+
+int uds_hold(uds_server *s, int slot, uint64_t id, int hold)
+{
+    if (hold & ~(UDS_HOLD_READ | UDS_HOLD_OPEN))
+        return -EINVAL;
+    return s->kind->hold(s, slot, id, hold);
+}
+
 int uds_server_address(const uds_server *s, char *name, size_t *len)
 {
     if (s->listen_fd < 0)

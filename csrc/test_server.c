@@ -10,6 +10,7 @@
 #include "check.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -340,6 +341,72 @@ static void replies_past_the_cap(const char *dir)
     uds_server_free(s);
 }
 
+/* The first event of type at a turn of at most cap events (timeout 0); none: -1. */
+static int poll_for(uds_server *s, uds_event *ev, int cap, int type)
+{
+    int n = uds_poll(s, ev, cap, 0);
+    CHECK(n >= 0);
+    for (int i = 0; i < n; i++)
+        if (ev[i].type == type)
+            return i;
+    return -1;
+}
+
+/* A caller waiting in its own loop: the epoll descriptor shows readiness, uds_timeout() says
+ * when a turn has work no readiness announces, and uds_hold() keeps a connection from being
+ * read (frames it holds come once it is released) or from being finished. */
+static void held(const char *dir)
+{
+    char path[128];
+    snprintf(path, sizeof path, "%s/held.sock", dir);
+    uds_config cfg = u32_config(1000, 1 << 22);
+    uds_server *s = NULL;
+    CHECK(uds_server_new(&s, path, &cfg) == 0);
+    if (s == NULL)
+        return;
+    uds_event ev[8];
+    int fd = connect_to(path);
+    struct pollfd pfd = {.fd = uds_epoll_fd(s), .events = POLLIN};
+    CHECK(poll(&pfd, 1, 1000) == 1); /* the connection waits to be accepted */
+    int k = poll_for(s, ev, 8, UDS_EV_CONNECTED);
+    CHECK(k == 0);
+    int slot = ev[0].slot;
+    uint64_t id = ev[0].id;
+    CHECK(uds_hold(s, slot, id, 4) == -EINVAL && uds_hold(s, slot, id + 1, 0) == -ENOTCONN);
+    CHECK(uds_timeout(s) == -1); /* no deadline, nothing to do */
+    CHECK(send(fd, "\0\0\0\1a\0\0\0\1b\0\0\0\1c", 15, 0) == 15);
+    CHECK(poll(&pfd, 1, 1000) == 1);
+    CHECK(poll_for(s, ev, 1, UDS_EV_MESSAGE) == 0 && ev[0].data[0] == 'a'); /* batch of one */
+    /* b and c wait in its buffer: held, they are not delivered, nor anything more read. */
+    CHECK(uds_hold(s, slot, id, UDS_HOLD_READ | UDS_HOLD_OPEN) == 0);
+    CHECK(send(fd, "\0\0\0\1d", 5, 0) == 5);
+    for (int round = 0; round < 5; round++)
+        CHECK(poll_for(s, ev, 8, UDS_EV_MESSAGE) == -1);
+    CHECK(uds_timeout(s) == -1);
+    CHECK(uds_hold(s, slot, id, UDS_HOLD_OPEN) == 0);
+    CHECK(uds_timeout(s) == 0); /* released: b and c come without new bytes */
+    CHECK(uds_poll(s, ev, 8, 0) == 2 && ev[0].data[0] == 'b' && ev[1].data[0] == 'c');
+    CHECK(poll_for(s, ev, 8, UDS_EV_MESSAGE) == 0 && ev[0].data[0] == 'd'); /* read again */
+    /* Owed replies: end-of-file does not finish it until the caller releases it. */
+    shutdown(fd, SHUT_WR);
+    CHECK(poll(&pfd, 1, 1000) == 1);
+    for (int round = 0; round < 5; round++)
+        CHECK(poll_for(s, ev, 8, UDS_EV_CLOSED) == -1);
+    CHECK(uds_reply(s, slot, id, "late", 4) == 0);
+    CHECK(uds_timeout(s) == 0); /* the reply waits for the next turn's flush */
+    CHECK(uds_hold(s, slot, id, 0) == 0);
+    int closed = -1;
+    for (int round = 0; round < 5 && closed < 0; round++)
+        closed = poll_for(s, ev, 8, UDS_EV_CLOSED);
+    CHECK(closed >= 0 && ev[closed].reason == UDS_CLOSE_PEER);
+    char buf[16];
+    CHECK(recv(fd, buf, sizeof buf, 0) == 8 && memcmp(buf, "\0\0\0\4late", 8) == 0);
+    CHECK(uds_poll(s, ev, 8, 0) == 0); /* its descriptor is closed at this turn */
+    CHECK(recv(fd, buf, sizeof buf, 0) == 0);
+    close(fd);
+    uds_server_free(s);
+}
+
 int main(void)
 {
     char dir[] = "/tmp/uds-test-XXXXXX";
@@ -361,6 +428,7 @@ int main(void)
     batch_whole(s, path, ev);
     shutdown_delivers(s, ev, path);
     replies_past_the_cap(dir);
+    held(dir);
     uds_server_stats st;
     uds_server_stats_get(s, &st);
     CHECK(st.current == 0);

@@ -303,6 +303,32 @@ int uds_wakeup_fd(const uds_server *s);
 /* The master socket's descriptor, or -1 once it is closed. */
 int uds_listen_fd(const uds_server *s);
 
+/* For a caller that waits in an event loop of its own (asyncio's add_reader) instead of in
+ * uds_poll(): the epoll descriptor uds_poll() waits on. It is readable when a uds_poll() with
+ * timeout 0 would find something (a ready socket, a wakeup); the caller must also poll when
+ * uds_timeout() says. */
+int uds_epoll_fd(const uds_server *s);
+
+/* For that caller: how long it may wait on uds_epoll_fd() before it must call uds_poll()
+ * again. 0 if work waits that no readiness will announce (frames of a connection just
+ * released by uds_hold(), output queued since the last poll, a connection closed since);
+ * else the milliseconds until the next deadline (idle, frame and flush timeouts, accepting
+ * again, DGRAM retries); -1 if there is none. */
+int uds_timeout(uds_server *s);
+
+/* What the caller holds a connection to (uds_hold()), or'ed. */
+#define UDS_HOLD_READ 1 /* neither read nor deliver its messages: the kernel keeps what it
+                         * sends (a caller with as many of its requests in hand as it allows) */
+#define UDS_HOLD_OPEN 2 /* replies to it are still owed: it is not finished (on end-of-file,
+                         * close or shutdown) until released; its flush deadline still counts */
+
+/* Sets what the caller holds connection (slot, id) to: UDS_HOLD_* or'ed, 0 for nothing.
+ * Releasing UDS_HOLD_READ makes frames it already holds come with the next uds_poll(), new
+ * bytes or not (uds_timeout() is 0 then). Returns 0; -ENOTCONN if it is finished; -EINVAL
+ * for other bits; -EOPNOTSUPP for a DGRAM server (one socket for every peer: it cannot stop
+ * reading one of them). */
+int uds_hold(uds_server *s, int slot, uint64_t id, int hold);
+
 /* Writes the address of connection or peer (slot, id) to name as uds_server_address() does:
  * for a connection, the address its client bound (length 0 if none); for a DGRAM peer, its
  * address. Returns 0, -ENOTCONN, or -errno. */

@@ -15,6 +15,7 @@ import sys
 if not sys.platform.startswith("linux"):
     raise ImportError(f"pyuds runs on Linux only (it is built on epoll and SO_PEERCRED); this is {sys.platform}")
 
+from ._aclient import AsyncConnection, open_connection
 from ._client import Connection, connect
 from ._config import ServerConfig
 from ._errors import (
@@ -33,6 +34,7 @@ from ._version import __version__ as __version__
 
 __all__ = [
     "AddressInUseError",
+    "AsyncConnection",
     "ClientClosedError",
     "ClientHandle",
     "CloseReason",
@@ -47,4 +49,5 @@ __all__ = [
     "SocketPathError",
     "connect",
     "echo",
+    "open_connection",
 ]

@@ -61,6 +61,14 @@ class ServerConfig:
         before it sleeps (at most 1000000). A request that arrives meanwhile is taken without
         the time the kernel takes to wake a sleeping thread: lower latency for a client with
         one request at a time, paid for with a core kept busy. 0 (the default): never.
+    max_in_flight: requests of one client handled at once, at most, by a coroutine handler or
+        an executor's (1: one at a time). A client with that many in hand is not read until
+        one finishes (the kernel holds what it sends); its replies leave in the order of its
+        requests whatever order its handlers finish in. A plain handler without an executor
+        handles one message at a time anyway.
+    threads: run a plain handler in a pool of this many threads made by the server (as
+        ``executor=`` does with one of yours), so that a handler may block; None: on the loop's
+        thread.
     """
 
     framing: str = "u32"
@@ -78,6 +86,8 @@ class ServerConfig:
     allow_gid: Sequence[int] = ()
     max_fds: int = 16
     busy_poll_us: int = 0
+    max_in_flight: int = 16
+    threads: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -95,6 +105,9 @@ class ServerConfig:
             object.__setattr__(self, name, ids)  # frozen: a tuple whatever was given
         _check_int("max_fds", self.max_fds, 0, MAX_FDS)
         _check_int("busy_poll_us", self.busy_poll_us, 0, 1_000_000)
+        _check_int("max_in_flight", self.max_in_flight, 1, 1 << 20)
+        if self.threads is not None:
+            _check_int("threads", self.threads, 1, 4096)
         _check_int("mode", self.mode, 0, 0o777)
         _check_int("backlog", self.backlog, 1, 2**31 - 1)
         _check_int("max_message_size", self.max_message_size, 1, MAX_U32)
@@ -141,6 +154,8 @@ class ServerOptions(TypedDict, total=False):
     allow_gid: Sequence[int]
     max_fds: int
     busy_poll_us: int
+    max_in_flight: int
+    threads: Optional[int]
 
 
 def _check_seconds(name: str, value: object) -> None:

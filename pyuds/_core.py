@@ -2,8 +2,8 @@
 
 Layering, bottom to top: a module imports only modules below it, never one above::
 
-    _errors, _config, _version  ->  _address  ->  _framing  ->  _client  ->  _handle
-        ->  _core  ->  _registry  ->  _server  ->  _bench  ->  _cli  ->  __main__
+    _errors, _config, _version  ->  _address  ->  _framing  ->  _client  ->  _aclient  ->  _handle
+        ->  _core  ->  _registry  ->  _aio  ->  _server  ->  _bench  ->  _cli  ->  __main__
 
 (``__init__`` imports the public names from below ``_cli``.) Nothing but this module imports
 ``ffi`` or ``lib``, and no cdata leaves it: everything above it sees ints, bytes and Python
@@ -29,6 +29,7 @@ import os
 import stat
 from collections import deque
 from struct import error as StructError, pack_into, unpack_from
+from time import monotonic
 from typing import Any, Callable, Protocol, Union, cast
 
 from ._address import SUN_PATH_MAX, to_sockaddr
@@ -370,6 +371,29 @@ class Core:
                 client, TypeError(f"handler returned {type(reply).__name__}; it must return bytes or None"))
             return None
 
+    def reply(self, slot: int, cid: int, data: bytes) -> int:
+        """Queues data as a reply to the client (bounded as uds_reply() says), to leave at the
+        next poll; returns 0 or a negated errno (see send_error). For replies made after their
+        batch (deferred handlers)."""
+        return lib.uds_reply(self._srv, slot, cid, data, len(data))
+
+    def hold(self, slot: int, cid: int, read: bool, owed: bool) -> int:
+        """Holds the client from being read (read) and from being finished while replies are
+        owed (owed), or releases it: uds_hold(). Returns 0 or a negated errno (-ENOTCONN:
+        gone; -EOPNOTSUPP: a datagram server, which cannot stop reading one peer)."""
+        return lib.uds_hold(self._srv, slot, cid, (lib.UDS_HOLD_READ if read else 0) |
+                            (lib.UDS_HOLD_OPEN if owed else 0))
+
+    def epoll_fd(self) -> int:
+        """The descriptor to wait on instead of serve() (asyncio's add_reader): readable when a
+        turn would find something."""
+        return lib.uds_epoll_fd(self._srv)
+
+    def timeout(self) -> int:
+        """Milliseconds until serve_ready() must run again whatever the epoll descriptor says:
+        0 for at once, -1 for no deadline."""
+        return lib.uds_timeout(self._srv)
+
     def close(self, slot: int, cid: int, reason: CloseReason) -> None:
         lib.uds_close(self._srv, slot, cid, REASON_CODES[reason])  # -ENOTCONN: already gone
 
@@ -522,6 +546,32 @@ class Core:
                 self.run_posted()
         if length >= 0:
             self._reply_to_one(client, reply, length)
+
+    def serve_ready(self, registry: Registry, handler: Handler, turns: int, seconds: float) -> None:
+        """Serves what is ready without waiting: turns polled with timeout 0, each dispatched as
+        serve() does, until one finds nothing, or turns are done, or seconds have passed (then
+        timeout() is 0 if more waits). For a caller that waits in an event loop of its own on
+        epoll_fd(), whose other work must not wait long. The replies of the last batch leave
+        with the poll that found nothing, or wait for the next call."""
+        self._registry, self._handler = registry, handler
+        srv, events, cap, batch, out = self._srv, self._events, self._cap, self._batch, self._batch_out
+        until = monotonic() + seconds
+        for _ in range(turns):
+            if monotonic() > until:
+                break
+            n = lib.uds_poll_batch(srv, events, cap, 0, batch)
+            if n <= 0:
+                check(n)
+                break
+            if n <= SMALL_BATCH or not out[ALL_PACKED]:
+                self._first = 0
+                self._dispatch_events(n, out[ANY_FDS])
+            else:
+                self._serve_packed(n)
+            if self._pending:
+                self.run_posted()
+        if self._pending:
+            self.run_posted()
 
     def _serve_packed(self, n: int) -> None:
         """A batch of n small messages, their payloads packed back to back: the per-message

@@ -43,6 +43,9 @@ class Registry:
         self._clients: dict[int, ClientHandle] = {}   # admitted clients, by id
         self.clients: Mapping[int, ClientHandle] = types.MappingProxyType(self._clients)
         self.handler_errors = 0
+        #: Told when a client is closed or gone, so that work still in flight for it stops
+        #: (pyuds._aio's dispatcher sets it); None: nobody is.
+        self.on_gone: Callable[[ClientHandle], None] | None = None
         self._refusals = 0            # clients the uid/gid policy refused, not yet logged
         self._refusal_logged = 0.0    # when that was last logged (monotonic)
 
@@ -94,6 +97,8 @@ class Registry:
         queued for it are sent."""
         client._closed = True
         self._core.close(client._slot, client.id, reason)
+        if self.on_gone is not None:
+            self.on_gone(client)
 
     def disconnected(self, slot: int, reason: CloseReason, err: int, discarded: int) -> None:
         client = self.handles[slot]
@@ -101,6 +106,8 @@ class Registry:
         assert client is not None
         client._closed = True
         client.close_reason = reason
+        if self.on_gone is not None:
+            self.on_gone(client)
         self._log_close(client, reason, err, discarded)
         if not client._admitted:
             return

@@ -2,15 +2,21 @@
 the requests (send, close, broadcast, shutdown) that may come from any thread. The clients
 themselves are kept by its Registry (pyuds._registry); the loop is its Core's (pyuds._core).
 
-Threads: one thread runs the loop (serve_forever(), or the thread start() made). Only that
-thread calls into the C server, except Core.wakeup() and Core.post(), which are made under
-self._lock while the server is serving: other threads hand their requests over with
-Core.post(). The Server is the handles' owner (pyuds._handle.Owner): it routes what they ask.
+Threads: one thread runs the loop (serve_forever(), or the thread start() made, or the
+thread of the asyncio loop serve_async() runs in). Only that thread calls into the C server,
+except Core.wakeup() and Core.post(), which are made under self._lock while the server is
+serving: other threads hand their requests over with Core.post(). The Server is the handles'
+owner (pyuds._handle.Owner): it routes what they ask.
+
+Coroutine handlers and executor= always run under asyncio (pyuds._aio): serve_forever() then
+runs an event loop of its own on its thread.
 """
 from __future__ import annotations
 
+import asyncio
 import atexit
 import dataclasses
+import inspect
 import logging
 import os
 import signal
@@ -18,8 +24,10 @@ import socket
 import threading
 import warnings
 import weakref
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Union
 
+from ._aio import Dispatcher, Driver
 from ._client import FdLike, fd_numbers
 from ._config import ServerConfig, ServerOptions
 from ._core import Core, Handler, send_error
@@ -65,6 +73,13 @@ class Server:
     (``rejected``). Refused clients never enter the registry. ``on_disconnect(client,
     reason)`` runs once for every client that was admitted, with a CloseReason.
 
+    ``handler`` may be a coroutine function (``async def handler(client, message)``): up to
+    config.max_in_flight messages of one client are then handled at once, in an asyncio loop
+    (serve_async()'s, or one that serve_forever() runs), and their replies leave in the order
+    the messages came. ``executor=`` (a concurrent.futures.Executor), or ``threads=N`` (threads
+    the server makes), runs a plain handler there instead, so that it may block, with the same
+    ordering and bounds.
+
     Options are the fields of ServerConfig, given either as ``config=`` or as keywords
     (keywords win): ``Server(path, handler, framing="line", mode=0o660)``.
     """
@@ -79,6 +94,7 @@ class Server:
         on_connect: Callable[[ClientHandle], object] | None = None,
         on_disconnect: Callable[[ClientHandle, CloseReason], object] | None = None,
         config: ServerConfig | None = None,
+        executor: Executor | None = None,
         **options: Unpack[ServerOptions],
     ) -> None:
         config = dataclasses.replace(config or ServerConfig(), **options)
@@ -87,6 +103,16 @@ class Server:
                             else "a socket path or sock= is required")
         self._config = config
         self._handler = handler if handler is not None else echo
+        self._coroutine = _is_coroutine_function(self._handler)
+        if executor is not None and config.threads is not None:
+            raise ValueError("give executor= or threads=, not both")
+        if self._coroutine and (executor is not None or config.threads is not None):
+            raise ValueError("a coroutine handler runs on the event loop: executor= and threads= are for "
+                             "plain (blocking) handlers")
+        self._executor = executor
+        self._aio: Driver | None = None  # serving in an asyncio loop: its driver
+        self._aio_loop: asyncio.AbstractEventLoop | None = None
+        self._aio_done: asyncio.Future[None] | None = None  # done once serve_async() is over
         self._lock = threading.Lock()
         self._state = _READY
         self._loop_ident: int | None = None
@@ -148,7 +174,11 @@ class Server:
         """Serves until shutdown() is called, or SIGINT or SIGTERM arrives (when called on the
         main thread and those signals have their default handlers), then shuts down cleanly:
         replies owed are flushed, every client and the master socket are closed, and the
-        socket file is removed."""
+        socket file is removed. With a coroutine handler, executor= or threads=, it runs an
+        asyncio event loop of its own on this thread and serve_async() in it."""
+        if self._coroutine or self._executor is not None or self._config.threads is not None:
+            self._serve_in_own_loop()
+            return
         with self._lock:
             if self._state != _READY:
                 raise RuntimeError(f"cannot serve: the server is {self._state}")
@@ -165,6 +195,80 @@ class Server:
                 self._teardown(graceful, restore)
             finally:
                 self._done.set()
+
+    async def serve_async(self) -> None:
+        """Serves inside the running asyncio event loop (asyncio's own, uvloop, any other) until
+        shutdown() or shutdown_async(), then shuts down as shutdown() does: replies owed are
+        flushed, handlers still running get flush_timeout to finish and are then cancelled,
+        every client and the master socket are closed, the socket file is removed. The C loop's
+        epoll descriptor is watched with the loop's add_reader() and its next deadline with
+        call_at(): no thread, no polling. Cancelling the task that awaits it closes everything
+        at once. A server serves one loop: serving it from another is a RuntimeError."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._state != _READY:
+                if self._aio_loop is not None and self._aio_loop is not loop:
+                    raise RuntimeError("this server is already serving in another event loop; a server "
+                                       "serves one loop (make one server per loop)")
+                raise RuntimeError(f"cannot serve: the server is {self._state}")
+            self._state = _SERVING
+            self._loop_ident = threading.get_ident()
+            self._aio_loop = loop
+            self._aio_done = loop.create_future()
+        core, registry, config = self._core, self._registry, self._config
+        driver = Driver(core, registry, self._handler, loop)
+        own_executor = None
+        executor = self._executor
+        if config.threads is not None:
+            executor = own_executor = ThreadPoolExecutor(config.threads, thread_name_prefix="pyuds-handler")
+        if self._coroutine or executor is not None:
+            driver.dispatcher = Dispatcher(core, registry, self._handler, config.max_in_flight, loop,
+                                           driver.kick, executor)
+        self._aio = driver
+        driver.start()
+        self._started.set()
+        graceful = False
+        try:
+            await driver.stopped
+            graceful = True
+        finally:
+            try:
+                if graceful:
+                    self._begin_shutdown()
+                    driver.draining = True
+                    driver.kick()
+                    await driver.drained  # each client bounded by flush_timeout, in C
+            finally:
+                driver.stop()
+                if driver.dispatcher is not None:
+                    driver.dispatcher.cancel_all()
+                if own_executor is not None:
+                    own_executor.shutdown(wait=False, cancel_futures=True)
+                self._aio = None
+                self._release(lambda: None)
+                self._aio_done.set_result(None)
+                self._done.set()
+
+    async def shutdown_async(self, timeout: float | None = None) -> None:
+        """shutdown() for a coroutine: stops serving and waits, without blocking the loop, until
+        the server is closed (at most timeout seconds). From a handler, call shutdown() instead
+        (it returns at once): this would wait for that handler itself."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            here = self._state == _SERVING and self._aio_loop is loop
+            done = self._aio_done
+        if not here:
+            await loop.run_in_executor(None, self.shutdown, timeout)
+            return
+        self.shutdown()  # returns at once on the loop's thread
+        assert done is not None
+        await asyncio.wait_for(asyncio.shield(done), timeout)
+
+    async def __aenter__(self) -> Server:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.shutdown_async()
 
     def start(self) -> None:
         """Runs the server in a background thread; returns once it is serving."""
@@ -196,8 +300,10 @@ class Server:
                 return
             if state == _SERVING and threading.get_ident() != self._loop_ident:
                 self._core.wakeup()
+            elif state == _SERVING and self._aio is not None:
+                self._aio.kick()  # the asyncio loop's thread: its next callback sees it
         if threading.get_ident() == self._loop_ident and not self._done.is_set():
-            return  # inside a handler: the loop ends after this batch
+            return  # inside a handler (or a task of the loop): the loop ends after this batch
         self._done.wait(timeout)
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
@@ -230,6 +336,7 @@ class Server:
         data = self._as_bytes(message)
         if threading.get_ident() == self._loop_ident:
             self._broadcast_now(data)
+            self._poke()
         else:
             self._post(self._broadcast_now, (data,), [])
 
@@ -257,6 +364,7 @@ class Server:
                              "an empty raw-framed message cannot")
         if threading.get_ident() == self._loop_ident:
             rc = self._core.send(client._slot, client.id, data, fd_list)
+            self._poke()
             if rc:
                 raise send_error(rc, client.id)
         else:
@@ -279,8 +387,15 @@ class Server:
         client._closed = True
         if threading.get_ident() == self._loop_ident:
             self._registry.close(client, CloseReason.CLOSED)
+            self._poke()
         else:
             self._post(self._registry.close, (client, CloseReason.CLOSED), [], client)
+
+    def _poke(self) -> None:
+        """After a request made on the loop's thread: under asyncio, a task outside the loop's
+        own callbacks may have made it, so a turn must come soon to carry it out."""
+        if self._aio is not None:
+            self._aio.kick()
 
     def _peer_address(self, client: ClientHandle) -> str | None:
         return self._core.peer_address(client._slot, client.id)
@@ -321,24 +436,46 @@ class Server:
         finally:
             self._started.set()
 
+    def _serve_in_own_loop(self) -> None:
+        """serve_forever() for a server that needs asyncio: serve_async() in a new event loop
+        (the policy's: uvloop's if it is installed), with serve_forever()'s signal handling."""
+        restore = self._install_signal_handlers()
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(self.serve_async())
+        finally:
+            restore()
+            try:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                loop.close()
+
+    def _begin_shutdown(self) -> None:
+        """Runs what other threads posted, then starts closing every client."""
+        self._core.run_posted()
+        remaining = self._core.shutdown()
+        log.info("shutting down %s: closing %d clients", self._path, remaining)
+
     def _teardown(self, graceful: bool, restore_signals: Callable[[], None]) -> None:
-        core = self._core
         try:
             if graceful:
-                core.run_posted()
-                remaining = core.shutdown()
-                log.info("shutting down %s: closing %d clients", self._path, remaining)
-                core.serve(self._registry, self._handler, draining=True)
+                self._begin_shutdown()
+                self._core.serve(self._registry, self._handler, draining=True)
         finally:
-            restore_signals()  # before free(): the wakeup fd closes there
-            with self._lock:
-                self._state = _CLOSED
-                if core.is_open():
-                    self._final_stats = core.stats()
-                core.free()  # and the requests still posted
-            self._registry.abandon()  # only after a failure: normally no client is left
-            _running.discard(self)
-            log.info("stopped %s", self._path)
+            self._release(restore_signals)
+
+    def _release(self, restore_signals: Callable[[], None]) -> None:
+        """The end of serving: the C server freed, the state closed."""
+        core = self._core
+        restore_signals()  # before free(): the wakeup fd closes there
+        with self._lock:
+            self._state = _CLOSED
+            if core.is_open():
+                self._final_stats = core.stats()
+            core.free()  # and the requests still posted
+        self._registry.abandon()  # only after a failure: normally no client is left
+        _running.discard(self)
+        log.info("stopped %s", self._path)
 
     def _install_signal_handlers(self) -> Callable[[], None]:
         """On the main thread: SIGINT and SIGTERM, if they have their default handlers, stop
@@ -366,6 +503,13 @@ class Server:
     def _on_signal(self, signum: int, frame: Any) -> None:
         log.info("received %s: shutting down", signal.Signals(signum).name)
         self._core.stop()
+        if self._aio is not None:
+            self._aio.kick()  # an asyncio loop may have taken the wake-up before this ran
+
+
+def _is_coroutine_function(handler: Any) -> bool:
+    """Whether handler (a function, a partial of one, or an object with __call__) is async."""
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(getattr(handler, "__call__", None))
 
 
 def _collect(core: Core, path: str) -> None:

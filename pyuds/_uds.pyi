@@ -54,6 +54,8 @@ class Lib:
     UDS_FRAMING_LINE: int
     UDS_FRAMING_RAW: int
     UDS_FRAMING_U32: int
+    UDS_HOLD_OPEN: int
+    UDS_HOLD_READ: int
     UDS_KIND_DGRAM: int
     UDS_KIND_SEQPACKET: int
     UDS_KIND_STREAM: int
@@ -79,6 +81,12 @@ class Lib:
     def uds_wakeup(srv: CData) -> int: ...
     @staticmethod
     def uds_wakeup_fd(srv: CData) -> int: ...
+    @staticmethod
+    def uds_epoll_fd(srv: CData) -> int: ...
+    @staticmethod
+    def uds_timeout(srv: CData) -> int: ...
+    @staticmethod
+    def uds_hold(srv: CData, slot: int, cid: int, hold: int) -> int: ...
     @staticmethod
     def uds_poll(srv: CData, events: CData, cap: int, timeout_ms: int) -> int: ...
     @staticmethod

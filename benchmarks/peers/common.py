@@ -19,6 +19,11 @@ def handler(message: bytes) -> bytes:
     return message
 
 
+async def async_handler(message: bytes) -> bytes:
+    """The same work as a coroutine, for the servers that await their handler."""
+    return message
+
+
 def frame(payload: bytes) -> bytes:
     """One u32 frame: length header then payload."""
     return HEADER.pack(len(payload)) + payload
@@ -77,3 +82,20 @@ async def serve_until_signalled(path: str, start) -> None:
     finally:
         server.close()
         remove_socket(path)
+
+
+def serve_async_until_signalled(server) -> None:
+    """For the pyuds peers that serve inside an event loop: server.serve_async() on uvloop until
+    SIGTERM or SIGINT, then server.shutdown_async() (which removes the socket file)."""
+    import asyncio
+    import signal
+
+    import uvloop
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, server.shutdown)
+        await server.serve_async()
+
+    uvloop.run(main())
