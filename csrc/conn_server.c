@@ -155,8 +155,10 @@ static int serve_pending(uds_server *s, uds_event *ev, int n, int cap)
 
 static int wait_timeout(const uds_server *s, int timeout_ms)
 {
-    if (s->pending_head || s->flush_head)
-        return 0; /* (output queued between turns waits for the turn's flush) */
+    /* Output queued between turns waits for the turn's flush, and a connection reported
+     * closed keeps its socket (its peer sees no end-of-file) until the turn frees it. */
+    if (s->pending_head || s->flush_head || s->finished)
+        return 0;
     int64_t t = timeout_ms < 0 ? -1 : timeout_ms;
     t = uds_timeout_list(t, &s->linger, s->now_ms);
     t = uds_timeout_list(t, &s->idle, s->now_ms);

@@ -401,6 +401,7 @@ static void held(const char *dir)
     CHECK(closed >= 0 && ev[closed].reason == UDS_CLOSE_PEER);
     char buf[16];
     CHECK(recv(fd, buf, sizeof buf, 0) == 8 && memcmp(buf, "\0\0\0\4late", 8) == 0);
+    CHECK(uds_timeout(s) == 0); /* reported closed: its descriptor waits for the next turn */
     CHECK(uds_poll(s, ev, 8, 0) == 0); /* its descriptor is closed at this turn */
     CHECK(recv(fd, buf, sizeof buf, 0) == 0);
     close(fd);

@@ -9,7 +9,10 @@ Two parts, both on the loop's thread:
   replies keep the order of its requests whatever order its handlers finish in. A client with
   max_in_flight requests in hand is held in C (uds_hold: none of it is read, the kernel keeps
   what it sends), and kept from being finished while replies are owed to it, up to its
-  flush_timeout.
+  flush_timeout. Across clients, at most max_in_flight_total handlers run at once: asyncio
+  runs every ready task in each pass of its loop, so that bound is what bounds a pass, and
+  with it how long the application's other tasks wait. A client whose next request finds no
+  room waits, held the same way, in a first-come queue for the room handlers leave.
 - Driver puts a Core into a running asyncio loop: the C loop's epoll descriptor with
   add_reader(), its next deadline with call_at(); each readiness serves turns without waiting
   until none finds anything (or a bound), so that nothing spins and nothing sleeps in a thread.
@@ -54,9 +57,10 @@ class Flight:
     """One client's requests in hand: numbered in arrival order (next), the number of the
     next reply to send (sent), replies finished before their turn (done), handlers running
     (running, by number: their task or future), requests waiting for room (waiting), and
-    what C holds the client to (held)."""
+    what C holds the client to (held); starved while it waits in the queue for room under
+    max_in_flight_total."""
 
-    __slots__ = ("next", "sent", "done", "running", "waiting", "held")
+    __slots__ = ("next", "sent", "done", "running", "waiting", "held", "starved")
 
     def __init__(self) -> None:
         self.next = 0
@@ -65,6 +69,7 @@ class Flight:
         self.running: dict[int, Any] = {}
         self.waiting: collections.deque[tuple[int, bytes]] = collections.deque()
         self.held = (False, False)
+        self.starved = False
 
 
 @types.coroutine
@@ -153,11 +158,14 @@ class Dispatcher:
 
     def __init__(self, core: Core, registry: Registry, handler: Callable[..., Any], max_in_flight: int,
                  loop: asyncio.AbstractEventLoop, kick: Callable[[], None],
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None, max_in_flight_total: int = 256) -> None:
         self._core = core
         self._registry = registry
         self._handler = handler
         self._cap = max_in_flight
+        self._total_cap = max_in_flight_total
+        self._total = 0  # handlers running, every client's
+        self._starved: collections.deque[ClientHandle] = collections.deque()  # see Flight.starved
         self._loop = loop
         self._kick = kick  # the driver serves a turn soon: replies queued since go out with it
         self._executor = executor
@@ -175,7 +183,7 @@ class Dispatcher:
 
     def __call__(self, client: ClientHandle, message: bytes) -> Any:
         flight = self._flights.get(client)
-        if flight is None and self._executor is None:
+        if flight is None and self._executor is None and self._total < self._total_cap:
             # Nothing before it: a handler that finishes in its first step replies with the batch.
             task, reply = start_eagerly(self._loop, self._handler(client, message))
             if task is None:
@@ -188,13 +196,14 @@ class Dispatcher:
             flight = self._flights[client] = Flight()
         number = flight.next
         flight.next = number + 1
-        if len(flight.running) >= self._cap:
+        if flight.waiting or len(flight.running) >= self._cap or self._total >= self._total_cap:
             if not self._can_hold and len(flight.waiting) >= DGRAM_WAITING * self._cap:
                 log.warning("datagram client %d has %d requests waiting for its handlers; dropped one",
                             client.id, len(flight.waiting))
                 flight.next = number  # (never numbered: nothing waits for its reply)
                 return None
             flight.waiting.append((number, message))
+            self._starve(client, flight)
         else:
             self._start(client, flight, number, message)  # raising: Core closes the client
         self._hold(client, flight)
@@ -206,6 +215,7 @@ class Dispatcher:
         if self._executor is not None:
             future = self._executor.submit(self._handler, client, message)
             flight.running[number] = future
+            self._total += 1
             future.add_done_callback(lambda f: self._arrived(client, flight, number, f))
             return
         task, reply = start_eagerly(self._loop, self._handler(client, message))
@@ -216,6 +226,7 @@ class Dispatcher:
 
     def _running(self, client: ClientHandle, flight: Flight, number: int, task: asyncio.Task[Any]) -> None:
         flight.running[number] = task
+        self._total += 1
         task.add_done_callback(lambda t: self._finished(client, flight, number, t))
         self._hold(client, flight)
 
@@ -239,22 +250,45 @@ class Dispatcher:
 
     def _finished(self, client: ClientHandle, flight: Flight, number: int, future: Any) -> None:
         """Request number's handler is done (future: its task, or its executor future)."""
-        flight.running.pop(number, None)
-        if client._closed:
-            return  # gone, or closed: nobody to answer (gone() dropped its flight)
-        try:
-            reply = None if future.cancelled() else as_reply(future.result())
-        except Exception as exc:
-            self._registry.handler_failed(client, exc)  # closes it (gone() follows)
-            self._kick()  # for C to close it now
-            return
-        flight.done[number] = reply
-        self._advance(client, flight)
+        if flight.running.pop(number, None) is not None:
+            self._total -= 1
+        # Closed or gone: nobody to answer (gone() dropped its flight).
+        if not client._closed:
+            try:
+                reply = None if future.cancelled() else as_reply(future.result())
+            except Exception as exc:
+                self._registry.handler_failed(client, exc)  # closes it (gone() follows)
+                self._kick()  # for C to close it now
+            else:
+                flight.done[number] = reply
+                self._advance(client, flight)
+        if self._starved and self._total < self._total_cap:
+            self._resume_starved()
+
+    def _starve(self, client: ClientHandle, flight: Flight) -> None:
+        """Queues the client for room under max_in_flight_total, if that is what its waiting
+        requests wait for (and it is not queued yet)."""
+        if (not flight.starved and flight.waiting and len(flight.running) < self._cap
+                and self._total >= self._total_cap):
+            flight.starved = True
+            self._starved.append(client)
+
+    def _resume_starved(self) -> None:
+        """Gives the room handlers left to the clients queued for it, first come first."""
+        starved, flights = self._starved, self._flights
+        while starved and self._total < self._total_cap:
+            client = starved.popleft()
+            flight = flights.get(client)
+            if flight is None or client._closed:
+                continue  # gone meanwhile
+            flight.starved = False
+            self._advance(client, flight)  # queued again if room runs out before its last
 
     def _advance(self, client: ClientHandle, flight: Flight) -> None:
         """Starts waiting requests while there is room, sends the replies whose turn has come,
         and holds or releases the client in C accordingly."""
-        while flight.waiting and len(flight.running) < self._cap and not client._closed:
+        while (flight.waiting and len(flight.running) < self._cap and self._total < self._total_cap
+               and not client._closed):
             number, message = flight.waiting.popleft()
             try:
                 self._start(client, flight, number, message)
@@ -273,15 +307,16 @@ class Dispatcher:
         self._kick()
         if client._closed:
             return
+        self._starve(client, flight)
         if sent == flight.next:
             del self._flights[client]  # nothing in hand: it costs nothing more
         self._hold(client, flight)
 
     def _hold(self, client: ClientHandle, flight: Flight) -> None:
         """Holds the client in C while replies are owed to it, and from being read while it has
-        max_in_flight requests in hand; releases it otherwise."""
+        max_in_flight requests in hand or requests waiting for room; releases it otherwise."""
         owed = flight.sent != flight.next
-        want = (len(flight.running) >= self._cap, owed)
+        want = (len(flight.running) >= self._cap or bool(flight.waiting), owed)
         if want != flight.held and self._can_hold:
             flight.held = want
             if self._core.hold(client._slot, client.id, *want) == -errno.EOPNOTSUPP:

@@ -66,6 +66,11 @@ class ServerConfig:
         one finishes (the kernel holds what it sends); its replies leave in the order of its
         requests whatever order its handlers finish in. A plain handler without an executor
         handles one message at a time anyway.
+    max_in_flight_total: handlers running at once across every client, at most, for a
+        coroutine handler or an executor's. An asyncio loop runs every ready task in each pass,
+        so this bounds how long one pass, and with it another task of the application, waits
+        behind the handlers; a client whose request finds no room is not read until room
+        frees up, first come first served.
     threads: run a plain handler in a pool of this many threads made by the server (as
         ``executor=`` does with one of yours), so that a handler may block; None: on the loop's
         thread.
@@ -87,6 +92,7 @@ class ServerConfig:
     max_fds: int = 16
     busy_poll_us: int = 0
     max_in_flight: int = 16
+    max_in_flight_total: int = 256
     threads: Optional[int] = None
 
     def __post_init__(self) -> None:
@@ -106,6 +112,7 @@ class ServerConfig:
         _check_int("max_fds", self.max_fds, 0, MAX_FDS)
         _check_int("busy_poll_us", self.busy_poll_us, 0, 1_000_000)
         _check_int("max_in_flight", self.max_in_flight, 1, 1 << 20)
+        _check_int("max_in_flight_total", self.max_in_flight_total, 1, 1 << 20)
         if self.threads is not None:
             _check_int("threads", self.threads, 1, 4096)
         _check_int("mode", self.mode, 0, 0o777)
@@ -155,6 +162,7 @@ class ServerOptions(TypedDict, total=False):
     max_fds: int
     busy_poll_us: int
     max_in_flight: int
+    max_in_flight_total: int
     threads: Optional[int]
 
 

@@ -549,10 +549,10 @@ class Core:
 
     def serve_ready(self, registry: Registry, handler: Handler, turns: int, seconds: float) -> None:
         """Serves what is ready without waiting: turns polled with timeout 0, each dispatched as
-        serve() does, until one finds nothing, or turns are done, or seconds have passed (then
-        timeout() is 0 if more waits). For a caller that waits in an event loop of its own on
-        epoll_fd(), whose other work must not wait long. The replies of the last batch leave
-        with the poll that found nothing, or wait for the next call."""
+        serve() does, until one finds less than a full batch, or turns are done, or seconds have
+        passed (then timeout() is 0 if more waits). For a caller that waits in an event loop of its own on
+        epoll_fd(), whose other work must not wait long. Small replies leave as they are
+        queued; the others with the next call, which timeout() then asks for at once."""
         self._registry, self._handler = registry, handler
         srv, events, cap, batch, out = self._srv, self._events, self._cap, self._batch, self._batch_out
         until = monotonic() + seconds
@@ -570,6 +570,12 @@ class Core:
                 self._serve_packed(n)
             if self._pending:
                 self.run_posted()
+            if n < cap:
+                # Less than a full batch: epoll had nothing more at that moment. Another poll
+                # now would most likely find nothing and cost a system call per wake-up; what
+                # the turn left to do (output queued, frames unparsed) makes timeout() 0, and new
+                # readiness wakes the caller's loop.
+                break
         if self._pending:
             self.run_posted()
 

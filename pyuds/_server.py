@@ -223,7 +223,7 @@ class Server:
             executor = own_executor = ThreadPoolExecutor(config.threads, thread_name_prefix="pyuds-handler")
         if self._coroutine or executor is not None:
             driver.dispatcher = Dispatcher(core, registry, self._handler, config.max_in_flight, loop,
-                                           driver.kick, executor)
+                                           driver.kick, executor, config.max_in_flight_total)
         self._aio = driver
         driver.start()
         self._started.set()

@@ -112,6 +112,70 @@ def test_max_in_flight_bounds_the_handlers_running_per_client(loop_kind, sock_pa
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
+def test_max_in_flight_total_bounds_the_handlers_running_across_clients(loop_kind, sock_path):
+    """Six clients pipelining, each allowed 4 handlers at once, but 10 at most across them: no
+    more than 10 run at once, 10 do, no client exceeds 4, and every client gets every reply, in
+    order (the clients that find no room are served as room frees up)."""
+    running = {"all": 0}
+    most = {"all": 0}
+
+    async def handler(client, message):
+        running["all"] += 1
+        running[client.id] = running.get(client.id, 0) + 1
+        for key in ("all", client.id):
+            most[key] = max(most.get(key, 0), running[key])
+        await asyncio.sleep(0.001 + random.random() * 0.002)
+        running["all"] -= 1
+        running[client.id] -= 1
+        return b"re:" + message
+
+    async def client(i: int) -> None:
+        async with await pyuds.open_connection(sock_path) as conn:
+            for k in range(60):
+                await conn.send(b"%d-%d" % (i, k))
+            assert [await conn.recv() for _ in range(60)] == [b"re:%d-%d" % (i, k) for k in range(60)]
+
+    async def main():
+        async with pyuds.Server(sock_path, handler, max_in_flight=4, max_in_flight_total=10) as server:
+            await serving(server)
+            await asyncio.gather(*(client(i) for i in range(6)))
+
+    run(loop_kind, main)
+    assert most.pop("all") == 10
+    assert len(most) == 6 and max(most.values()) <= 4
+
+
+def test_max_in_flight_total_bounds_executor_handlers(sock_path):
+    """The same bound for blocking handlers in threads: 8 threads, but 3 handlers at most."""
+    lock = threading.Lock()
+    counts = {"now": 0, "most": 0}
+
+    def handler(client, message):
+        with lock:
+            counts["now"] += 1
+            counts["most"] = max(counts["most"], counts["now"])
+        time.sleep(0.002)
+        with lock:
+            counts["now"] -= 1
+        return message
+
+    server = pyuds.Server(sock_path, handler, threads=8, max_in_flight_total=3)
+    server.start()
+    try:
+        socks = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(4)]
+        for i, sock in enumerate(socks):
+            sock.settimeout(10)
+            sock.connect(sock_path)
+            sock.sendall(b"".join(frame(b"%d-%d" % (i, k)) for k in range(30)))
+        for i, sock in enumerate(socks):
+            assert read_frames(sock, 30) == [b"%d-%d" % (i, k) for k in range(30)]
+            sock.close()
+    finally:
+        server.shutdown(timeout=10)
+    assert counts["most"] == 3
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
 def test_a_client_at_the_cap_is_not_read(loop_kind, sock_path):
     """While a client's handlers are all stuck, pyuds stops reading it: the kernel holds the
     rest of its requests (its received count stays small); once they finish, every reply comes,
