@@ -1,4 +1,4 @@
-"""pyuds: fast, correct Unix-domain-socket servers for Python.
+"""pyuds: fast, correct Unix-domain-socket (and TCP) servers for Python.
 
 A C epoll loop accepts clients, cuts frames and writes replies; your Python handler is called
 once per message::
@@ -27,7 +27,7 @@ from ._errors import (
     PyudsError,
     SocketPathError,
 )
-from ._handle import ClientHandle, CloseReason
+from ._handle import ClientHandle, CloseReason, InetPeer, UnixPeer
 from ._server import Server, echo
 
 __version__ = "0.1.0"
@@ -40,12 +40,14 @@ __all__ = [
     "Connection",
     "ConnectionClosedError",
     "FramingError",
+    "InetPeer",
     "NotASocketError",
     "PathTooLongError",
     "PyudsError",
     "Server",
     "ServerConfig",
     "SocketPathError",
+    "UnixPeer",
     "connect",
     "echo",
 ]
