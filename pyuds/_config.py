@@ -177,14 +177,16 @@ def check_transport(config: ServerConfig, tcp: bool) -> None:
             raise ValueError(f"kind={config.kind!r} is a Unix socket's: a TCP endpoint is a stream "
                              "(leave kind at its default)")
         if unix_only:
-            raise ValueError(f"{', '.join(unix_only)} apply to Unix sockets only: a TCP connection has no "
-                             "socket file, no peer credentials and no file-descriptor passing")
+            raise ValueError(f"{', '.join(unix_only)} {'applies' if len(unix_only) == 1 else 'apply'} to Unix "
+                             "sockets only: a TCP connection has no socket file, no peer credentials and no "
+                             "file-descriptor passing")
         return
     tcp_only = [name for name, given in (("tcp_nodelay", not config.tcp_nodelay),
                                          ("tcp_keepalive", config.tcp_keepalive is not None),
                                          ("proxy_protocol", config.proxy_protocol)) if given]
     if tcp_only:
-        raise ValueError(f"{', '.join(tcp_only)} apply to TCP endpoints (tcp://HOST:PORT) only")
+        raise ValueError(f"{', '.join(tcp_only)} {'applies' if len(tcp_only) == 1 else 'apply'} to TCP "
+                         "endpoints (tcp://HOST:PORT) only")
 
 
 def check_framing(kind: str, framing: str) -> None:

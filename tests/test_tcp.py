@@ -245,7 +245,7 @@ class TestCommandLine:
     def test_clear_errors(self):
         done = run(["serve", "tcp://127.0.0.1:0", "--mode", "0660"])
         assert done.returncode == 1
-        assert_clean_error(done.stderr, "mode apply to Unix sockets only")
+        assert_clean_error(done.stderr, "mode applies to Unix sockets only")
         done = run(["serve", "tcp://127.0.0.1"])
         assert done.returncode == 1
         assert_clean_error(done.stderr, "needs a port")
