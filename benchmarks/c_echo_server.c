@@ -1,7 +1,9 @@
 /*
- * c_echo_server: the practical limit of one core for a u32-framed echo server on a Unix socket.
+ * c_echo_server: the practical limit of one core for a u32-framed echo server on a Unix socket,
+ * or on TCP.
  *
  *   c_echo_server PATH
+ *   c_echo_server tcp://IPV4:PORT      (SO_REUSEADDR; TCP_NODELAY on every connection)
  *
  * One thread, one epoll loop, non-blocking sockets. Each readable connection gets one read of
  * up to 256 KiB; the complete u32 frames in it (4-byte big-endian payload length, then the
@@ -28,6 +30,9 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 
 #define HDR_LEN 4u
 #define MAX_PAYLOAD (64u << 20)
@@ -54,6 +59,7 @@ static unsigned char rbuf[RBUF_SIZE];
 static unsigned char wbuf[WBUF_SIZE];  /* replies built during one turn, if nothing is pending */
 static size_t wlen;
 static int spilled;               /* this turn's replies went to c->out instead of wbuf */
+static int tcp;                   /* listening on TCP, not on a Unix socket */
 
 static void *xrealloc(void *p, size_t n)
 {
@@ -287,6 +293,10 @@ static void on_accept(void)
             perror("c_echo_server: accept4");
             return;
         }
+        if (tcp) {
+            int on = 1;
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
+        }
         if ((size_t)fd >= conns_cap) {
             size_t n = conns_cap ? conns_cap : 1024;
             while (n <= (size_t)fd)
@@ -348,13 +358,54 @@ static int remove_stale(const char *path, const struct sockaddr_un *sa, socklen_
     return 0;
 }
 
+/* Listens on "tcp://IPV4:PORT" (addr is what follows "tcp://"): sets lfd. Returns 0, or 2 for a
+ * bad address, 1 if it cannot listen. */
+static int listen_tcp(const char *addr)
+{
+    struct sockaddr_in in;
+    memset(&in, 0, sizeof in);
+    char host[64];
+    const char *colon = strrchr(addr, ':');
+    size_t hlen = colon ? (size_t)(colon - addr) : 0;
+    char *end = NULL;
+    unsigned long port = colon ? strtoul(colon + 1, &end, 10) : 0;
+    if (!colon || hlen == 0 || hlen >= sizeof host || *end || port > 65535) {
+        fprintf(stderr, "c_echo_server: tcp://IPV4:PORT expected, not tcp://%s\n", addr);
+        return 2;
+    }
+    memcpy(host, addr, hlen);
+    host[hlen] = '\0';
+    in.sin_family = AF_INET;
+    in.sin_port = htons((uint16_t)port);
+    if (inet_pton(AF_INET, host, &in.sin_addr) != 1) {
+        fprintf(stderr, "c_echo_server: %s is not an IPv4 address\n", host);
+        return 2;
+    }
+    int on = 1;
+    lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (lfd < 0 || setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on) < 0 ||
+        bind(lfd, (const struct sockaddr *)&in, sizeof in) < 0 || listen(lfd, SOMAXCONN) < 0) {
+        perror("c_echo_server: listen");
+        return 1;
+    }
+    tcp = 1;
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 2 || argv[1][0] == '\0' || argv[1][0] == '-') {
-        fprintf(stderr, "usage: c_echo_server PATH\n");
+        fprintf(stderr, "usage: c_echo_server PATH|tcp://IPV4:PORT\n");
         return 2;
     }
     const char *path = argv[1];
+    struct stat mine = {0};
+    if (strncmp(path, "tcp://", 6) == 0) {
+        int rc = listen_tcp(path + 6);
+        if (rc != 0)
+            return rc;
+        path = ""; /* no file to remove at the end */
+    }
     struct sockaddr_un sa;
     memset(&sa, 0, sizeof sa);
     sa.sun_family = AF_UNIX;
@@ -383,15 +434,14 @@ int main(int argc, char **argv)
     }
     signal(SIGPIPE, SIG_IGN);
 
-    if (remove_stale(path, &sa, salen) < 0)
+    if (!tcp && remove_stale(path, &sa, salen) < 0)
         return 1;
-    lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (lfd < 0 || bind(lfd, (const struct sockaddr *)&sa, salen) < 0) {
+    if (!tcp && ((lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)) < 0 ||
+                 bind(lfd, (const struct sockaddr *)&sa, salen) < 0)) {
         perror("c_echo_server: bind");
         return 1;
     }
-    struct stat mine;
-    if (stat(path, &mine) < 0 || listen(lfd, SOMAXCONN) < 0) {
+    if (!tcp && (stat(path, &mine) < 0 || listen(lfd, SOMAXCONN) < 0)) {
         perror("c_echo_server: listen");
         unlink(path);
         return 1;
@@ -408,10 +458,11 @@ int main(int argc, char **argv)
     ok = ok && epoll_ctl(ep, EPOLL_CTL_ADD, sfd, &ev) == 0;
     if (!ok) {
         perror("c_echo_server: epoll");
-        unlink(path);
+        if (!tcp)
+            unlink(path);
         return 1;
     }
-    fprintf(stderr, "c_echo_server: listening on %s (pid %d)\n", path, (int)getpid());
+    fprintf(stderr, "c_echo_server: listening on %s (pid %d)\n", argv[1], (int)getpid());
 
     static struct epoll_event evs[MAX_EVENTS];
     int running = 1;
@@ -458,7 +509,7 @@ int main(int argc, char **argv)
     free(conns);
     close(lfd);
     struct stat now;
-    if (stat(path, &now) == 0 && now.st_dev == mine.st_dev && now.st_ino == mine.st_ino)
+    if (!tcp && stat(path, &now) == 0 && now.st_dev == mine.st_dev && now.st_ino == mine.st_ino)
         unlink(path);
     close(ep);
     close(sfd);

@@ -1,5 +1,6 @@
 /*
- * loadgen: a single-thread epoll load generator for u32-framed echo servers on Unix sockets.
+ * loadgen: a single-thread epoll load generator for u32-framed echo servers on Unix sockets,
+ * or on TCP: --path tcp://IPV4:PORT (TCP_NODELAY on, as the servers have it).
  *
  * u32 framing: each message is a 4-byte big-endian payload length, then the payload.
  *
@@ -38,6 +39,10 @@
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
 
 #define HDR_LEN 4u
 #define MAX_SIZE (64u << 20)          /* largest --size accepted */
@@ -464,18 +469,45 @@ static void sleep_ns(uint64_t ns)
     }
 }
 
+/* A non-blocking TCP connect in progress: waits for its handshake until deadline. Returns 0
+ * once connected, or -1 with errno set. */
+static int finish_connect(int fd, uint64_t deadline)
+{
+    struct pollfd p = { .fd = fd, .events = POLLOUT };
+    uint64_t now = now_ns();
+    int ms = now < deadline ? (int)((deadline - now) / 1000000u) + 1 : 0;
+    int r = poll(&p, 1, ms);
+    if (r <= 0) {
+        errno = r == 0 ? ETIMEDOUT : errno;
+        return -1;
+    }
+    int err = 0;
+    socklen_t len = sizeof err;
+    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+        return -1;
+    errno = err;
+    return err ? -1 : 0;
+}
+
 /* Connect one non-blocking socket, retrying while the listener's backlog is full (EAGAIN),
  * nobody listens yet (ECONNREFUSED) or the socket file is not there yet (ENOENT). Gives up
  * after timeout_ns without success. Returns the fd, or -1 with errno set. */
-static int connect_one(const struct sockaddr_un *sa, socklen_t salen, uint64_t timeout_ns)
+static int connect_one(const struct sockaddr_storage *sa, socklen_t salen, uint64_t timeout_ns)
 {
     uint64_t deadline = now_ns() + timeout_ns;
     for (;;) {
-        int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        int fd = socket(sa->ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (fd < 0)
             return -1;
-        if (connect(fd, (const struct sockaddr *)sa, salen) == 0)
+        int rc = connect(fd, (const struct sockaddr *)sa, salen);
+        if (rc < 0 && errno == EINPROGRESS) /* TCP: the handshake takes a round trip */
+            rc = finish_connect(fd, deadline);
+        if (rc == 0) {
+            int on = 1;
+            if (sa->ss_family == AF_INET)
+                setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
             return fd;
+        }
         int e = errno;
         close(fd);
         if ((e == EAGAIN || e == ECONNREFUSED || e == ENOENT || e == EINTR) && now_ns() < deadline) {
@@ -487,15 +519,42 @@ static int connect_one(const struct sockaddr_un *sa, socklen_t salen, uint64_t t
     }
 }
 
+/* The server's address: g.path, a Unix socket's path or "tcp://IPV4:PORT". Returns its length,
+ * or 0 if it is neither. */
+static socklen_t target(struct sockaddr_storage *ss)
+{
+    memset(ss, 0, sizeof *ss);
+    if (strncmp(g.path, "tcp://", 6) == 0) {
+        struct sockaddr_in *in = (struct sockaddr_in *)ss;
+        char host[64];
+        const char *colon = strrchr(g.path + 6, ':');
+        size_t hlen = colon ? (size_t)(colon - (g.path + 6)) : 0;
+        if (!colon || hlen == 0 || hlen >= sizeof host)
+            return 0;
+        memcpy(host, g.path + 6, hlen);
+        host[hlen] = '\0';
+        char *end;
+        unsigned long port = strtoul(colon + 1, &end, 10);
+        if (*end || port > 65535 || inet_pton(AF_INET, host, &in->sin_addr) != 1)
+            return 0;
+        in->sin_family = AF_INET;
+        in->sin_port = htons((uint16_t)port);
+        return sizeof *in;
+    }
+    struct sockaddr_un *un = (struct sockaddr_un *)ss;
+    size_t plen = strlen(g.path);
+    if (plen == 0 || plen >= sizeof un->sun_path)
+        return 0;
+    un->sun_family = AF_UNIX;
+    memcpy(un->sun_path, g.path, plen);
+    return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + plen + 1);
+}
+
 /* Open n connections, each with room for g.depth requests in flight. */
 static void open_conns(uint32_t n)
 {
-    struct sockaddr_un sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sun_family = AF_UNIX;
-    size_t plen = strlen(g.path);
-    memcpy(sa.sun_path, g.path, plen);
-    socklen_t salen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + plen + 1);
+    struct sockaddr_storage sa;
+    socklen_t salen = target(&sa);
 
     g.ep = epoll_create1(EPOLL_CLOEXEC);
     if (g.ep < 0) {
@@ -676,7 +735,7 @@ static int run_idle(void)
 static void usage(FILE *f)
 {
     fprintf(f,
-            "usage: loadgen --path PATH [--conns N=64] [--depth D=16] [--size S=64]\n"
+            "usage: loadgen --path PATH|tcp://IPV4:PORT [--conns N=64] [--depth D=16] [--size S=64]\n"
             "               [--duration SECS=3] [--warmup SECS=1] [--verify echo|none]\n"
             "               [--connect-timeout SECS=10]\n"
             "       loadgen --path PATH --idle N --hold SECS [--size S=64] [--connect-timeout SECS=10]\n");
@@ -784,8 +843,9 @@ int UDS_LOADGEN_ENTRY(int argc, char **argv)
         bad_usage("unexpected argument: %s", argv[optind]);
     if (!g.path)
         bad_usage("%s", "--path is required");
-    if (g.path[0] == '\0' || strlen(g.path) >= sizeof(((struct sockaddr_un *)0)->sun_path))
-        bad_usage("--path must be 1 to 107 bytes long: %s", g.path);
+    struct sockaddr_storage ss;
+    if (target(&ss) == 0)
+        bad_usage("--path must be a socket path of 1 to 107 bytes, or tcp://IPV4:PORT: %s", g.path);
     if ((g.idle != 0) != (g.hold >= 0))
         bad_usage("%s", "--idle and --hold go together");
     if (g.idle && normal_only)

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Benchmark runner: the same Python echo handler behind different Unix-socket servers.
+"""Benchmark runner: the same Python echo handler behind different Unix-socket servers, and
+behind pyuds, uvloop and the C server on TCP over 127.0.0.1 (the -tcp servers).
 
     python benchmarks/run.py                       # everything: 5 scenarios x 6 servers x 3 runs
     python benchmarks/run.py --quick               # correctness smoke for CI (well under a minute)
@@ -48,7 +49,8 @@ PEERS = HERE / "peers"
 LOADGEN = HERE / "loadgen"
 C_SERVER = HERE / "c_echo_server"
 
-# name -> the command that serves u32 echo on PATH (a fresh process per measurement)
+# name -> the command that serves u32 echo on PATH (a fresh process per measurement). The -tcp
+# servers are the same programs given tcp://127.0.0.1:PORT instead, a free port of the moment.
 SERVERS: dict[str, list[str]] = {
     "c": [str(C_SERVER)],
     "pyuds": [sys.executable, str(PEERS / "pyuds_server.py")],
@@ -59,7 +61,38 @@ SERVERS: dict[str, list[str]] = {
     "asyncio": [sys.executable, str(PEERS / "asyncio_protocol.py")],
     "asyncio_streams": [sys.executable, str(PEERS / "asyncio_streams.py")],
     "socketserver": [sys.executable, str(PEERS / "socketserver_threading.py")],
+    "c-tcp": [str(C_SERVER)],
+    "pyuds-tcp": [sys.executable, str(PEERS / "pyuds_server.py")],
+    "uvloop-tcp": [sys.executable, str(PEERS / "uvloop_protocol.py")],
 }
+
+
+def is_tcp(server: str) -> bool:
+    return server.endswith("-tcp")
+
+
+def free_tcp_address() -> str:
+    """tcp://127.0.0.1:PORT with a port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def connect_to(path: str, timeout: float) -> socket.socket:
+    """A client socket connected to a Unix path or a tcp://HOST:PORT address."""
+    if path.startswith("tcp://"):
+        host, _, port = path[len("tcp://"):].rpartition(":")
+        sock = socket.create_connection((host, int(port)), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 SCENARIOS: dict[str, dict] = {
     "latency": {"conns": 1, "depth": 1, "size": 64},
@@ -161,9 +194,7 @@ def prime(path: str, deadline: float) -> None:
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(max(0.1, deadline - time.monotonic()))
-                sock.connect(path)
+            with connect_to(path, max(0.1, deadline - time.monotonic())) as sock:
                 sock.sendall(struct.pack(">I", len(payload)) + payload)
                 (n,) = struct.unpack(">I", recv_exactly(sock, 4))
                 reply = recv_exactly(sock, n)
@@ -282,7 +313,7 @@ class Runner:
 
     def measure(self, server: str, scenario: str, run: int) -> dict:
         self.counter += 1
-        path = str(self.tmpdir / f"s{self.counter}.sock")
+        path = free_tcp_address() if is_tcp(server) else str(self.tmpdir / f"s{self.counter}.sock")
         server_log = self.tmpdir / f"s{self.counter}-{server}-{scenario}.log"
         rec: dict = {"server": server, "scenario": scenario, "run": run, "status": "ok",
                      "problems": []}
@@ -321,7 +352,7 @@ class Runner:
                         rec["problems"].append(f"server ignored SIGTERM for {STOP_TIMEOUT:.0f} s: killed")
                     elif status not in (0, -signal.SIGTERM) and not rec["problems"]:
                         rec["problems"].append(f"server exit status {status} after SIGTERM")
-                    if os.path.exists(path):
+                    if not is_tcp(server) and os.path.exists(path):
                         rec["problems"].append("server left its socket file behind")
                         os.unlink(path)
 
@@ -340,6 +371,8 @@ class Runner:
 
     def _wait_listening(self, proc: subprocess.Popen, path: str) -> None:
         deadline = time.monotonic() + START_TIMEOUT
+        if path.startswith("tcp://"):  # no file to appear: the priming request retries
+            return
         while not os.path.exists(path):
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with status {proc.returncode} before listening")
@@ -497,10 +530,12 @@ def tables(med: dict, records: list[dict], servers: list[str], scenarios: list[s
             lines.append(f"{'server':<16} {'msgs/s':>11} {'p50 us':>9} {'p99 us':>9} "
                          f"{'CPU us/msg':>10} {'vs uvloop':>9} {'vs C':>7}")
         key = "bytes_per_conn" if scen == "idle" else "msgs_per_s"
-        base_uv = m.get("uvloop", {}).get(key)
-        base_c = m.get("c", {}).get(key)
         for srv in servers:
             e = m[srv]
+            # TCP servers are compared with their TCP peers, the others with the Unix ones.
+            suffix = "-tcp" if is_tcp(srv) else ""
+            base_uv = m.get("uvloop" + suffix, {}).get(key)
+            base_c = m.get("c" + suffix, {}).get(key)
             failed = [r for r in records if r["scenario"] == scen and r["server"] == srv
                       and r["status"] == "FAILED"]
             if e.get("status") == "n/a":
@@ -626,12 +661,13 @@ def main(argv: list[str] | None = None) -> int:
         if r.returncode != 0:
             log(f"run.py: `make -C {HERE}` failed:\n{r.stdout}{r.stderr}")
             return 2
-    for exe in (LOADGEN, C_SERVER) if "c" in servers else (LOADGEN,):
+    for exe in (LOADGEN, C_SERVER) if {"c", "c-tcp"} & set(servers) else (LOADGEN,):
         if not os.access(exe, os.X_OK):
             log(f"run.py: {exe} is missing: run `make -C {HERE}`")
             return 2
     needs = {"pyuds": "pyuds", "uvloop": "uvloop", "pyuds_async": "pyuds, uvloop",
-             "pyuds_async_coro": "pyuds, uvloop", "uvloop_tasks": "uvloop"}
+             "pyuds_async_coro": "pyuds, uvloop", "uvloop_tasks": "uvloop", "pyuds-tcp": "pyuds",
+             "uvloop-tcp": "uvloop"}
     for srv, mod in needs.items():
         if srv in servers and subprocess.run([sys.executable, "-c", f"import {mod}"],
                                              capture_output=True, cwd="/").returncode != 0:

@@ -236,8 +236,17 @@ uds_conn *uds_conn_find(const uds_server *s, int slot, uint64_t id)
 
 int uds_conn_report_closed(uds_server *s, uds_conn *c, uds_event *ev, int n)
 {
-    uds_event *e = uds_event_next(ev, &n, UDS_EV_CLOSED, c->fd, c->id);
-    e->len = uds_buf_len(&c->out);
+    uds_event *e;
+    if (c->flags & UDS_CF_HIDDEN) {
+        /* Never reported: whatever ended it, it came with no valid PROXY header in time. */
+        c->reason = UDS_CLOSE_PROXY_HEADER;
+        e = uds_event_next(ev, &n, UDS_EV_REFUSED, -1, 0);
+        e->pid = -1;
+        e->uid = e->gid = (uint32_t)-1;
+    } else {
+        e = uds_event_next(ev, &n, UDS_EV_CLOSED, c->fd, c->id);
+        e->len = uds_buf_len(&c->out);
+    }
     e->reason = c->reason;
     e->err = c->err;
     c->flags |= UDS_CF_FINAL | UDS_CF_NO_READ;
@@ -266,6 +275,7 @@ static void free_conn(uds_server *s, uds_conn *c, int discard)
     uds_buf_release(&c->out, &s->pool);
     uds_fdq_clear(&c->in_fds);
     uds_fdq_clear(&c->out_fds);
+    free(c->origin);
     free(c);
 }
 

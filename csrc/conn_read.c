@@ -25,6 +25,7 @@
 
 #include <errno.h>
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
@@ -35,8 +36,8 @@
 /* Bytes the frame in progress is known to lack (a large u32 frame arriving), else 0. */
 static size_t frame_need(const uds_server *s, const uds_conn *c)
 {
-    if (c->in.data == NULL)
-        return 0;
+    if (c->in.data == NULL || (c->flags & UDS_CF_HIDDEN))
+        return 0; /* (a PROXY header first: its bytes are no frame header) */
     return uds_frame_missing(s->cfg.framing, c->in.data + c->in.start, uds_buf_len(&c->in),
                              s->cfg.max_message);
 }
@@ -157,7 +158,8 @@ static void read_into_arena(uds_server *s, uds_conn *c)
     size_t room = UDS_ARENA_SIZE - s->arena_used, want = room < UDS_READ_CHUNK ? room : UDS_READ_CHUNK;
     char *at = s->arena + s->arena_used;
     size_t got = recv_some(s, c, at, want);
-    if (got == want && s->cfg.framing == UDS_FRAMING_U32 && !(c->flags & UDS_CF_NO_READ))
+    if (got == want && s->cfg.framing == UDS_FRAMING_U32 &&
+        !(c->flags & (UDS_CF_NO_READ | UDS_CF_HIDDEN)))
         got += complete_last_frame(s, c, at, got, room - got);
     if (got > 0) {
         take_arena(s, c, got);
@@ -367,6 +369,37 @@ static void consume_input(uds_server *s, uds_conn *c, size_t pos)
     }
 }
 
+/* A connection of a proxy_protocol server is hidden until its PROXY header, the first bytes
+ * it sends, is whole. Then the client it names becomes its peer, its CONNECTED event goes at
+ * ev[*n], and the header's size is returned; 0 while the header is not whole; -1 if there
+ * will be none (not one, or no memory): it is closing, still hidden, and so refused. */
+static ssize_t take_proxy_header(uds_server *s, uds_conn *c, const char *base, size_t len,
+                                 uds_event *ev, int *n)
+{
+    uds_proxy_info info;
+    ssize_t r = uds_proxy_parse(base, len, &info);
+    if (r == 0)
+        return 0; /* its deadline, set at accept, keeps running */
+    if (r > 0 && info.family != 0) {
+        c->origin = malloc(sizeof *c->origin);
+        if (c->origin == NULL)
+            r = -ENOMEM;
+        else
+            uds_sock_proxy_addr(&info, c->origin);
+    }
+    if (r < 0) {
+        uds_conn_close(s, c, UDS_CLOSE_PROXY_HEADER, r == -ENOMEM ? ENOMEM : 0, 0);
+        return -1;
+    }
+    c->flags &= ~UDS_CF_HIDDEN;
+    uds_tlist_remove(&s->frames, &c->frame);
+    uds_event *e = uds_event_next(ev, n, UDS_EV_CONNECTED, c->fd, c->id);
+    e->pid = -1;
+    e->uid = e->gid = (uint32_t)-1;
+    UDS_COUNT(s->stats.accepted, 1);
+    return r;
+}
+
 /* Hands out c's complete frames as MESSAGE events while the batch has room, c has not used up
  * its share of this turn, and its output is below the high-water mark.
  *
@@ -389,6 +422,15 @@ static int deliver_frames(uds_server *s, uds_conn *c, uds_event *ev, int n, int 
     if (base == NULL) {
         base = c->in.data != NULL ? c->in.data + c->in.start : ""; /* (NULL + 0 is undefined) */
         len = uds_buf_len(&c->in);
+    }
+    if (c->flags & UDS_CF_HIDDEN) {
+        ssize_t h = take_proxy_header(s, c, base, len, ev, &n);
+        if (h <= 0) {
+            if (h == 0)
+                consume_input(s, c, 0); /* keeps the header's beginning for the next read */
+            return n;
+        }
+        pos = (size_t)h;
     }
     while (pos < len) {
         if (n >= cap || c->turn_msgs >= UDS_CONN_MSGS_PER_TURN ||

@@ -47,30 +47,56 @@ static void resume_accepting(uds_server *s)
         s->accept_paused = 0;
 }
 
+/* A TCP connection: its options set, and with proxy_protocol, hidden until its PROXY header is
+ * whole (conn_read.c reports it then), within the header's deadline. Returns 0, or -1 if it
+ * could not be made (fd closed). */
+static int admit_tcp(uds_server *s, int fd, uds_conn **out)
+{
+    uds_conn *c = NULL;
+    if (uds_sock_tcp_options(fd, s->cfg.tcp_nodelay, s->cfg.tcp_keepalive_s) < 0 ||
+        (c = uds_conn_new(s, fd)) == NULL) {
+        close(fd);
+        return -1;
+    }
+    *out = c;
+    if (!s->cfg.proxy_protocol)
+        return 0;
+    c->flags |= UDS_CF_HIDDEN;
+    int ms = s->cfg.frame_timeout_ms > 0 ? s->cfg.frame_timeout_ms : UDS_PROXY_HEADER_MS;
+    uds_tlist_append(&s->frames, &c->frame, s->now_ms + (uint64_t)ms);
+    return 0;
+}
+
 /* Admits the accepted socket fd as a connection, with its CONNECTED event (or its REFUSED
- * event, if the uid/gid policy refuses it). Returns n. */
+ * event, if the uid/gid policy refuses it; none yet for a connection hidden until its PROXY
+ * header comes). Returns n. */
 static int admit(uds_server *s, int fd, uds_event *ev, int n)
 {
-    int32_t pid;
-    uint32_t uid, gid;
-    uds_sock_peercred(fd, &pid, &uid, &gid);
+    int32_t pid = -1;
+    uint32_t uid = (uint32_t)-1, gid = (uint32_t)-1;
     uds_event *e;
-    if (!uds_policy_allows_peer(&s->policy, fd, uid, gid)) {
+    if (!s->inet)
+        uds_sock_peercred(fd, &pid, &uid, &gid);
+    if (!s->inet && !uds_policy_allows_peer(&s->policy, fd, uid, gid)) {
         /* Counted before the close, so a client that sees its end finds it counted. */
         UDS_COUNT(s->stats.closed[UDS_CLOSE_UNAUTHORIZED], 1);
         uds_sock_discard_unread(fd); /* what it sent already: EOF for it, not a reset */
         close(fd);
         e = uds_event_next(ev, &n, UDS_EV_REFUSED, -1, 0);
+        e->reason = UDS_CLOSE_UNAUTHORIZED;
     } else if (s->cfg.max_connections > 0 && s->live >= s->cfg.max_connections) {
         UDS_COUNT(s->stats.closed[UDS_CLOSE_REJECTED], 1); /* before the close, as above */
         close(fd); /* over the cap: established clients come first */
         return n;
     } else {
-        uds_conn *c = uds_conn_new(s, fd);
-        if (c == NULL) {
-            close(fd);
+        uds_conn *c = NULL;
+        if (s->inet ? admit_tcp(s, fd, &c) < 0 : (c = uds_conn_new(s, fd)) == NULL) {
+            if (!s->inet)
+                close(fd);
             return n;
         }
+        if (c->flags & UDS_CF_HIDDEN)
+            return n;
         e = uds_event_next(ev, &n, UDS_EV_CONNECTED, fd, c->id);
         UDS_COUNT(s->stats.accepted, 1);
     }
@@ -219,6 +245,8 @@ static int send_conn(uds_server *s, int slot, uint64_t id, const char *data, siz
     uds_conn *c = working(s, slot, id);
     if (c == NULL)
         return -ENOTCONN;
+    if (nfds > 0 && s->inet)
+        return -EOPNOTSUPP; /* descriptors travel over Unix sockets only */
     return nfds > 0 ? uds_conn_send_fds(s, c, data, len, fds, nfds) : uds_conn_send(s, c, data, len, how);
 }
 
@@ -260,6 +288,8 @@ static int timeout_conns(const uds_server *s) { return wait_timeout(s, -1); }
 static int peer_address_conn(uds_server *s, int slot, uint64_t id, char *name, size_t *len)
 {
     uds_conn *c = uds_conn_find(s, slot, id);
+    if (c != NULL && c->origin != NULL)
+        return uds_sock_inet_format((const struct sockaddr *)c->origin, name, len);
     return c == NULL ? -ENOTCONN : uds_sock_name(c->fd, 1, name, len);
 }
 

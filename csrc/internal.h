@@ -1,9 +1,10 @@
 /*
  * internal.h - what the core's files share and the outside never sees. Its sections follow the
  * layering of csrc/README.md, bottom first: the leaves (buffers, ancillary data, the peer
- * table, the poller, timers, sockets, scratch), which know nothing of a server; then the server
- * state and the operations each socket kind provides; then the connections of the connection
- * kinds (state, reading, writing). A file calls only functions of files below its own.
+ * table, the poller, timers, sockets, scratch), which know nothing of a server, in leaves.h;
+ * then the server state and the operations each socket kind provides; then the connections of
+ * the connection kinds (state, reading, writing). A file calls only functions of files below
+ * its own.
  */
 #ifndef UDS_INTERNAL_H
 #define UDS_INTERNAL_H
@@ -43,278 +44,13 @@
 #define UDS_RETRY_MIN_MS 1            /* DGRAM: replies to a full peer are retried after this */
 #define UDS_RETRY_MAX_MS 64           /* ... doubling up to this while none goes out */
 #define UDS_SCRATCH_KEEP (256 * 1024) /* scratch bytes kept resident after a large message */
+#define UDS_PROXY_HEADER_MS 10000     /* proxy_protocol: the header's deadline if frame_timeout_ms
+                                       * is 0 (none); else it is frame_timeout_ms */
 
 /* Counters may be read by another thread: store them whole. */
 #define UDS_COUNT(field, delta) __atomic_store_n(&(field), (field) + (delta), __ATOMIC_RELAXED)
 
-/* ==== leaves: none of these knows a server or a connection ================================= */
-
-/* ---- byte buffer (buf.c) --------------------------------------------------------------- */
-
-/* Bytes live in data[start..end); capacity cap. Grows geometrically, allocated lazily. */
-typedef struct uds_buf {
-    char *data;
-    size_t start; /* first unconsumed byte */
-    size_t end;   /* one past the last byte */
-    size_t cap;   /* bytes allocated */
-} uds_buf;
-
-/* Large buffers given back, kept warm for the next connection that needs one. Connections give
- * their buffers back as soon as they are empty (an idle connection holds nothing); without the
- * pool, every large message would allocate, fault in and unmap a fresh buffer, since glibc
- * serves blocks this big with mmap(): that churn, not the copying, halved 64 KiB throughput. */
-#define UDS_POOL_SLOTS 16
-#define UDS_POOL_MIN (64 * 1024)          /* buffers at least this big are pooled */
-#define UDS_POOL_BYTES (16 * 1024 * 1024) /* the pool holds at most this much */
-#define UDS_BUF_FIRST 4096                /* a buffer's first size */
-#define UDS_POOL_SMALL 256                /* first-size buffers kept, at most (1 MiB) */
-typedef struct uds_pool {
-    char *data[UDS_POOL_SLOTS];
-    size_t cap[UDS_POOL_SLOTS];
-    int n;        /* buffers held */
-    size_t bytes; /* their capacity in all */
-    /* Buffers of the first size, the one nearly every small reply takes: without them, a
-     * client with one request in flight would cost a malloc() and a free() per message. */
-    char *small[UDS_POOL_SMALL];
-    int nsmall;
-} uds_pool;
-
-/* Makes room for at least n bytes after end, moving the live bytes to the front first if that
- * is enough; an unallocated buffer takes a pooled one if one fits. May move data: no pointer
- * into the buffer survives it. pool may be NULL. Returns 0 or -ENOMEM. */
-int uds_buf_reserve(uds_buf *b, size_t n, uds_pool *pool);
-
-/* Appends n bytes. Returns 0 or -ENOMEM (the buffer is unchanged then). */
-int uds_buf_append(uds_buf *b, const void *p, size_t n, uds_pool *pool);
-
-/* Gives the storage back (to the pool if it is large and the pool has room, else to malloc);
- * the buffer is empty and unallocated afterwards. pool may be NULL. */
-void uds_buf_release(uds_buf *b, uds_pool *pool);
-
-/* Frees what the pool holds. */
-void uds_pool_free(uds_pool *pool);
-
-static inline size_t uds_buf_len(const uds_buf *b) { return b->end - b->start; }
-
-/* ---- ancillary data (msg.c) ------------------------------------------------------------------ */
-
-/* Descriptors in arrival order, each with the stream offset it belongs to. An output queue
- * also holds, after each message's descriptors, UDS_FDQ_END at the offset where it ends. */
-#define UDS_FDQ_END (-1)
-typedef struct uds_fdq {
-    int *fd;
-    uint64_t *at;
-    int head, n, cap; /* live entries: [head, n) */
-} uds_fdq;
-
-/* Appends fd. Returns 0 or -ENOMEM (fd is then not queued). */
-int uds_fdq_push(uds_fdq *q, int fd, uint64_t at);
-/* How many descriptors at the head belong before stream offset end. */
-int uds_fdq_count_before(const uds_fdq *q, uint64_t end);
-/* Takes the head descriptor off the queue (which must not be empty) and returns it. */
-int uds_fdq_pop(uds_fdq *q);
-/* Closes every descriptor queued and frees the storage. */
-void uds_fdq_clear(uds_fdq *q);
-static inline int uds_fdq_len(const uds_fdq *q) { return q->n - q->head; }
-static inline uint64_t uds_fdq_head_at(const uds_fdq *q) { return q->at[q->head]; }
-
-/* Duplicates fds[0..n) into out[0..n), close-on-exec (ours to send later; the caller keeps its
- * own). Returns 0, or -errno with nothing left open (-EBADF for a descriptor not open). */
-int uds_fds_dup(const int *fds, int n, int *out);
-/* Closes fds[0..n). */
-void uds_fds_close(const int *fds, int n);
-
-/* What one recvmsg() brought besides bytes. */
-typedef struct uds_recv_info {
-    int want_addr;            /* in: fill addr / addr_len with the sender's address */
-    int want_creds;           /* in: make room for SCM_CREDENTIALS (SO_PASSCRED is on) */
-    int real_len;             /* in: return a message's real length even if cut (MSG_TRUNC) */
-    int flags;                /* out: msg_flags (MSG_TRUNC, MSG_CTRUNC) */
-    int nfds;                 /* out: descriptors received, close-on-exec, in fds */
-    int fds[UDS_MAX_FDS];
-    int has_creds;            /* out: creds holds the sender's credentials */
-    struct ucred creds;
-    struct sockaddr_un addr;  /* out: the sender's address, with want_addr */
-    socklen_t addr_len;
-} uds_recv_info;
-
-/* One non-blocking recvmsg() into iov[0..iovcnt), with room for max_fds descriptors (more set
- * MSG_CTRUNC in info->flags; those that came are still in info->fds). EINTR is retried.
- * Returns the bytes read (the real length with info->real_len), or -errno (-EAGAIN too). */
-ssize_t uds_recv_msg(int fd, struct iovec *iov, int iovcnt, int max_fds, uds_recv_info *info);
-/* Closes the descriptors info holds. */
-void uds_recv_info_close_fds(uds_recv_info *info);
-/* One non-blocking sendmsg() of data[0..len) with fds[0..nfds) attached, to `to` if given.
- * No SIGPIPE; EINTR retried. Returns the bytes sent or -errno. */
-ssize_t uds_send_msg(int fd, const char *data, size_t len, const int *fds, int nfds,
-                     const struct sockaddr_un *to, socklen_t tolen);
-
-/* ---- the address table (addr_table.c) ---------------------------------------------------- */
-
-/* What the table knows of an entry: embedded in the DATAGRAM kind's peer (struct uds_peer). */
-typedef struct uds_addr_key {
-    int slot;                /* index in the table's slots: unique among its entries */
-    uint64_t hash;           /* of the address */
-    struct sockaddr_un addr; /* the address */
-    socklen_t addr_len;
-} uds_addr_key;
-
-/* Entries by slot, and an index from address to slot (open addressing, linear probing, no
- * tombstones; index entries are slot + 1, 0: empty). */
-typedef struct uds_addr_table {
-    uds_addr_key **slots; /* by slot; NULL: free */
-    int cap, n;           /* slots allocated, entries held */
-    int32_t *index;
-    size_t index_size;    /* a power of two, at least twice n */
-} uds_addr_table;
-
-/* Sets k->hash from its address. */
-void uds_addr_key_hash(uds_addr_key *k);
-/* The entry with the address of k (whose hash is set), or NULL. */
-uds_addr_key *uds_addr_table_find(const uds_addr_table *t, const uds_addr_key *k);
-/* Adds k (its address and hash set) in a free slot, which it sets. Returns 0 or -ENOMEM. */
-int uds_addr_table_add(uds_addr_table *t, uds_addr_key *k);
-/* Takes k out of the table (its slot is free again). */
-void uds_addr_table_remove(uds_addr_table *t, const uds_addr_key *k);
-/* Frees the table's storage (not the entries). */
-void uds_addr_table_free(uds_addr_table *t);
-/* The entry in slot, or NULL. */
-static inline uds_addr_key *uds_addr_table_at(const uds_addr_table *t, int slot)
-{
-    return slot >= 0 && slot < t->cap ? t->slots[slot] : NULL;
-}
-
-/* ---- epoll backend and the wakeup pipe (poller.c) ------------------------------------------ */
-
-#define UDS_POLL_IN 1u
-#define UDS_POLL_OUT 2u
-#define UDS_POLL_HUP 4u /* hang-up or error: reported whatever the interest */
-
-typedef struct uds_ready {
-    int fd;          /* the descriptor that is ready */
-    unsigned events; /* UDS_POLL_* */
-} uds_ready;
-
-typedef struct uds_poller {
-    int ep;               /* the epoll descriptor */
-    int wake_rd, wake_wr; /* the wakeup pipe: a byte written makes the wait return */
-} uds_poller;
-
-/* Opens the epoll descriptor and the wakeup pipe (close-on-exec, non-blocking). Returns 0 or
- * -errno (nothing left open). */
-int uds_poller_open(uds_poller *p);
-/* Closes both. A poller never opened (all -1) is fine. */
-void uds_poller_close(uds_poller *p);
-/* Sets the interest of fd to events (0: none, but stay registered). add: first time.
- * Return 0 or -errno. */
-int uds_poller_add(const uds_poller *p, int fd, unsigned events);
-int uds_poller_mod(const uds_poller *p, int fd, unsigned events);
-int uds_poller_del(const uds_poller *p, int fd);
-/* Waits up to timeout_ms for at most max ready descriptors and fills out[]; a wakeup is
- * drained here and not reported. spin_us > 0: while nothing is ready, polls without sleeping
- * for that long before it sleeps. Returns how many, 0 on timeout, a wakeup, or when a signal
- * interrupted the wait, or -errno. */
-int uds_poller_wait(const uds_poller *p, uds_ready *out, int max, int timeout_ms, int spin_us);
-/* Makes a wait in progress (or the next one) return. Thread-safe, async-signal-safe.
- * Returns 0 or -errno. */
-int uds_poller_wake(const uds_poller *p);
-
-/* ---- the clock and deadline lists (timers.c) ----------------------------------------------- */
-
-/* Reads the monotonic clock into *now_ms, which never goes back. */
-void uds_clock_update(uint64_t *now_ms);
-
-/* A list ordered by deadline without sorting: every node of a list gets the same timeout, so
- * appending keeps the order, and expiry looks only at the head. O(1) everything. */
-typedef struct uds_tnode {
-    struct uds_tnode *prev, *next;
-    uint64_t deadline_ms; /* monotonic */
-    int linked;           /* on its list */
-} uds_tnode;
-
-typedef struct uds_tlist {
-    uds_tnode *head, *tail;
-} uds_tlist;
-
-/* (Re)places n at the tail with the given deadline (not earlier than the others'). */
-void uds_tlist_append(uds_tlist *l, uds_tnode *n, uint64_t deadline_ms);
-/* Takes n off the list; a no-op if it is not on it. */
-void uds_tlist_remove(uds_tlist *l, uds_tnode *n);
-/* The head if its deadline has come, else NULL. */
-uds_tnode *uds_tlist_due(const uds_tlist *l, uint64_t now_ms);
-
-/* Timeouts in ms for a wait, -1 for none. The sooner of timeout and the head of l's deadline. */
-int64_t uds_timeout_list(int64_t timeout, const uds_tlist *l, uint64_t now_ms);
-/* The sooner of timeout and time at_ms (0 if it has come). */
-int64_t uds_timeout_at(int64_t timeout, uint64_t at_ms, uint64_t now_ms);
-/* timeout as epoll_wait() takes it. */
-int uds_timeout_int(int64_t timeout);
-
-/* ---- socket helpers and the uid/gid policy (sock.c) -------------------------------------- */
-
-/* The master socket's life: see uds_server_new() for the contract. type: SOCK_STREAM,
- * SOCK_SEQPACKET (both listen) or SOCK_DGRAM. On success sets *fd and the device/inode of the
- * socket file it made (0 and 0 for an abstract name: no file). */
-int uds_sock_listen(const char *path, int type, unsigned mode, int backlog, int *fd, dev_t *dev,
-                    ino_t *ino);
-
-/* Takes a socket made elsewhere (inherited, or the application's): checks that it is an
- * AF_UNIX socket of this type and bound, listens if it does not yet, and sets *fd to a
- * close-on-exec duplicate, non-blocking, and *saved_flags to the file status flags to restore
- * when done. Returns 0 or -errno (see uds_server_new()). */
-int uds_sock_adopt(int fd, int type, int backlog, int *out, int *saved_flags);
-
-/* Writes fd's own address (peer: its peer's) as uds_server_address() describes. Returns 0 or
- * -errno. */
-int uds_sock_name(int fd, int peer, char *name, size_t *len);
-/* The same for an address at hand. Returns 0. */
-int uds_sock_format_name(const struct sockaddr_un *sa, socklen_t salen, char *name, size_t *len);
-
-/* Removes path if it is still the socket file (dev, ino). Returns 1 if removed, 0 if not
- * (gone or replaced by another file), -errno on error. */
-int uds_sock_unlink_if_same(const char *path, dev_t dev, ino_t ino);
-
-/* Reads and drops what waits unread in a stream socket about to be closed (at most
- * UDS_LINGER_DISCARD bytes), so that its peer sees end-of-file rather than a reset. */
-void uds_sock_discard_unread(int fd);
-
-/* Reads the peer's credentials (SO_PEERCRED); (-1, -1, -1) if they cannot be read. */
-void uds_sock_peercred(int fd, int32_t *pid, uint32_t *uid, uint32_t *gid);
-
-/* Who may connect: with no list, everyone; else a listed uid or a listed gid. */
-typedef struct uds_policy {
-    uint32_t *uids; /* copies of the caller's lists */
-    int n_uids;
-    uint32_t *gids;
-    int n_gids;
-} uds_policy;
-
-/* Copies the lists. Returns 0, -EINVAL (a negative count, or NULL with a count) or -ENOMEM. */
-int uds_policy_init(uds_policy *p, const uint32_t *uids, int n_uids, const uint32_t *gids,
-                    int n_gids);
-void uds_policy_free(uds_policy *p);
-/* 1 if uid or gid is allowed, else 0. */
-int uds_policy_allows(const uds_policy *p, uint32_t uid, uint32_t gid);
-/* The same for the peer of a connected socket fd, whose supplementary groups (SO_PEERGROUPS)
- * count too. */
-int uds_policy_allows_peer(const uds_policy *p, int fd, uint32_t uid, uint32_t gid);
-
-/* ---- the scratch area (scratch.c) ------------------------------------------------------------ */
-
-/* Where a message too big for the room a read has spills over (SEQPACKET, DGRAM): reserved
- * (mmap, no swap reserved) on first use and touched only as used. */
-typedef struct uds_scratch {
-    char *data;
-    size_t len;
-} uds_scratch;
-
-/* Sets iov[] for one message of at most limit bytes: iov[0] the room at `at`, and iov[1] the
- * scratch area for what the room cannot hold. Returns the iovec count (1 or 2), or -ENOMEM. */
-int uds_scratch_iov(uds_scratch *sc, size_t limit, struct iovec iov[2], char *at, size_t room);
-/* A message spilled n bytes into the scratch area (now copied out): large spills give the
- * memory back. */
-void uds_scratch_used(uds_scratch *sc, size_t n);
-void uds_scratch_free(uds_scratch *sc);
+#include "leaves.h"
 
 /* ==== the server ============================================================================ */
 
@@ -360,6 +96,7 @@ struct uds_server {
     uds_config cfg;         /* a copy of the caller's (its lists point into policy) */
     char path[108];         /* the socket file's name ("" if none of ours: abstract, adopted) */
     int sock_type;          /* SOCK_STREAM, SOCK_SEQPACKET or SOCK_DGRAM */
+    int inet;               /* TCP: an internet socket (no descriptors, no credentials) */
     int listen_fd;          /* the master socket (DGRAM: the socket), -1 once closed */
     int saved_flags;        /* adopted master socket: its file status flags to put back; else -1 */
     dev_t file_dev;         /* identity of the socket file we made */
@@ -502,6 +239,8 @@ void uds_peer_free_all(uds_server *s);
 #define UDS_CF_DRAIN 0x2000u   /* shutting down: read until the queue is empty once, then stop */
 #define UDS_CF_HELD 0x4000u    /* UDS_HOLD_READ: the caller has it neither read nor delivered */
 #define UDS_CF_OWED 0x8000u    /* UDS_HOLD_OPEN: the caller owes it replies: not finished */
+#define UDS_CF_HIDDEN 0x10000u /* proxy_protocol: its PROXY header is not whole yet, so it is
+                                * not reported (no CONNECTED event yet, no message) */
 
 struct uds_conn {
     int fd;                 /* the data socket; also its slot */
@@ -535,6 +274,8 @@ struct uds_conn {
     uds_conn *pending_next; /* pending list: has work to do before the next wait */
     uds_conn *flush_next;   /* flush list: output queued since the last flush */
     uds_conn *finished_next; /* finished list: freed at the start of the next turn */
+    struct sockaddr_storage *origin; /* proxy_protocol: the client its PROXY header named
+                                      * (NULL: the socket's own peer stands) */
 };
 
 /* ---- connection state (conn.c) ------------------------------------------------------------ */

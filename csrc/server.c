@@ -19,10 +19,12 @@ static const struct kind_spec {
     int sock_type;
     int packets;       /* connections are SEQPACKET: a packet is a message */
     int needs_idle;    /* idle_timeout_ms must be set (DGRAM: peers must be forgotten) */
+    int inet;          /* TCP: an internet socket */
 } kinds[] = {
-    [UDS_KIND_STREAM] = {&uds_conn_kind, SOCK_STREAM, 0, 0},
-    [UDS_KIND_SEQPACKET] = {&uds_conn_kind, SOCK_SEQPACKET, 1, 0},
-    [UDS_KIND_DGRAM] = {&uds_dgram_kind, SOCK_DGRAM, 0, 1},
+    [UDS_KIND_STREAM] = {&uds_conn_kind, SOCK_STREAM, 0, 0, 0},
+    [UDS_KIND_SEQPACKET] = {&uds_conn_kind, SOCK_SEQPACKET, 1, 0, 0},
+    [UDS_KIND_DGRAM] = {&uds_dgram_kind, SOCK_DGRAM, 0, 1, 0},
+    [UDS_KIND_TCP] = {&uds_conn_kind, SOCK_STREAM, 0, 0, 1},
 };
 
 /* ---- a turn, and the caller's requests -------------------------------------------------------- */
@@ -152,6 +154,17 @@ int uds_shutdown(uds_server *s)
     return uds_live(s);
 }
 
+/* The fields that belong to TCP are set for TCP only, and the Unix-only ones left empty. */
+static int valid_tcp_config(const uds_config *cfg)
+{
+    if (cfg->kind != UDS_KIND_TCP)
+        return cfg->tcp_port == 0 && cfg->tcp_nodelay == 0 && cfg->tcp_keepalive_s == 0 &&
+               cfg->proxy_protocol == 0;
+    return cfg->tcp_port >= 0 && cfg->tcp_port <= 65535 && cfg->tcp_keepalive_s >= 0 &&
+           cfg->tcp_keepalive_s <= 32767 && cfg->mode == 0 && cfg->n_allow_uid == 0 &&
+           cfg->n_allow_gid == 0;
+}
+
 static int valid_config(const uds_config *cfg)
 {
     return uds_frame_check(cfg->framing, "", 0) == 0 && cfg->max_message >= 1 &&
@@ -160,7 +173,7 @@ static int valid_config(const uds_config *cfg)
            cfg->max_fds >= 0 && cfg->max_fds <= UDS_MAX_FDS && cfg->busy_poll_us >= 0 &&
            cfg->busy_poll_us <= 1000000 && cfg->kind >= 0 &&
            cfg->kind < (int)(sizeof kinds / sizeof kinds[0]) &&
-           (!kinds[cfg->kind].needs_idle || cfg->idle_timeout_ms >= 1);
+           (!kinds[cfg->kind].needs_idle || cfg->idle_timeout_ms >= 1) && valid_tcp_config(cfg);
 }
 
 /* The master socket: made and bound at path, or adopted; then SO_PASSCRED where needed. */
@@ -169,8 +182,10 @@ static int open_master(uds_server *s, const char *path)
     const uds_config *cfg = &s->cfg;
     int rc;
     if (cfg->adopt)
-        rc = uds_sock_adopt(cfg->adopt_fd, s->sock_type, cfg->backlog, &s->listen_fd,
+        rc = uds_sock_adopt(cfg->adopt_fd, s->sock_type, s->inet, cfg->backlog, &s->listen_fd,
                             &s->saved_flags);
+    else if (s->inet)
+        rc = uds_sock_listen_tcp(path, cfg->tcp_port, cfg->backlog, &s->listen_fd);
     else
         rc = uds_sock_listen(path, s->sock_type, cfg->mode, cfg->backlog, &s->listen_fd,
                              &s->file_dev, &s->file_ino);
@@ -193,6 +208,9 @@ static int setup(uds_server *s, const char *path, const uds_config *cfg)
     s->kind = k->ops;
     s->sock_type = k->sock_type;
     s->packets = k->packets;
+    s->inet = k->inet;
+    if (s->inet)
+        s->cfg.max_fds = 0; /* reads with recv(): no control data on TCP */
     if (s->packets)
         s->cfg.framing = UDS_FRAMING_U32; /* how packets are kept in buffers (see conn_read.c) */
     s->next_id = 1;
@@ -201,7 +219,7 @@ static int setup(uds_server *s, const char *path, const uds_config *cfg)
     s->high_water = UDS_HIGH_WATER_MAX;
     if (cfg->max_output > 0 && cfg->max_output / 2 < s->high_water)
         s->high_water = cfg->max_output / 2 > 0 ? cfg->max_output / 2 : 1;
-    if (!cfg->adopt && path[0] != '@')
+    if (!cfg->adopt && !s->inet && path[0] != '@')
         strcpy(s->path, path); /* a file of ours, to remove at the end */
     int rc = uds_policy_init(&s->policy, cfg->allow_uid, cfg->n_allow_uid, cfg->allow_gid,
                              cfg->n_allow_gid);
@@ -210,7 +228,7 @@ static int setup(uds_server *s, const char *path, const uds_config *cfg)
     s->cfg.allow_uid = s->policy.uids;
     s->cfg.allow_gid = s->policy.gids;
     if ((s->arena = malloc(UDS_ARENA_SIZE)) == NULL ||
-        (cfg->max_fds > 0 && (s->fd_out = malloc(UDS_FD_OUT_MAX * sizeof *s->fd_out)) == NULL))
+        (s->cfg.max_fds > 0 && (s->fd_out = malloc(UDS_FD_OUT_MAX * sizeof *s->fd_out)) == NULL))
         return -ENOMEM;
     return uds_poller_open(&s->poller);
 }
@@ -219,7 +237,8 @@ int uds_server_new(uds_server **out, const char *path, const uds_config *cfg)
 {
     if (!valid_config(cfg))
         return -EINVAL;
-    if (!cfg->adopt && path[0] != '@' && strlen(path) >= sizeof ((uds_server *)0)->path)
+    if (!cfg->adopt && cfg->kind != UDS_KIND_TCP && path[0] != '@' &&
+        strlen(path) >= sizeof ((uds_server *)0)->path)
         return -ENAMETOOLONG;
     uds_server *s = calloc(1, sizeof *s);
     if (s == NULL)

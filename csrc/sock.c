@@ -19,6 +19,7 @@
 #include <sys/file.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <netinet/in.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -348,25 +349,27 @@ int uds_sock_unlink_if_same(const char *path, dev_t dev, ino_t ino)
     return 1;
 }
 
-int uds_sock_adopt(int fd, int type, int backlog, int *fdp, int *saved_flags)
+int uds_sock_adopt(int fd, int type, int inet, int backlog, int *fdp, int *saved_flags)
 {
     int val;
     socklen_t vlen = sizeof val;
     if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &val, &vlen) < 0)
         return -errno; /* -EBADF, or -ENOTSOCK for a descriptor that is not a socket */
-    if (val != AF_UNIX)
+    if (inet ? val != AF_INET && val != AF_INET6 : val != AF_UNIX)
         return -EAFNOSUPPORT;
     vlen = sizeof val;
     if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &val, &vlen) < 0)
         return -errno;
     if (val != type)
         return -EPROTOTYPE;
-    struct sockaddr_un sa;
-    socklen_t salen = sizeof sa;
-    if (getsockname(fd, (struct sockaddr *)&sa, &salen) < 0)
+    struct sockaddr_storage ss;
+    socklen_t salen = sizeof ss;
+    if (getsockname(fd, (struct sockaddr *)&ss, &salen) < 0)
         return -errno;
-    if (salen <= offsetof(struct sockaddr_un, sun_path))
-        return -EDESTADDRREQ; /* not bound: nobody could reach it */
+    /* Not bound: nobody could reach it. (An unbound TCP socket reports port 0.) */
+    if (inet ? ((struct sockaddr_in *)&ss)->sin_port == 0
+             : salen <= offsetof(struct sockaddr_un, sun_path))
+        return -EDESTADDRREQ;
     if (type != SOCK_DGRAM) {
         vlen = sizeof val;
         if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &val, &vlen) < 0)
@@ -412,12 +415,14 @@ int uds_sock_format_name(const struct sockaddr_un *sa, socklen_t salen, char *na
 
 int uds_sock_name(int fd, int peer, char *name, size_t *len)
 {
-    struct sockaddr_un sa;
-    socklen_t salen = sizeof sa;
-    if ((peer ? getpeername(fd, (struct sockaddr *)&sa, &salen)
-              : getsockname(fd, (struct sockaddr *)&sa, &salen)) < 0)
+    struct sockaddr_storage ss;
+    socklen_t salen = sizeof ss;
+    if ((peer ? getpeername(fd, (struct sockaddr *)&ss, &salen)
+              : getsockname(fd, (struct sockaddr *)&ss, &salen)) < 0)
         return -errno;
-    return uds_sock_format_name(&sa, salen, name, len);
+    if (ss.ss_family != AF_UNIX)
+        return uds_sock_inet_format((const struct sockaddr *)&ss, name, len);
+    return uds_sock_format_name((const struct sockaddr_un *)&ss, salen, name, len);
 }
 
 /* Closing a Unix stream socket while bytes it never read wait in its queue makes Linux report

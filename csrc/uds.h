@@ -2,7 +2,8 @@
  * uds.h - the C core of pyuds: a Unix-domain-socket server driven by one epoll loop.
  *
  * C99 + POSIX (Linux). Knows nothing of Python: the caller pulls batches of events with
- * uds_poll() and answers with uds_send() / uds_close().
+ * uds_poll() and answers with uds_send() / uds_close(). The same loop serves TCP connections
+ * (UDS_KIND_TCP), which are streams like a Unix stream's in every respect but the socket.
  *
  * Conventions (libuv's): every function that can fail returns >= 0 on success and -errno on
  * failure; nothing is left in errno. EINTR is retried inside, EAGAIN never leaves the core.
@@ -34,14 +35,18 @@
 #define UDS_KIND_SEQPACKET 1 /* SOCK_SEQPACKET: connections, the kernel keeps boundaries */
 #define UDS_KIND_DGRAM 2     /* SOCK_DGRAM: no connections; each sender address is a peer,
                               * reported like a connection (see dgram_server.c) */
+#define UDS_KIND_TCP 3       /* TCP over IPv4 or IPv6: connections, messages cut by the framing;
+                              * no descriptors, no credentials */
 
 /* Event types filled in by uds_poll(). */
 #define UDS_EV_CONNECTED 1 /* a client was accepted; pid/uid/gid hold its credentials */
 #define UDS_EV_MESSAGE 2   /* a complete message; data/len locate its payload, fds/nfds the
                             * descriptors that came with it */
 #define UDS_EV_CLOSED 3    /* the connection is gone; reason (and err) say why */
-#define UDS_EV_REFUSED 4   /* a client the uid/gid policy refused was closed at accept (it
-                            * never became a connection; slot is -1); pid/uid/gid: who */
+#define UDS_EV_REFUSED 4   /* a client was closed before it became a connection (slot is -1):
+                            * reason UNAUTHORIZED, the uid/gid policy refused it at accept
+                            * (pid/uid/gid: who); reason PROXY_HEADER, it did not begin with a
+                            * valid PROXY protocol header in time */
 
 /* Why a connection closed (uds_event.reason). The core itself produces PEER, ERROR,
  * TOO_LARGE and SHUTDOWN; the others are passed in by the caller through uds_close(). */
@@ -58,6 +63,8 @@
 #define UDS_CLOSE_UNAUTHORIZED 11 /* refused by the uid/gid policy or the application */
 #define UDS_CLOSE_TOO_MANY_FDS 12 /* it sent more descriptors with a message than max_fds */
 #define UDS_CLOSE_EVICTED 13      /* DGRAM: forgotten to make room for a new peer */
+#define UDS_CLOSE_PROXY_HEADER 14 /* TCP with proxy_protocol: no valid PROXY header came first, or
+                                   * not within the header's deadline (never a connection) */
 #define UDS_CLOSE_REASONS 16      /* length of uds_server_stats.closed */
 
 /* Framing helpers. */
@@ -91,6 +98,27 @@ int uds_frame_header(int framing, size_t len, unsigned char *hdr, int *trailer);
  * header; -EINVAL for an unknown framing. */
 int uds_frame_check(int framing, const char *payload, size_t len);
 
+/* The PROXY protocol (HAProxy's, versions 1 and 2): what a balancer sends first on each
+ * connection it makes to a server, naming the client it connected for. */
+typedef struct uds_proxy_info {
+    int version;        /* 1 or 2 */
+    int family;         /* 4 (IPv4) or 6 (IPv6): src and dst hold the addresses; 0: the header
+                         * names none (v1 UNKNOWN, v2 LOCAL, a v2 Unix or unspecified family),
+                         * and the connection's own peer stands */
+    uint8_t src[16];    /* the client's address (4 or 16 bytes), network byte order */
+    uint8_t dst[16];    /* the address the client connected to */
+    uint16_t src_port;
+    uint16_t dst_port;
+} uds_proxy_info;
+
+/* Parses the PROXY protocol header (v1 or v2) at the start of buf[0..len).
+ * Returns the header's size in bytes (> 0) and fills *out; 0 if buf[0..len) may begin a valid
+ * header that is not complete yet; -EPROTO as soon as buf cannot begin a valid one (a byte
+ * that no header could hold, a v1 line past 107 bytes without its CR LF, a v2 version,
+ * command, family or length outside the specification, a v2 datagram transport). The bytes
+ * after the header are not looked at. Reads nothing outside buf[0..len). */
+ssize_t uds_proxy_parse(const char *buf, size_t len, uds_proxy_info *out);
+
 /* Server. */
 
 typedef struct uds_server uds_server;
@@ -122,6 +150,20 @@ typedef struct uds_config {
     int busy_poll_us;     /* before sleeping for readiness, poll without sleeping this long (a
                            * core spent for latency: a request arriving meanwhile is taken
                            * without waking the thread); 0: never, <= 1000000 */
+    /* UDS_KIND_TCP only. path is then a numeric IPv4 or IPv6 address (no brackets); an adopted
+     * socket must be a TCP one. max_fds is taken as 0, mode and the uid/gid lists must be
+     * left empty (0): TCP carries neither descriptors nor credentials. */
+    int tcp_port;         /* the port to listen on, 0..65535 (0: any free one) */
+    int tcp_nodelay;      /* 1: TCP_NODELAY on every connection (replies leave at once) */
+    int tcp_keepalive_s;  /* > 0: keepalive probes after this many idle seconds, then every
+                           * third of it (at least 1 s); 3 unanswered fail the connection
+                           * (UDS_CLOSE_ERROR, ETIMEDOUT); 0: none. <= 32767 */
+    int proxy_protocol;   /* 1: every connection must begin with a PROXY protocol header (v1
+                           * or v2); until it is whole the connection is not reported, and
+                           * one that sends anything else, ends first, or takes longer than
+                           * frame_timeout_ms (10 s if that is 0) is closed, counted as
+                           * UDS_CLOSE_PROXY_HEADER, with a REFUSED event. Its peer address is
+                           * then the one the header names */
 } uds_config;
 
 #define UDS_MAX_FDS 253 /* the most descriptors Linux passes in one message (SCM_MAX_FD) */
@@ -215,7 +257,9 @@ typedef struct uds_batch {
  * Returns 0 and sets *out; -ENAMETOOLONG if path does not fit sun_path; -EADDRINUSE if a server
  * answers on path; -ENOTSOCK if path exists and is not a socket (file, directory, symlink);
  * -EINVAL for an empty path or a bad config; any other -errno from the system calls
- * (-EACCES when the existing socket cannot be probed). Touches nothing on failure. */
+ * (-EACCES when the existing socket cannot be probed). Touches nothing on failure.
+ * UDS_KIND_TCP: path is the numeric IPv4 or IPv6 address to listen on (with cfg->tcp_port;
+ * SO_REUSEADDR); -EINVAL if it is not one, -EADDRINUSE if the port is taken. */
 int uds_server_new(uds_server **out, const char *path, const uds_config *cfg);
 
 /* Closes every connection and the master socket without events, removes the socket file if it
@@ -331,12 +375,14 @@ int uds_hold(uds_server *s, int slot, uint64_t id, int hold);
 
 /* Writes the address of connection or peer (slot, id) to name as uds_server_address() does:
  * for a connection, the address its client bound (length 0 if none); for a DGRAM peer, its
- * address. Returns 0, -ENOTCONN, or -errno. */
+ * address; for TCP, the client's (the one its PROXY header named, with proxy_protocol).
+ * Returns 0, -ENOTCONN, or -errno. */
 int uds_peer_address(uds_server *s, int slot, uint64_t id, char *name, size_t *len);
 
 /* Writes the master socket's address to name (room for 110 bytes), as uds_server_new() takes
- * it: a path, or '@' and the abstract name (which may hold NUL bytes, hence *len). Returns 0
- * or -errno. */
+ * it: a path, or '@' and the abstract name (which may hold NUL bytes, hence *len); for TCP,
+ * "HOST:PORT" with an IPv6 host in brackets ("127.0.0.1:8000", "[::1]:8000"). Returns 0 or
+ * -errno. */
 int uds_server_address(const uds_server *s, char *name, size_t *len);
 
 /* cffi-end */

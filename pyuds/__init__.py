@@ -1,4 +1,4 @@
-"""pyuds: fast, correct Unix-domain-socket servers for Python.
+"""pyuds: fast, correct Unix-domain-socket (and TCP) servers for Python.
 
 A C epoll loop accepts clients, cuts frames and writes replies; your Python handler is called
 once per message::
@@ -28,7 +28,7 @@ from ._errors import (
     PyudsError,
     SocketPathError,
 )
-from ._handle import ClientHandle, CloseReason
+from ._handle import ClientHandle, CloseReason, InetPeer, UnixPeer
 from ._server import Server, echo
 from ._version import __version__ as __version__
 
@@ -41,12 +41,14 @@ __all__ = [
     "Connection",
     "ConnectionClosedError",
     "FramingError",
+    "InetPeer",
     "NotASocketError",
     "PathTooLongError",
     "PyudsError",
     "Server",
     "ServerConfig",
     "SocketPathError",
+    "UnixPeer",
     "connect",
     "echo",
     "open_connection",

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import socket
 from typing import Any
 
-from ._address import to_sockaddr
+from ._client import _dup_socket
+from ._endpoint import EndpointLike, parse_endpoint
 from ._errors import ConnectionClosedError
 from ._framing import Decoder, encode
 
@@ -136,18 +136,33 @@ class AsyncConnection:
         await self.close()
 
 
-async def open_connection(path: str | bytes | os.PathLike[str], framing: str = "u32", *,
+async def open_connection(endpoint: EndpointLike, framing: str = "u32", *,
                           max_message_size: int | None = None) -> AsyncConnection:
-    """Connects to the stream server at path (a socket file, or ``"@name"`` for Linux's
-    abstract namespace) and returns an AsyncConnection. max_message_size bounds a received
-    message (None: no limit); a longer one fails the connection with FramingError."""
+    """Connects to the stream server at endpoint and returns an AsyncConnection. endpoint is
+    what pyuds.connect() takes: a socket file (or ``unix:PATH``), ``"@name"`` (or
+    ``unix-abstract:NAME``), ``tcp://HOST:PORT``, or ``fd://N`` (a socket already connected,
+    this process's descriptor N; the connection works on a duplicate). max_message_size bounds
+    a received message (None: no limit); a longer one fails the connection with FramingError."""
     Decoder(framing, max_message_size)  # validates both before any socket exists
-    address = to_sockaddr(path, "socket path")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    target = parse_endpoint(endpoint)
+    if target.scheme == "tcp":
+        assert target.host is not None and target.port is not None
+        reader, writer = await asyncio.open_connection(target.host, target.port, limit=_READ_SIZE)
+        return AsyncConnection(reader, writer, framing, max_message_size)
+    if target.scheme == "fd":
+        sock = socket.socket(fileno=_dup_socket(target.fd))
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, address)
-        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=_READ_SIZE)
+        if target.scheme == "fd":
+            open_stream = asyncio.open_connection if sock.family != socket.AF_UNIX else asyncio.open_unix_connection
+            if sock.type != socket.SOCK_STREAM:
+                raise ValueError(f"{target}: the asyncio client speaks stream sockets only")
+        else:
+            await asyncio.get_running_loop().sock_connect(sock, target.sockaddr())
+            open_stream = asyncio.open_unix_connection
+        reader, writer = await open_stream(sock=sock, limit=_READ_SIZE)
     except BaseException:
         sock.close()
         raise

@@ -1,4 +1,5 @@
-"""The ``pyuds`` command: ``pyuds serve`` runs a server, ``pyuds send`` talks to one."""
+"""The ``pyuds`` command: ``pyuds serve`` runs a server, ``pyuds send`` talks to one. Both take
+an endpoint: a socket path, @NAME, unix:PATH, unix-abstract:NAME, tcp://HOST:PORT or fd://N."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 from ._client import KINDS as CLIENT_KINDS
 from ._config import FRAMINGS, KINDS, ServerConfig
+from ._endpoint import format_tcp
 from ._errors import PyudsError
 from ._version import __version__
 
@@ -71,16 +73,17 @@ def _fd_number(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pyuds", description="Unix-domain-socket servers with Python handlers.")
+    parser = argparse.ArgumentParser(prog="pyuds", description="Unix-domain-socket and TCP servers with Python handlers.")
     parser.add_argument("--version", action="version", version=f"pyuds {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run a server until Ctrl-C or SIGTERM",
                            description="Run a server until Ctrl-C or SIGTERM; then it closes every client "
                                        "and removes its socket file.")
-    serve.add_argument("path", nargs="?", default=None,
-                       help=f"socket file, or @NAME for Linux's abstract namespace (default: {DEFAULT_PATH}, or "
-                            "the socket systemd passes by socket activation)")
+    serve.add_argument("endpoint", nargs="?", default=None, metavar="ENDPOINT",
+                       help="socket file (or unix:PATH), @NAME (or unix-abstract:NAME) for Linux's abstract "
+                            "namespace, tcp://HOST:PORT (port 0: any free one), or fd://N "
+                            f"(default: {DEFAULT_PATH}, or the socket systemd passes by socket activation)")
     serve.add_argument("--kind", choices=KINDS, default=None,
                        help="socket type (default: stream; with socket activation, the passed socket's type)")
     serve.add_argument("--handler", metavar="MODULE:FUNCTION", type=_load_handler,
@@ -117,14 +120,22 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--busy-poll-us", type=int, default=ServerConfig.busy_poll_us, metavar="MICROSECONDS",
                        help="keep polling this long for the next request before sleeping: lower "
                             "latency for a core kept busy (default: 0, never)")
+    serve.add_argument("--proxy-protocol", action="store_true",
+                       help="TCP: every connection begins with a PROXY protocol header (v1 or v2) naming the "
+                            "client, as a load balancer sends it; connections without one are closed")
+    serve.add_argument("--tcp-keepalive", type=float, default=None, metavar="SECONDS",
+                       help="TCP: probe connections idle this long, closing those whose peer is gone "
+                            "(default: no probes)")
     serve.add_argument("--fd-name", metavar="NAME",
                        help="with socket activation passing several sockets: serve the one systemd "
                             "names NAME (FileDescriptorName=)")
     serve.add_argument("-v", "--verbose", action="store_true", help="log every client's connect and disconnect")
 
     send = sub.add_parser("send", help="send messages to a server and print each reply",
-                          description="Send each MESSAGE to the server at PATH and print each reply on its own line.")
-    send.add_argument("path", help="socket file, or @NAME for a name in the abstract namespace")
+                          description="Send each MESSAGE to the server at ENDPOINT and print each reply on its "
+                                      "own line.")
+    send.add_argument("endpoint", metavar="ENDPOINT",
+                      help="socket file, @NAME for a name in the abstract namespace, tcp://HOST:PORT, ...")
     send.add_argument("messages", nargs="+", metavar="MESSAGE")
     send.add_argument("--kind", choices=CLIENT_KINDS, default="stream",
                       help="socket type; a seqpacket or datagram message is one packet (default: stream)")
@@ -165,17 +176,19 @@ def _serve(args: argparse.Namespace) -> int:
         if inherited is not None:
             fd, kind_found, address = inherited
             kind = args.kind or kind_found
-            if args.path is not None and args.path != address:
-                raise ValueError(f"socket activation passed a socket on {address!r}, not on {args.path!r}")
+            if args.endpoint is not None and args.endpoint != address:
+                raise ValueError(f"socket activation passed a socket on {address!r}, not on {args.endpoint!r}")
             where: dict[str, Any] = {"sock": fd}
         else:
-            where = {"path": args.path or DEFAULT_PATH}
+            where = {"endpoint": args.endpoint or DEFAULT_PATH}
+        tcp_options = {name: value for name, value in (("proxy_protocol", args.proxy_protocol),
+                                                       ("tcp_keepalive", args.tcp_keepalive)) if value}
         server = Server(**where, handler=args.handler, kind=kind, framing=args.framing, mode=args.mode,
                         backlog=args.backlog, max_message_size=args.max_message_size,
                         max_connections=args.max_connections, max_output_buffer=args.max_output_buffer,
                         idle_timeout=args.idle_timeout, frame_timeout=args.frame_timeout,
                         allow_uid=args.allow_uid, allow_gid=args.allow_gid, max_fds=args.max_fds,
-                        busy_poll_us=args.busy_poll_us, authorize=args.authorize)
+                        busy_poll_us=args.busy_poll_us, authorize=args.authorize, **tcp_options)
     except (PyudsError, OSError, ValueError, TypeError) as exc:
         print(f"pyuds serve: {exc}", file=sys.stderr)
         return 1
@@ -184,7 +197,8 @@ def _serve(args: argparse.Namespace) -> int:
     if early:
         server._on_signal(early[0], None)  # serve_forever() then only shuts down
     else:
-        _say_ready(server.path, kind, args.framing, args.handler)
+        bound = server.address
+        _say_ready(format_tcp(*bound) if isinstance(bound, tuple) else bound, kind, args.framing, args.handler)
     server.serve_forever()
     return 0
 
@@ -246,9 +260,12 @@ def _activation_socket(fd_name: str | None) -> tuple[int, str, str] | None:
     try:
         kind = _SOCK_KINDS.get(probe.type, "stream")  # another type: the server says what is wrong
         address = probe.getsockname()
+        inet = probe.family in (socket.AF_INET, socket.AF_INET6)
     finally:
         probe.close()
-    if isinstance(address, bytes):  # abstract: b"\0name"
+    if inet:  # a TCP socket: its endpoint as written on the command line
+        address = format_tcp(address[0], address[1])
+    elif isinstance(address, bytes):  # abstract: b"\0name"
         address = "@" + os.fsdecode(address[1:])
     return fd, kind, address
 
@@ -262,7 +279,7 @@ def _send(args: argparse.Namespace) -> int:
         return 2
     out = sys.stdout.buffer
     try:
-        with connect(args.path, args.framing or "u32", kind=args.kind, timeout=args.timeout) as conn:
+        with connect(args.endpoint, args.framing or "u32", kind=args.kind, timeout=args.timeout) as conn:
             for message in args.messages:
                 reply, fds = conn.request_fds(os.fsencode(message), args.fds)
                 close_fds(fds)
@@ -273,7 +290,7 @@ def _send(args: argparse.Namespace) -> int:
                           file=sys.stderr)
     except (PyudsError, OSError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        print(f"pyuds send: {args.path}: {reason}", file=sys.stderr)
+        print(f"pyuds send: {args.endpoint}: {reason}", file=sys.stderr)
         return 1
     except ValueError as exc:  # an address that cannot be one (a NUL byte, an empty name)
         print(f"pyuds send: {exc}", file=sys.stderr)

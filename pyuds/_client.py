@@ -1,5 +1,5 @@
 """The client side: a blocking connection over a stream, seqpacket or datagram Unix socket,
-which can pass file descriptors with its messages.
+which can pass file descriptors with its messages, or over TCP.
 
 Pure Python over the socket module: the client never touches the compiled extension.
 """
@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import logging
 import mmap
 import os
 import select
 import socket
+import stat
 from typing import Any, Iterable, Protocol, Union
 
 from ._address import Address, from_sockaddr, is_abstract, to_sockaddr
 from ._config import MAX_FDS, check_framing
+from ._endpoint import EndpointLike, parse_endpoint
 from ._errors import ConnectionClosedError, FramingError
 from ._framing import BytesLike, Decoder, FdQueue, encode
 
@@ -51,12 +54,17 @@ class Connection:
 
     kind says what a message is: on "stream" a frame cut by framing, on "seqpacket" and
     "datagram" one packet, with no framing bytes. Any message can carry file descriptors
-    (send(..., fds=...), recv_fds()). Not thread-safe: one thread at a time."""
+    (send(..., fds=...), recv_fds()) over a Unix socket; a TCP connection (inet) is a stream
+    without them. Not thread-safe: one thread at a time."""
 
     def __init__(self, sock: socket.socket, framing: str = "u32", max_message_size: int | None = None,
                  *, _owned_path: tuple[str, int, int] | None = None) -> None:
-        if sock.family != socket.AF_UNIX or sock.type not in _KIND_OF_TYPE:
-            raise ValueError(f"a Connection needs an AF_UNIX stream, seqpacket or datagram socket, not {sock!r}")
+        self.inet = sock.family in (socket.AF_INET, socket.AF_INET6)  #: a TCP connection
+        if self.inet and sock.type != socket.SOCK_STREAM:
+            raise ValueError(f"a Connection over the internet needs a TCP (stream) socket, not {sock!r}")
+        if not self.inet and (sock.family != socket.AF_UNIX or sock.type not in _KIND_OF_TYPE):
+            raise ValueError(f"a Connection needs an AF_UNIX stream, seqpacket or datagram socket, "
+                             f"or a TCP one, not {sock!r}")
         self.kind: str = _KIND_OF_TYPE[sock.type]
         check_framing(self.kind, framing)
         self._sock = sock
@@ -76,19 +84,22 @@ class Connection:
         self._buf: mmap.mmap | None = None
         self._view = memoryview(b"")  # of _buf, once there is one
         self._owned_path = _owned_path
-        self._address = from_sockaddr(sock.getsockname())
+        name = sock.getsockname()
+        self._address = (name[0], name[1]) if self.inet else from_sockaddr(name)
         self._closed = False
 
     @property
-    def address(self) -> str | None:
+    def address(self) -> str | tuple[str, int] | None:
         """This end's own address: ``"@name"`` if abstract (a datagram client's autobound name
-        is one), a path, or None if the socket was never bound."""
+        is one), a path, or None if the socket was never bound; over TCP its (host, port)."""
         return self._address
 
     def send(self, message: BytesLike, fds: Iterable[FdLike] = ()) -> None:
         """Sends one message (framed on a stream). fds, ints or objects with fileno(), travel with
         it (SCM_RIGHTS, at most 253); the peer gets duplicates and the caller keeps its own."""
         fd_list = fd_numbers(fds)
+        if fd_list and self.inet:
+            raise ValueError("file descriptors pass over Unix sockets only: this connection is TCP")
         if self.framing is not None:  # a stream
             data = encode(self.framing, bytes(message))
         else:
@@ -226,16 +237,20 @@ class Connection:
         return bool(poller.poll(0))
 
 
-def connect(path: Address, framing: str = "u32", *, kind: str = "stream",
+def connect(endpoint: EndpointLike, framing: str = "u32", *, kind: str = "stream",
             timeout: float | None = None, max_message_size: int | None = None,
             bind: Address | None = None) -> Connection:
-    """Connects to the server at path and returns a blocking Connection.
+    """Connects to the server at endpoint and returns a blocking Connection.
 
-    path is a socket file, or ``"@name"`` for a name in Linux's abstract namespace. kind is
-    "stream" (messages framed by framing), "seqpacket" or "datagram" (a message is one packet;
-    framing does not apply). timeout applies to the connect and to every later send and
-    receive. max_message_size bounds a received message: None means no limit on a stream,
-    16 MiB on the other kinds (their receive buffer; a longer packet raises FramingError).
+    endpoint is a socket file (or ``unix:PATH``), ``"@name"`` (or ``unix-abstract:NAME``) for a
+    name in Linux's abstract namespace, ``tcp://HOST:PORT`` (``[v6]`` in brackets; a name is
+    resolved and each of its addresses tried), or ``fd://N``, a socket already connected
+    (this process's descriptor N; the Connection works on a duplicate). kind is "stream"
+    (messages framed by framing), "seqpacket" or "datagram" (a message is one packet;
+    framing does not apply; Unix sockets only). timeout applies to the connect and to every
+    later send and receive. max_message_size bounds a received message: None means no limit
+    on a stream, 16 MiB on the other kinds (their receive buffer; a longer packet raises
+    FramingError).
 
     bind gives this end an address of its own (a path or ``"@name"``) before it connects. A
     datagram client needs one for replies to reach it: with bind=None, Linux picks a unique
@@ -248,7 +263,24 @@ def connect(path: Address, framing: str = "u32", *, kind: str = "stream",
         Decoder(framing, max_message_size)  # validates both before any socket exists
     else:
         _packet_max(max_message_size)
-    address = to_sockaddr(path, "socket path")
+    target = parse_endpoint(endpoint)
+    if target.scheme != "unix":
+        if bind is not None:
+            raise ValueError(f"bind= applies to Unix sockets, not to {target}")
+        if target.scheme == "fd":
+            sock = socket.socket(fileno=_dup_socket(target.fd))
+        else:
+            if kind != "stream":
+                raise ValueError(f"kind={kind!r} is a Unix socket's: a TCP connection is a stream")
+            sock = socket.create_connection((target.host, target.port), timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # requests leave at once
+        try:
+            sock.settimeout(timeout)
+            return Connection(sock, framing, max_message_size)
+        except BaseException:
+            sock.close()
+            raise
+    address = target.sockaddr()
     local = to_sockaddr(bind, "bind address") if bind is not None else None
 
     sock = socket.socket(socket.AF_UNIX, _SOCK_TYPES[kind])
@@ -271,6 +303,19 @@ def connect(path: Address, framing: str = "u32", *, kind: str = "stream",
         finally:
             sock.close()
         raise
+
+
+def _dup_socket(fd: int | None) -> int:
+    """A duplicate of descriptor fd, which must be a socket: OSError otherwise."""
+    assert fd is not None
+    dup = os.dup(fd)
+    try:
+        if not stat.S_ISSOCK(os.fstat(dup).st_mode):
+            raise OSError(errno.ENOTSOCK, f"fd://{fd}: descriptor {fd} is not a socket")
+    except BaseException:
+        os.close(dup)
+        raise
+    return dup
 
 
 def _packet_max(max_message_size: int | None) -> int:

@@ -74,6 +74,21 @@ class ServerConfig:
     threads: run a plain handler in a pool of this many threads made by the server (as
         ``executor=`` does with one of yours), so that a handler may block; None: on the loop's
         thread.
+
+    For a TCP endpoint (``tcp://HOST:PORT``), where ``kind`` is "stream" and ``mode``,
+    ``allow_uid``, ``allow_gid`` and ``max_fds`` do not apply (TCP has no socket file, no
+    credentials, no descriptor passing):
+
+    tcp_nodelay: TCP_NODELAY on every connection (replies leave at once). On by default.
+    tcp_keepalive: seconds a connection may be idle before keepalive probes start (then every
+        third of it, at least 1 s; three unanswered close it as an ``error``), so that clients
+        that vanished without a word are found; None (the default): no probes.
+    proxy_protocol: every connection must begin with a PROXY protocol header, v1 or v2 (as a
+        load balancer such as HAProxy sends it with ``send-proxy`` / ``send-proxy-v2``), and
+        ``client.peer`` is the client it names. A connection that sends anything else, ends
+        before its header does, or takes longer than frame_timeout (10 s if None) to send it
+        is closed before any hook or handler runs, counted as ``proxy_header``. Enable it only
+        behind a balancer: whoever can connect can write a header.
     """
 
     framing: str = "u32"
@@ -94,6 +109,9 @@ class ServerConfig:
     max_in_flight: int = 16
     max_in_flight_total: int = 256
     threads: Optional[int] = None
+    tcp_nodelay: bool = True
+    tcp_keepalive: Optional[float] = None
+    proxy_protocol: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -110,6 +128,14 @@ class ServerConfig:
                 _check_int(name, value, 0, 2**32 - 2)
             object.__setattr__(self, name, ids)  # frozen: a tuple whatever was given
         _check_int("max_fds", self.max_fds, 0, MAX_FDS)
+        for name in ("tcp_nodelay", "proxy_protocol"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, not {getattr(self, name)!r}")
+        if self.tcp_keepalive is not None:
+            _check_seconds("tcp_keepalive", self.tcp_keepalive)
+            if not 1 <= self.tcp_keepalive <= 32767:
+                raise ValueError(f"tcp_keepalive must be between 1 and 32767 seconds, or None, "
+                                 f"not {self.tcp_keepalive!r}")
         _check_int("busy_poll_us", self.busy_poll_us, 0, 1_000_000)
         _check_int("max_in_flight", self.max_in_flight, 1, 1 << 20)
         _check_int("max_in_flight_total", self.max_in_flight_total, 1, 1 << 20)
@@ -164,6 +190,9 @@ class ServerOptions(TypedDict, total=False):
     max_in_flight: int
     max_in_flight_total: int
     threads: Optional[int]
+    tcp_nodelay: bool
+    tcp_keepalive: Optional[float]
+    proxy_protocol: bool
 
 
 def _check_seconds(name: str, value: object) -> None:
@@ -176,6 +205,35 @@ def _check_int(name: str, value: object, low: int, high: int) -> None:
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if not low <= value <= high:
         raise ValueError(f"{name} must be between {low} and {high}, not {value}")
+
+
+def check_transport(config: ServerConfig, tcp: bool) -> None:
+    """Options of one transport asked of the other are mistakes, said clearly (ValueError):
+    TCP has no socket file (mode), no credentials (allow_uid, allow_gid), no descriptor
+    passing (max_fds) and no socket kinds but the stream; the tcp_* options and
+    proxy_protocol are TCP's. (A default value cannot be told from an explicit one, so it is
+    let through: mode 0o600, max_fds 16, tcp_nodelay True.)"""
+    default = ServerConfig()
+    if tcp:
+        unix_only = [name for name, given in (("mode", config.mode != default.mode),
+                                              ("allow_uid", bool(config.allow_uid)),
+                                              ("allow_gid", bool(config.allow_gid)),
+                                              ("max_fds", config.max_fds not in (0, default.max_fds)))
+                     if given]
+        if config.kind != "stream":
+            raise ValueError(f"kind={config.kind!r} is a Unix socket's: a TCP endpoint is a stream "
+                             "(leave kind at its default)")
+        if unix_only:
+            raise ValueError(f"{', '.join(unix_only)} {'applies' if len(unix_only) == 1 else 'apply'} to Unix "
+                             "sockets only: a TCP connection has no socket file, no peer credentials and no "
+                             "file-descriptor passing")
+        return
+    tcp_only = [name for name, given in (("tcp_nodelay", not config.tcp_nodelay),
+                                         ("tcp_keepalive", config.tcp_keepalive is not None),
+                                         ("proxy_protocol", config.proxy_protocol)) if given]
+    if tcp_only:
+        raise ValueError(f"{', '.join(tcp_only)} {'applies' if len(tcp_only) == 1 else 'apply'} to TCP "
+                         "endpoints (tcp://HOST:PORT) only")
 
 
 def check_framing(kind: str, framing: str) -> None:

@@ -2,8 +2,9 @@
 
 Layering, bottom to top: a module imports only modules below it, never one above::
 
-    _errors, _config, _version  ->  _address  ->  _framing  ->  _client  ->  _aclient  ->  _handle
-        ->  _core  ->  _registry  ->  _aio  ->  _server  ->  _bench  ->  _cli  ->  __main__
+    _errors, _config, _version, _systemd  ->  _address  ->  _endpoint  ->  _framing  ->  _client
+        ->  _aclient  ->  _handle  ->  _core  ->  _registry  ->  _aio  ->  _server  ->  _bench  ->  _cli
+        ->  __main__
 
 (``__init__`` imports the public names from below ``_cli``.) Nothing but this module imports
 ``ffi`` or ``lib``, and no cdata leaves it: everything above it sees ints, bytes and Python
@@ -34,6 +35,7 @@ from typing import Any, Callable, Protocol, Union, cast
 
 from ._address import SUN_PATH_MAX, to_sockaddr
 from ._config import DGRAM_IDLE_TIMEOUT, ServerConfig
+from ._endpoint import format_tcp, parse_inet_name
 from ._errors import (
     AddressInUseError,
     ClientClosedError,
@@ -43,6 +45,7 @@ from ._errors import (
 )
 from ._framing import BytesLike
 from ._handle import ClientHandle, CloseReason
+from ._systemd import Watchdog
 try:
     from ._uds import ffi, lib
 except ImportError as exc:  # e.g. imported from a source checkout that was never built
@@ -118,6 +121,18 @@ def send_error(rc: int, client_id: int) -> Exception:
     return OSError(-rc, os.strerror(-rc))
 
 
+def _tcp_listen_error(err: int, host: str, port: int) -> OSError:
+    """A clear error for a TCP address that cannot be listened on."""
+    where = format_tcp(host, port)
+    if err == errno.EADDRINUSE:
+        return AddressInUseError(err, f"port {port} is in use on {host}", where)
+    if err == errno.EACCES:
+        return PermissionError(err, f"permission denied: port {port} needs privileges (ports below 1024)", where)
+    if err == errno.EADDRNOTAVAIL:
+        return OSError(err, f"{host} is not an address of this machine", where)
+    return OSError(err, os.strerror(err), where)
+
+
 def _listen_error(err: int, path: str) -> OSError:
     """A clear error for a socket path that cannot be served on."""
     if err == errno.EADDRINUSE:
@@ -138,13 +153,13 @@ def _listen_error(err: int, path: str) -> OSError:
     return OSError(err, os.strerror(err), path)
 
 
-def _adopt_error(err: int, fd: int, kind: str) -> OSError:
+def _adopt_error(err: int, fd: int, kind: str, inet: bool) -> OSError:
     """A clear error for a socket handed to the server that it cannot serve on."""
     why = {
         errno.ENOTSOCK: "is not a socket",
         errno.EBADF: "is not an open file descriptor",
-        errno.EAFNOSUPPORT: "is not an AF_UNIX socket",
-        errno.EPROTOTYPE: f"is not a {kind} socket ({SOCK_TYPE_NAMES[kind]})",
+        errno.EAFNOSUPPORT: "is not a TCP socket" if inet else "is not an AF_UNIX socket",
+        errno.EPROTOTYPE: "is not a TCP socket" if inet else f"is not a {kind} socket ({SOCK_TYPE_NAMES[kind]})",
         errno.EDESTADDRREQ: "is not bound to an address",
         # listen() refuses a connected socket (systemd's Accept=yes passes those).
         errno.EINVAL: "is a connected socket, not one to accept on (with systemd: Accept=no)",
@@ -186,8 +201,10 @@ class Registry(Protocol):
         """The client in slot is gone. err: the errno of an ERROR; discarded: output bytes
         given up."""
 
-    def refused(self, pid: int, uid: int, gid: int) -> None:
-        """The uid/gid policy refused a client at accept (it never became one)."""
+    def refused(self, reason: CloseReason, pid: int, uid: int, gid: int) -> None:
+        """A client was closed before it became one: reason UNAUTHORIZED, the uid/gid policy
+        refused it at accept (pid, uid, gid: who); PROXY_HEADER, it sent no valid PROXY header
+        in time."""
 
     def anonymous(self, pid: int, uid: int, gid: int) -> ClientHandle:
         """A handle for one datagram from a sender with no address."""
@@ -210,12 +227,19 @@ class Core:
     """One C server, its event batch, the loop that dispatches it, and the loop's own state:
     whether to stop, and the requests other threads posted to it."""
 
-    def __init__(self, path: str | None, config: ServerConfig, sock_fd: int | None = None) -> None:
-        """Binds path (a file, or "@name" in the abstract namespace), or serves on the bound
-        socket sock_fd (a duplicate of it: the caller's descriptor stays the caller's)."""
+    def __init__(self, path: str | tuple[str, int] | None, config: ServerConfig, sock_fd: int | None = None,
+                 inet: bool = False) -> None:
+        """Binds path (a file, or "@name" in the abstract namespace; with inet, a numeric
+        (host, port) to listen on with TCP), or serves on the bound socket sock_fd (a Unix
+        socket, or with inet a TCP one; a duplicate of it: the caller's descriptor stays the
+        caller's)."""
         raw_path = b""
-        if sock_fd is None:
-            assert path is not None
+        self.inet = inet  #: a TCP server
+        if sock_fd is None and inet:
+            assert isinstance(path, tuple)
+            raw_path = path[0].encode("ascii")
+        elif sock_fd is None:
+            assert isinstance(path, str)
             to_sockaddr(path)  # fits in sun_path, no NUL byte, not empty: or a clear error
             raw_path = os.fsencode(path)
         cfg = ffi.new("uds_config *")
@@ -231,9 +255,15 @@ class Core:
             idle = DGRAM_IDLE_TIMEOUT  # datagram peers must be forgotten some time
         cfg.idle_timeout_ms = _ms(idle)
         cfg.frame_timeout_ms = _ms(config.frame_timeout)
-        cfg.kind = KIND_CODES[config.kind]
+        cfg.kind = lib.UDS_KIND_TCP if inet else KIND_CODES[config.kind]
         cfg.max_fds = config.max_fds
         cfg.busy_poll_us = config.busy_poll_us
+        if inet:
+            cfg.mode = 0  # (no socket file)
+            cfg.tcp_port = path[1] if isinstance(path, tuple) else 0
+            cfg.tcp_nodelay = int(config.tcp_nodelay)
+            cfg.tcp_keepalive_s = int(-(-config.tcp_keepalive // 1)) if config.tcp_keepalive else 0
+            cfg.proxy_protocol = int(config.proxy_protocol)
         allow_uid = ffi.new("uint32_t[]", list(config.allow_uid))  # alive until C copied them
         allow_gid = ffi.new("uint32_t[]", list(config.allow_gid))
         cfg.allow_uid, cfg.n_allow_uid = allow_uid, len(config.allow_uid)
@@ -244,14 +274,18 @@ class Core:
         rc = lib.uds_server_new(out, raw_path, cfg)
         if rc < 0:
             if sock_fd is not None:
-                raise _adopt_error(-rc, sock_fd, config.kind)
+                raise _adopt_error(-rc, sock_fd, config.kind, inet)
+            if isinstance(path, tuple):
+                raise _tcp_listen_error(-rc, *path)
             raise _listen_error(-rc, path or "")
         self._srv = out[0]
-        # The address clients use. (The kernel's name for a socket file made here is the same,
-        # except in the rare case sock.c's bind_renamed() describes.)
-        self.address = path or ""
-        if sock_fd is not None:
-            self.address = _name(lib.uds_server_address, self._srv) or ""
+        # The address clients use: a path or "@name"; for TCP the bound (host, port), whose
+        # port is the one the kernel picked for port 0. (The kernel's name for a socket file
+        # made here is the path, except in the rare case sock.c's bind_renamed() describes.)
+        self.address: str | tuple[str, int] = path if isinstance(path, str) else ""
+        if sock_fd is not None or inet:
+            name = _name(lib.uds_server_address, self._srv) or ""
+            self.address = parse_inet_name(name) if inet else name
         # At least 4: a datagram may need three events (a peer forgotten, one new, its message).
         self._cap = cap = max(config.batch_size, 4)
         self._events = ffi.new("uds_event[]", cap)
@@ -402,7 +436,9 @@ class Core:
         return lib.uds_frame_check(self._framing, data, len(data))
 
     def peer_address(self, slot: int, cid: int) -> str | None:
-        """The address the client bound (a datagram peer's, where replies go); None if none."""
+        """The address the client bound (a datagram peer's, where replies go); None if none.
+        For TCP, the client's as "HOST:PORT" (the one its PROXY header named, with
+        proxy_protocol)."""
         return _name(lib.uds_peer_address, self._srv, slot, cid)
 
     def counters(self, slot: int, cid: int) -> tuple[memoryview, int]:
@@ -497,8 +533,11 @@ class Core:
 
     # ---- the loop ----
 
-    def serve(self, registry: Registry, handler: Handler, draining: bool) -> None:
-        """Polls and dispatches until stop(), or, when draining, until every client is closed."""
+    def serve(self, registry: Registry, handler: Handler, draining: bool,
+              watchdog: Watchdog | None = None) -> None:
+        """Polls and dispatches until stop(), or, when draining, until every client is closed.
+        watchdog: ticked every turn, and no wait is longer than its poll_ms, so that systemd's
+        watchdog hears from the loop itself (a handler that never returns silences it)."""
         self._registry, self._handler = registry, handler
         # The per-request path: a client with one request at a time makes batches of one
         # message, taken here without a walk, its reply queued by the next poll, so one
@@ -516,8 +555,11 @@ class Core:
         reply: Any = b""  # a Reply from the handler; bytes by the time it goes to C
         length = -1
         client: ClientHandle  # set whenever length >= 0
+        timeout = -1 if watchdog is None else watchdog.poll_ms
         while (live(srv) > 0) if draining else not self._stopping:
-            n = poll(srv, reply, length, -1, batch)
+            n = poll(srv, reply, length, timeout, batch)
+            if watchdog is not None:
+                watchdog.tick()
             if length >= 0 and out[reply_rc]:
                 registry.reply_failed(client, send_error(out[reply_rc], client.id))
             if n < 0:
@@ -666,7 +708,7 @@ class Core:
             elif kind == EV_CLOSED:
                 registry.disconnected(ev.slot, REASONS[ev.reason], ev.err, ev.len)
             else:
-                registry.refused(ev.pid, ev.uid, ev.gid)
+                registry.refused(REASONS[ev.reason], ev.pid, ev.uid, ev.gid)
 
 
 def run_loadgen(argv: list[str]) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable, NamedTuple, Protocol, Union
 
 from ._client import FdLike, close_fds
 from ._framing import BytesLike
@@ -32,9 +32,31 @@ class CloseReason(str, enum.Enum):
                                      #: never become clients; they are only counted)
     TOO_MANY_FDS = "too_many_fds"    #: it passed more file descriptors with a message than max_fds
     EVICTED = "evicted"              #: a datagram peer forgotten to make room (max_connections)
+    PROXY_HEADER = "proxy_header"    #: proxy_protocol: no valid PROXY header came first, in time
+                                     #: (never a client: such connections are only counted)
 
     def __str__(self) -> str:
         return self.value
+
+
+class UnixPeer(NamedTuple):
+    """A Unix-socket client: its process's credentials, taken by the kernel when it connected
+    (SO_PEERCRED; for a datagram peer, SCM_CREDENTIALS)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+class InetPeer(NamedTuple):
+    """A TCP client: its address and port. With proxy_protocol, the original client's, as the
+    balancer's PROXY header names it (the balancer's own address is not the peer)."""
+
+    host: str
+    port: int
+
+
+Peer = Union[UnixPeer, InetPeer]
 
 
 class Owner(Protocol):
@@ -55,24 +77,27 @@ class Owner(Protocol):
 class ClientHandle:
     """One connected client (a data socket of the server), kept in ``server.clients``.
 
-    id: unique for the server's lifetime. pid, uid, gid: the peer process's credentials,
-    taken by the kernel when it connected (SO_PEERCRED; for a datagram peer, those its
-    datagrams come with: datagrams from the same address with other credentials make another
-    client). connected_at: time.time() then. For a datagram server, a client is
+    id: unique for the server's lifetime. peer: who it is, a :class:`UnixPeer` (pid, uid,
+    gid) or, over TCP, an :class:`InetPeer` (host, port). pid, uid, gid: the peer process's
+    credentials, taken by the kernel when it connected (SO_PEERCRED; for a datagram peer,
+    those its datagrams come with: datagrams from the same address with other credentials
+    make another client); a TCP client has none, and asking for them raises AttributeError,
+    which says so. connected_at: time.time() then. For a datagram server, a client is
     a sender address; a datagram from a sender with no address gets a handle of its own (id
     0, not in the registry) that can read but not be answered.
     data: a dict for the application's per-client state.
     """
 
-    __slots__ = ("id", "pid", "uid", "gid", "connected_at", "close_reason", "_data",
+    __slots__ = ("id", "_pid", "_uid", "_gid", "_inet", "connected_at", "close_reason", "_data",
                  "_owner", "_slot", "_counts", "_counts_at", "_closed", "_admitted", "_fds", "_address")
 
     def __init__(self, owner: Owner, slot: int, cid: int, pid: int, uid: int, gid: int,
                  counts: memoryview | None, counts_at: int) -> None:
         self.id = cid
-        self.pid = pid
-        self.uid = uid
-        self.gid = gid
+        self._pid = pid
+        self._uid = uid
+        self._gid = gid
+        self._inet: InetPeer | None = None  # a TCP client's address (then no credentials)
         self.connected_at = time.time()
         self.close_reason: CloseReason | None = None  #: set once disconnected
         self._data: dict[Any, Any] | None = None  # made on first use: most clients need none
@@ -86,7 +111,7 @@ class ClientHandle:
         self._closed = False     # close() was called or the connection is gone
         self._admitted = False   # on_connect accepted it: it is (or was) in the registry
         self._fds: list[int] | None = None  # descriptors that came with the message in hand
-        self._address: str | None | bool = False  # False: not asked yet
+        self._address: str | InetPeer | None | bool = False  # False: not asked yet
 
     def send(self, message: BytesLike, fds: Iterable[FdLike] = ()) -> None:
         """Pushes a message to this client, framed like replies. Any thread. From a handler it
@@ -121,10 +146,45 @@ class ClientHandle:
         self._owner._close(self)
 
     @property
-    def address(self) -> str | None:
+    def peer(self) -> Peer:
+        """Who the client is: UnixPeer(pid, uid, gid), or InetPeer(host, port) over TCP."""
+        return self._inet if self._inet is not None else UnixPeer(self._pid, self._uid, self._gid)
+
+    def _credential(self, value: int, name: str) -> int:
+        if self._inet is None:
+            return value
+        raise AttributeError(f"client {self.id} is a TCP client ({self._inet.host} port {self._inet.port}): "
+                             f"{name} and the other peer credentials exist for Unix-socket clients only; "
+                             "client.peer says who it is")
+
+    @property
+    def pid(self) -> int:
+        """The client process's pid (Unix sockets only)."""
+        return self._credential(self._pid, "pid")
+
+    @property
+    def uid(self) -> int:
+        """The client process's uid (Unix sockets only)."""
+        return self._credential(self._uid, "uid")
+
+    @property
+    def gid(self) -> int:
+        """The client process's primary gid (Unix sockets only)."""
+        return self._credential(self._gid, "gid")
+
+    def _describe(self) -> str:
+        """Who the client is, for the log: "pid 12, uid 1000, gid 1000" or "192.0.2.7:51234"."""
+        if self._inet is not None:
+            return f"{self._inet.host}:{self._inet.port}" if ":" not in self._inet.host \
+                else f"[{self._inet.host}]:{self._inet.port}"
+        return f"pid {self._pid}, uid {self._uid}, gid {self._gid}"
+
+    @property
+    def address(self) -> str | tuple[str, int] | None:
         """The address the client's socket is bound to: a path, or "@name" for an abstract
-        name (a datagram client's, where replies go); None if it has none. Known while the
-        client is connected (and afterwards, once asked)."""
+        name (a datagram client's, where replies go); None if it has none; over TCP, its
+        (host, port), as in peer. Known while the client is connected (and afterwards, once
+        asked)."""
         if self._address is False:
             self._address = None if self._closed or self._slot < 0 else self._owner._peer_address(self)
         return self._address  # type: ignore[return-value]
@@ -172,4 +232,4 @@ class ClientHandle:
 
     def __repr__(self) -> str:
         state = f"closed ({self.close_reason})" if self.close_reason else "closing" if self._closed else "open"
-        return f"<ClientHandle id={self.id} pid={self.pid} uid={self.uid} {state}>"
+        return f"<ClientHandle id={self.id} {self._describe()} {state}>"

@@ -16,8 +16,9 @@ from typing import Any, Callable, Mapping
 
 from ._config import ServerConfig
 from ._core import Core
+from ._endpoint import parse_inet_name
 from ._errors import ClientClosedError
-from ._handle import ClientHandle, CloseReason, Owner
+from ._handle import ClientHandle, CloseReason, InetPeer, Owner
 
 log = logging.getLogger("pyuds")
 
@@ -46,8 +47,10 @@ class Registry:
         #: Told when a client is closed or gone, so that work still in flight for it stops
         #: (pyuds._aio's dispatcher sets it); None: nobody is.
         self.on_gone: Callable[[ClientHandle], None] | None = None
-        self._refusals = 0            # clients the uid/gid policy refused, not yet logged
-        self._refusal_logged = 0.0    # when that was last logged (monotonic)
+        # Clients refused before they became clients, not yet logged, by reason (the uid/gid
+        # policy, a missing PROXY header), and when each reason was last logged (monotonic).
+        self._refusals: dict[CloseReason, int] = {}
+        self._refusal_logged: dict[CloseReason, float] = {}
 
     def _server(self) -> Owner:
         """The owner, which is alive while its loop runs: the loop is what calls here."""
@@ -61,6 +64,9 @@ class Registry:
         if slot >= len(handles):
             handles.extend([None] * (slot + 1 - len(handles)))
         handles[slot] = client
+        if self._core.inet:
+            name = self._core.peer_address(slot, cid)
+            client._inet = client._address = InetPeer(*parse_inet_name(name)) if name else InetPeer("", 0)
         if self._authorize is not None and not self._passes(client, self._authorize, "authorize",
                                                             CloseReason.UNAUTHORIZED):
             return
@@ -71,7 +77,7 @@ class Registry:
         self._clients[cid] = client
         if self._config.kind == "datagram":
             client._address = self._core.peer_address(slot, cid)
-        log.debug("client %d connected (pid %d, uid %d, gid %d)", cid, pid, uid, gid)
+        log.debug("client %d connected (%s)", cid, client._describe())
 
     def _passes(self, client: ClientHandle, hook: Hook, name: str, reason: CloseReason) -> bool:
         """Runs authorize or on_connect; False (and the client closed) if it refused the client
@@ -83,10 +89,9 @@ class Registry:
             if (verdict if name == "authorize" else verdict is not False):
                 return True
             log.log(logging.WARNING if name == "authorize" else logging.DEBUG,
-                    "client %d (pid %d, uid %d, gid %d) refused by %s()", client.id, client.pid, client.uid,
-                    client.gid, name)
+                    "client %d (%s) refused by %s()", client.id, client._describe(), name)
         except Exception:
-            log.exception("%s raised for client %d (pid %d); refusing it", name, client.id, client.pid)
+            log.exception("%s raised for client %d (%s); refusing it", name, client.id, client._describe())
             self.handler_errors += 1
             reason = CloseReason.HANDLER_ERROR
         self.close(client, reason)
@@ -151,22 +156,29 @@ class Registry:
         client._address = None
         return client
 
-    def refused(self, pid: int, uid: int, gid: int) -> None:
-        """A client the uid/gid policy refused at accept. Logged at most once a second, so that
-        a flood of them cannot flood the log."""
-        self._refusals += 1
+    def refused(self, reason: CloseReason, pid: int, uid: int, gid: int) -> None:
+        """A client refused before it became one: by the uid/gid policy at accept, or for want
+        of a valid PROXY header. Logged at most once a second for each reason, so that a flood
+        of them cannot flood the log."""
+        count = self._refusals[reason] = self._refusals.get(reason, 0) + 1
         now = time.monotonic()
-        if now - self._refusal_logged >= 1.0:
-            more = f" (and {self._refusals - 1} more since the last report)" if self._refusals > 1 else ""
+        if now - self._refusal_logged.get(reason, 0.0) < 1.0:
+            return
+        more = f" (and {count - 1} more since the last report)" if count > 1 else ""
+        if reason is CloseReason.PROXY_HEADER:
+            log.warning("closed a connection that sent no valid PROXY protocol header (proxy_protocol is on): "
+                        "it sent something else, ended before its header did, or took longer than %s%s",
+                        f"{self._config.frame_timeout:g}s" if self._config.frame_timeout else "10s", more)
+        else:
             log.warning("refused a client (pid %d, uid %d, gid %d): not in allow_uid / allow_gid%s",
                         pid, uid, gid, more)
-            self._refusals = 0
-            self._refusal_logged = now
+        self._refusals[reason] = 0
+        self._refusal_logged[reason] = now
 
     def handler_failed(self, client: ClientHandle, exc: Exception) -> None:
         self.handler_errors += 1
-        log.error("handler raised on a message from client %d (pid %d); closing that client",
-                  client.id, client.pid, exc_info=exc)
+        log.error("handler raised on a message from client %d (%s); closing that client",
+                  client.id, client._describe(), exc_info=exc)
         self.close(client, CloseReason.HANDLER_ERROR)
 
     def reply_failed(self, client: ClientHandle, exc: Exception) -> None:

@@ -29,19 +29,20 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Union
 
 from ._aio import Dispatcher, Driver
 from ._client import FdLike, fd_numbers
-from ._config import ServerConfig, ServerOptions
+from ._config import ServerConfig, ServerOptions, check_transport
 from ._core import Core, Handler, send_error
+from ._endpoint import EndpointLike, format_tcp, parse_endpoint, resolve_listen
 from ._errors import ClientClosedError
 from ._handle import ClientHandle, CloseReason
 from ._framing import BytesLike
 from ._registry import Registry
+from ._systemd import Notifier
 
 if TYPE_CHECKING:  # typing.Unpack is Python 3.11's; type checkers know typing_extensions
     from typing_extensions import Unpack
 
 log = logging.getLogger("pyuds")
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 _READY, _SERVING, _CLOSED = "ready", "serving", "closed"
 
@@ -52,19 +53,30 @@ def echo(client: ClientHandle, message: bytes) -> bytes:
 
 
 class Server:
-    """A Unix-domain-socket server. Bound and listening once constructed.
+    """A server on a Unix-domain socket or TCP. Bound and listening once constructed.
 
     ``handler(client, message)`` is called once per message with the ClientHandle and the
     payload as bytes; what it returns (bytes, or None for no reply) is sent back. A handler
     that raises costs only its own client: the traceback is logged on the "pyuds" logger and
     that client is closed.
 
-    ``path`` is a file name, or ``"@name"`` for a name in Linux's abstract namespace (no file;
-    file permissions do not protect it, so use allow_uid / allow_gid or authorize). Or give
-    ``sock=``: a socket already bound (and maybe listening) that the server should serve on,
-    as a socket object or a file descriptor (e.g. one inherited through systemd socket
-    activation). The server works on a duplicate of it, never removes its file, and leaves
-    the original open at shutdown: it belongs to whoever made it.
+    ``endpoint`` says where to listen: a file name (or ``unix:PATH``), ``"@name"`` (or
+    ``unix-abstract:NAME``) for a name in Linux's abstract namespace (no file; file
+    permissions do not protect it, so use allow_uid / allow_gid or authorize),
+    ``tcp://HOST:PORT`` (``[v6]`` in brackets; port 0: any free one, see ``address``) or
+    ``fd://N``. Or give ``sock=`` (as ``fd://N`` does): a socket already bound (and maybe
+    listening) that the server should serve on, Unix or TCP, as a socket object or a file
+    descriptor (e.g. one inherited through systemd socket activation). The server works on a
+    duplicate of it, never removes its file, and leaves the original open at shutdown: it
+    belongs to whoever made it.
+
+    Over TCP a client has an address rather than credentials (``client.peer`` is an
+    InetPeer), and mode, allow_uid, allow_gid and descriptor passing do not apply; with
+    ``proxy_protocol=True`` the address is the one a balancer's PROXY header names.
+
+    With ``NOTIFY_SOCKET`` set (systemd's ``Type=notify``), serve_forever() and serve_async()
+    tell systemd ``READY=1`` once they serve and ``STOPPING=1`` when they shut down, and with
+    ``WATCHDOG_USEC`` set send ``WATCHDOG=1`` from their loop every half of that period.
 
     ``authorize(client)`` runs first when a client connects, with its credentials in
     client.pid / uid / gid; only a true value admits it. False or None refuses it (closed at
@@ -86,7 +98,7 @@ class Server:
 
     def __init__(
         self,
-        path: PathLike | None = None,
+        endpoint: EndpointLike | None = None,
         handler: Handler | None = None,
         *,
         sock: socket.socket | int | None = None,
@@ -98,9 +110,12 @@ class Server:
         **options: Unpack[ServerOptions],
     ) -> None:
         config = dataclasses.replace(config or ServerConfig(), **options)
-        if (path is None) == (sock is None):
-            raise TypeError("give either a socket path or sock=, not both" if path is not None
-                            else "a socket path or sock= is required")
+        if (endpoint is None) == (sock is None):
+            raise TypeError("give either an endpoint or sock=, not both" if endpoint is not None
+                            else "an endpoint (a socket path, tcp://HOST:PORT, ...) or sock= is required")
+        parsed = parse_endpoint(endpoint) if endpoint is not None else None
+        if parsed is not None and parsed.scheme == "fd":
+            sock, parsed = parsed.fd, None
         self._config = config
         self._handler = handler if handler is not None else echo
         self._coroutine = _is_coroutine_function(self._handler)
@@ -121,12 +136,25 @@ class Server:
         self._thread: threading.Thread | None = None
         self._final_stats: dict[str, Any] | None = None
         sock_fd = None
+        inet = parsed is not None and parsed.is_tcp
+        address: str | tuple[str, int] | None = None
         if sock is not None:
             sock_fd = sock if isinstance(sock, int) else sock.fileno()
             if sock_fd < 0:
                 raise ValueError("sock is closed")
-        self._core = Core(None if path is None else os.fspath(path), config, sock_fd)
-        self._path = self._core.address
+            inet = _is_inet(sock_fd)
+        elif inet:
+            assert parsed is not None and parsed.host is not None and parsed.port is not None
+            address = (resolve_listen(parsed.host, parsed.port), parsed.port)
+        else:
+            assert parsed is not None
+            address = parsed.path
+        check_transport(config, inet)
+        self._core = Core(address, config, sock_fd, inet)
+        self._address = self._core.address
+        # The server's name in logs and repr: its path, "@name" or tcp://HOST:PORT.
+        self._path = format_tcp(*self._address) if isinstance(self._address, tuple) else self._address
+        self._notifier: Notifier | None = None
         self._registry = Registry(self._core, self, config, authorize, on_connect, on_disconnect)
         # A server dropped without shutdown() still closes its sockets and removes its file
         # when collected, with a ResourceWarning, as an unclosed socket does.
@@ -135,6 +163,9 @@ class Server:
         weakref.finalize(self, _collect, self._core, self._path).atexit = False
         if sock_fd is not None:
             log.info("serving on %s (%s, inherited socket, fd %d)", self._path, self._describe(), sock_fd)
+        elif inet:
+            log.info("listening on %s (%s%s)", self._path, self._describe(),
+                     ", PROXY protocol" if config.proxy_protocol else "")
         elif self._path.startswith("@"):
             log.info("listening on %s (%s, abstract namespace)", self._path, self._describe())
         else:
@@ -147,10 +178,19 @@ class Server:
     # ---- public ----
 
     @property
-    def path(self) -> str:
+    def address(self) -> str | tuple[str, int]:
         """The address served on: the socket file's path, or "@name" for an abstract name
-        (also for a socket given as sock=)."""
-        return self._path
+        (also for a socket given as sock=); for TCP the bound (host, port), with the port the
+        system picked for port 0: ``("127.0.0.1", 43211)``."""
+        return self._address
+
+    @property
+    def path(self) -> str:
+        """A Unix socket's address, as ``address`` gives it. A TCP server has none: reading it
+        raises AttributeError (see ``address``)."""
+        if isinstance(self._address, str):
+            return self._address
+        raise AttributeError(f"a TCP server has no path: it listens on {self._path} (see address)")
 
     @property
     def config(self) -> ServerConfig:
@@ -187,8 +227,11 @@ class Server:
         self._started.set()
         restore = self._install_signal_handlers()
         graceful = False
+        notifier = self._notifier = Notifier()
         try:
-            self._core.serve(self._registry, self._handler, draining=False)
+            if notifier.enabled:
+                notifier.notify(f"READY=1\nSTATUS=serving on {self._path}")
+            self._core.serve(self._registry, self._handler, draining=False, watchdog=notifier.watchdog())
             graceful = True
         finally:
             try:
@@ -226,6 +269,17 @@ class Server:
                                            driver.kick, executor, config.max_in_flight_total)
         self._aio = driver
         driver.start()
+        notifier = self._notifier = Notifier()
+        watchdog = notifier.watchdog()
+        pinging: asyncio.TimerHandle | None = None
+        if watchdog is not None:
+            def ping() -> None:  # from the loop itself: a loop that stops turning stops pinging
+                nonlocal pinging
+                watchdog.tick()
+                pinging = loop.call_later(watchdog.poll_ms / 1000, ping)
+            ping()
+        if notifier.enabled:
+            notifier.notify(f"READY=1\nSTATUS=serving on {self._path}")
         self._started.set()
         graceful = False
         try:
@@ -234,11 +288,16 @@ class Server:
         finally:
             try:
                 if graceful:
+                    if notifier.enabled:
+                        notifier.notify("STOPPING=1")
                     self._begin_shutdown()
                     driver.draining = True
                     driver.kick()
                     await driver.drained  # each client bounded by flush_timeout, in C
             finally:
+                if pinging is not None:
+                    pinging.cancel()
+                notifier.close()
                 driver.stop()
                 if driver.dispatcher is not None:
                     driver.dispatcher.cancel_all()
@@ -359,6 +418,8 @@ class Server:
             raise ClientClosedError(f"client {client.id} is {'disconnected' if client.close_reason else 'closed'}")
         data = self._as_bytes(message)
         fd_list = fd_numbers(fds) if fds else []
+        if fd_list and self._core.inet:
+            raise ValueError("file descriptors pass over Unix sockets only: this client is connected over TCP")
         if fd_list and not data and self._config.kind == "stream" and self._config.framing == "raw":
             raise ValueError("a stream carries file descriptors only with at least one byte: "
                              "an empty raw-framed message cannot")
@@ -457,11 +518,17 @@ class Server:
         log.info("shutting down %s: closing %d clients", self._path, remaining)
 
     def _teardown(self, graceful: bool, restore_signals: Callable[[], None]) -> None:
+        notifier = self._notifier
         try:
             if graceful:
+                if notifier is not None and notifier.enabled:
+                    notifier.notify("STOPPING=1")
                 self._begin_shutdown()
-                self._core.serve(self._registry, self._handler, draining=True)
+                self._core.serve(self._registry, self._handler, draining=True,
+                                 watchdog=notifier.watchdog() if notifier is not None else None)
         finally:
+            if notifier is not None:
+                notifier.close()
             self._release(restore_signals)
 
     def _release(self, restore_signals: Callable[[], None]) -> None:
@@ -510,6 +577,23 @@ class Server:
 def _is_coroutine_function(handler: Any) -> bool:
     """Whether handler (a function, a partial of one, or an object with __call__) is async."""
     return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(getattr(handler, "__call__", None))
+
+
+def _is_inet(fd: int) -> bool:
+    """Whether the socket fd is an internet one (then served over TCP), not a Unix one."""
+    try:
+        dup = os.dup(fd)
+    except OSError:
+        return False  # not open: the C core says what is wrong with it
+    try:
+        probe = socket.socket(fileno=dup)
+    except OSError:
+        os.close(dup)
+        return False  # not a socket: likewise
+    try:
+        return probe.family in (socket.AF_INET, socket.AF_INET6)
+    finally:
+        probe.close()
 
 
 def _collect(core: Core, path: str) -> None:

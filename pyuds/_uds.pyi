@@ -40,6 +40,7 @@ class Lib:
     UDS_CLOSE_HANDLER_ERROR: int
     UDS_CLOSE_IDLE_TIMEOUT: int
     UDS_CLOSE_PEER: int
+    UDS_CLOSE_PROXY_HEADER: int
     UDS_CLOSE_REASONS: int
     UDS_CLOSE_REJECTED: int
     UDS_CLOSE_SHUTDOWN: int
@@ -59,6 +60,7 @@ class Lib:
     UDS_KIND_DGRAM: int
     UDS_KIND_SEQPACKET: int
     UDS_KIND_STREAM: int
+    UDS_KIND_TCP: int
     UDS_LAYOUT_ITEM_MAX: int
     UDS_MAX_FDS: int
     UDS_PACK_MAX: int
@@ -109,6 +111,8 @@ class Lib:
     def uds_conn_set_stats(srv: CData, slot: int, cid: int, stats: CData) -> int: ...
     @staticmethod
     def uds_peer_address(srv: CData, slot: int, cid: int, name: Chars, length: CData) -> int: ...
+    @staticmethod
+    def uds_proxy_parse(data: Chars, length: int, info: CData) -> int: ...
     @staticmethod
     def uds_frame_check(framing: int, data: Chars, length: int) -> int: ...
     @staticmethod

@@ -472,6 +472,40 @@ def test_the_asyncio_client_pipelines(loop_kind, sock_path):
     assert most > 1
 
 
+@pytest.mark.parametrize("loop_kind", LOOPS)
+@pytest.mark.parametrize("form", ["unix:", "tcp://", "fd://"])
+def test_the_asyncio_client_takes_every_endpoint_form(loop_kind, sock_path, form):
+    """open_connection() takes the endpoints pyuds.connect() takes: unix:PATH, tcp://HOST:PORT
+    (a TCP server on a port the system picked) and fd://N (a socket already connected, which
+    the caller keeps: the connection works on a duplicate)."""
+    endpoint = "tcp://127.0.0.1:0" if form == "tcp://" else sock_path
+
+    async def handler(client, message):
+        await asyncio.sleep(0)
+        return b"re:" + message
+
+    async def main():
+        async with pyuds.Server(endpoint, handler) as server:
+            await serving(server)
+            mine = None
+            if form == "tcp://":
+                target = "tcp://%s:%d" % server.address
+            elif form == "unix:":
+                target = "unix:" + sock_path
+            else:
+                mine = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                mine.connect(sock_path)
+                target = "fd://%d" % mine.fileno()
+            async with await pyuds.open_connection(target) as conn:
+                assert await asyncio.gather(*(conn.request(b"%d" % k) for k in range(20))) == \
+                    [b"re:%d" % k for k in range(20)]
+            if mine is not None:
+                assert mine.fileno() >= 0 and mine.getpeername() == sock_path  # still the caller's
+                mine.close()
+
+    run(loop_kind, main)
+
+
 @pytest.mark.parametrize("framing", ["line", "u32"])
 def test_the_asyncio_client_against_a_threaded_server(serve, sock_path, framing):
     """open_connection() speaks each framing; a cancelled request's reply is dropped, not

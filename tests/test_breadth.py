@@ -564,9 +564,14 @@ class TestInherited:
             with pytest.raises(OSError, match="not a stream socket"):
                 pyuds.Server(sock=packets)
             pyuds.Server(sock=packets, kind="seqpacket").shutdown()
+        # An internet socket is served over TCP: it must be a bound TCP one.
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as inet:
-            with pytest.raises(OSError, match="not an AF_UNIX socket"):
+            with pytest.raises(OSError, match="not bound"):
                 pyuds.Server(sock=inet)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            with pytest.raises(OSError, match="not a TCP socket"):
+                pyuds.Server(sock=udp)
         with open(os.path.join(sockdir, "file"), "w") as f:
             with pytest.raises(OSError, match="not a socket"):
                 pyuds.Server(sock=f.fileno())

@@ -66,12 +66,13 @@ class ServeProcess:
     """A running `pyuds serve`, its stderr going to a file that can be read at any time."""
 
     def __init__(self, args: Sequence[str], stderr_path: str, launcher: Sequence[str] = MODULE,
-                 cwd: str | None = None) -> None:
+                 cwd: str | None = None, env: dict[str, str] | None = None,
+                 pass_fds: Sequence[int] = ()) -> None:
         self.stderr_path = stderr_path
         self.stdout_path = stderr_path + ".stdout"
         with open(stderr_path, "wb") as err, open(self.stdout_path, "wb") as out:
             self.proc = subprocess.Popen([*launcher, "serve", *args], cwd=cwd or NEUTRAL_CWD, stdin=subprocess.DEVNULL,
-                                         stdout=out, stderr=err)
+                                         stdout=out, stderr=err, env=env, pass_fds=pass_fds)
         self.pid = self.proc.pid
 
     @property
@@ -116,12 +117,13 @@ class ServeProcess:
 
 @pytest.fixture
 def spawn(tmp_path) -> Iterator:
-    """spawn(args, launcher=MODULE, cwd=None) -> a started ServeProcess, killed at the end of
-    the test if it is still running."""
+    """spawn(args, launcher=MODULE, cwd=None, env=None, pass_fds=()) -> a started ServeProcess,
+    killed at the end of the test if it is still running."""
     procs: list[ServeProcess] = []
 
-    def start(args: Sequence[str], launcher: Sequence[str] = MODULE, cwd: str | None = None) -> ServeProcess:
-        p = ServeProcess(args, str(tmp_path / f"serve{len(procs)}.stderr"), launcher, cwd)
+    def start(args: Sequence[str], launcher: Sequence[str] = MODULE, cwd: str | None = None,
+              env: dict[str, str] | None = None, pass_fds: Sequence[int] = ()) -> ServeProcess:
+        p = ServeProcess(args, str(tmp_path / f"serve{len(procs)}.stderr"), launcher, cwd, env, pass_fds)
         procs.append(p)
         return p
 

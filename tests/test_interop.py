@@ -27,7 +27,7 @@ KINDS = {"stream": socket.SOCK_STREAM, "seqpacket": socket.SOCK_SEQPACKET, "data
 
 def tool(name: str) -> str:
     """The path of a command-line tool, or a skip (a failure under PYUDS_REQUIRE_TOOLS=1)."""
-    found = shutil.which(name)
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")  # (haproxy's home)
     if found is None:
         if os.environ.get("PYUDS_REQUIRE_TOOLS"):
             pytest.fail(f"{name} is not installed (Debian: apt-get install {name})")

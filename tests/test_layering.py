@@ -20,8 +20,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "pyuds"
 # Bottom to top, as _core.py's docstring gives them: a module imports only from layers below
 # its own.
 PYTHON_LAYERS = (
-    {"_errors", "_config", "_version"},
+    {"_errors", "_config", "_version", "_systemd"},
     {"_address"},
+    {"_endpoint"},
     {"_framing"},
     {"_client"},
     {"_aclient"},

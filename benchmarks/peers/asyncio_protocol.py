@@ -54,8 +54,14 @@ class EchoProtocol(asyncio.Protocol):
 
 
 async def serve(path: str) -> None:
-    """Serve u32 echo on path until SIGTERM or SIGINT; remove the socket file at the end."""
+    """Serve u32 echo on path until SIGTERM or SIGINT; remove the socket file at the end.
+    path may be tcp://HOST:PORT instead: TCP (asyncio and uvloop set TCP_NODELAY themselves)."""
     loop = asyncio.get_running_loop()
+    if path.startswith("tcp://"):
+        host, _, port = path[len("tcp://"):].rpartition(":")
+        await serve_until_signalled(
+            path, lambda p: loop.create_server(EchoProtocol, host, int(port), backlog=socket.SOMAXCONN))
+        return
     await serve_until_signalled(
         path, lambda p: loop.create_unix_server(EchoProtocol, p, backlog=socket.SOMAXCONN))
 

@@ -39,7 +39,8 @@ def parse_header(data, offset: int = 0) -> int:
 
 
 def socket_path() -> str:
-    """The Unix socket path given on the command line (the only argument)."""
+    """The Unix socket path given on the command line (the only argument), or tcp://HOST:PORT
+    for the peers that serve TCP too (pyuds, asyncio_protocol, uvloop_protocol)."""
     if len(sys.argv) != 2:
         sys.exit(f"usage: python {os.path.basename(sys.argv[0])} SOCKET_PATH")
     return sys.argv[1]
@@ -75,13 +76,16 @@ async def serve_until_signalled(path: str, start) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    remove_stale_socket(path)
+    unix = not path.startswith("tcp://")  # (a TCP server has no socket file)
+    if unix:
+        remove_stale_socket(path)
     server = await start(path)
     try:
         await stop.wait()
     finally:
         server.close()
-        remove_socket(path)
+        if unix:
+            remove_socket(path)
 
 
 def serve_async_until_signalled(server) -> None:
