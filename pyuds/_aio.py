@@ -105,41 +105,89 @@ async def _rest(box: list[Any]) -> Any:
 
 
 if sys.version_info >= (3, 12):
-    def start_eagerly(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -> tuple[Any, Any]:
-        """Runs coro's first step now, inside its own task: (None, result) if that finished it
-        (its exception raised here), else (task, None)."""
-        task = asyncio.Task(coro, loop=loop, eager_start=True)
-        if not task.done():
-            return task, None
-        if task.cancelled():
-            return None, None
-        return None, task.result()
+    class EagerStarter:
+        """Runs handlers' first steps at once, each inside its own task (Python 3.12's eager
+        tasks)."""
+
+        def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+            self._loop = loop
+
+        def start(self, coro: Coroutine[Any, Any, Any]) -> tuple[Any, Any]:
+            """Runs coro's first step now: (None, result) if that finished it (its exception
+            raised here), else (task, None)."""
+            task = asyncio.Task(coro, loop=self._loop, eager_start=True)
+            if not task.done():
+                return task, None
+            if task.cancelled():
+                return None, None
+            return None, task.result()
 else:
     from asyncio.tasks import _enter_task, _leave_task
 
-    def start_eagerly(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -> tuple[Any, Any]:
-        """Runs coro's first step now, as the current task of the loop (asyncio.current_task(),
-        asyncio.timeout() and task groups work in it): (None, result) if that finished it (its
-        exception raised here), else (task, None), the task going on from where it stopped."""
-        box: list[Any] = [coro, None]
-        context = contextvars.copy_context()  # the task's, where its first step runs too
-        task = (loop.create_task(_rest(box), context=context) if sys.version_info >= (3, 11)
-                else context.run(loop.create_task, _rest(box)))
-        _enter_task(loop, task)
-        try:
-            box[1] = context.run(coro.send, None)
-        except StopIteration as stop:
-            box[0] = None
-            return None, stop.value
-        except asyncio.CancelledError:
-            box[0] = None
-            return None, None
-        except BaseException:
-            box[0] = None
-            raise
-        finally:
-            _leave_task(loop, task)
-        return task, None
+    # Python 3.11 reuses one host task for the first steps that finish, see EagerStarter.
+    _REUSE_HOSTS = sys.version_info >= (3, 11)
+
+    class _Host:
+        """A task made ready to run handlers' first steps in, and, for the first handler whose
+        first step suspends, to go on with it: its coroutine (_rest) takes over from box."""
+
+        __slots__ = ("task", "box", "context", "vars")
+
+        def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+            self.box: list[Any] = [None, None]
+            self.context = contextvars.copy_context()  # the task's, where first steps run too
+            self.vars = list(self.context.items())  # to tell whether a first step set any
+            self.task = (loop.create_task(_rest(self.box), context=self.context) if _REUSE_HOSTS
+                         else self.context.run(loop.create_task, _rest(self.box)))
+
+        def untouched(self) -> bool:
+            """Whether the task is as it was made: no context variable set in it, no
+            cancellation asked of it, its first step not run (it would then be done)."""
+            if self.task.done() or self.task.cancelling():
+                return False
+            items = self.context.items() if len(self.context) else ()
+            return len(self.context) == len(self.vars) and all(
+                k is k0 and v is v0 for (k, v), (k0, v0) in zip(items, self.vars))
+
+    class EagerStarter:
+        """Runs handlers' first steps at once, each as the current task of the loop
+        (asyncio.current_task(), asyncio.timeout() and task groups work in it), as Python
+        3.12's eager tasks do. A first step that suspends keeps the task it ran in, which goes
+        on from where it stopped. Making a task per message would cost the first steps that
+        finish (an echo, a lookup) more than the rest of their work, so on 3.11 they share one:
+        a host task is reused until a first step suspends in it, sets a context variable in its
+        context, asks it to cancel, or the loop runs its own first step (then it is done); each
+        of those retires it, so every handler still sees a task and a context of its own."""
+
+        def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+            self._loop = loop
+            self._host: _Host | None = None
+
+        def start(self, coro: Coroutine[Any, Any, Any]) -> tuple[Any, Any]:
+            """Runs coro's first step now: (None, result) if that finished it (its exception
+            raised here), else (task, None), the task going on from where it stopped."""
+            loop, host = self._loop, self._host
+            if host is None:
+                host = _Host(loop)
+                if _REUSE_HOSTS:
+                    self._host = host
+            task = host.task
+            _enter_task(loop, task)
+            try:
+                yielded = host.context.run(coro.send, None)
+            except StopIteration as stop:
+                # A task that asked to cancel itself ends cancelled, its result dropped (as
+                # 3.12's eager task does). (_REUSE_HOSTS: the host was not asked before.)
+                return (None, None) if _REUSE_HOSTS and task.cancelling() else (None, stop.value)
+            except asyncio.CancelledError:
+                return None, None
+            finally:
+                _leave_task(loop, task)
+                if self._host is not None and not host.untouched():
+                    self._host = None
+            host.box[0], host.box[1] = coro, yielded
+            self._host = None
+            return task, None
 
 
 def as_reply(reply: Any) -> bytes | None:
@@ -163,6 +211,7 @@ class Dispatcher:
         self._registry = registry
         self._handler = handler
         self._cap = max_in_flight
+        self._starter = EagerStarter(loop)
         self._total_cap = max_in_flight_total
         self._total = 0  # handlers running, every client's
         self._starved: collections.deque[ClientHandle] = collections.deque()  # see Flight.starved
@@ -185,7 +234,7 @@ class Dispatcher:
         flight = self._flights.get(client)
         if flight is None and self._executor is None and self._total < self._total_cap:
             # Nothing before it: a handler that finishes in its first step replies with the batch.
-            task, reply = start_eagerly(self._loop, self._handler(client, message))
+            task, reply = self._starter.start(self._handler(client, message))
             if task is None:
                 return reply
             flight = self._flights[client] = Flight()
@@ -218,7 +267,7 @@ class Dispatcher:
             self._total += 1
             future.add_done_callback(lambda f: self._arrived(client, flight, number, f))
             return
-        task, reply = start_eagerly(self._loop, self._handler(client, message))
+        task, reply = self._starter.start(self._handler(client, message))
         if task is None:
             flight.done[number] = as_reply(reply)
         else:

@@ -571,3 +571,40 @@ def test_a_coroutine_handler_runs_in_a_task_of_its_own(loop_kind, sock_path):
                 return await asyncio.gather(*(conn.request(m) for m in (b"a", b"b", b"now")))
 
     assert run(loop_kind, main, timeout=20) == [b"unset/a", b"unset/b", b"unset/now"]
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_handlers_that_finish_at_once_leave_nothing_to_the_next(loop_kind, sock_path):
+    """Handlers whose first step finishes (no await that suspends), pipelined so that many run
+    in one batch, each still see a context and a task of their own: a context variable one
+    sets is not seen by the next; one that cancels its own task ends cancelled (no reply) and
+    does not cancel the next; one that then suspends goes on in a live task of its own."""
+    var: contextvars.ContextVar[bytes] = contextvars.ContextVar("var2", default=b"unset")
+
+    async def handler(client, message):
+        if message == b"set":
+            var.set(b"leaked")
+        elif message == b"cancel-self":
+            asyncio.current_task().cancel()
+        elif message == b"suspend":
+            task = asyncio.current_task()
+            await asyncio.sleep(0.001)
+            assert asyncio.current_task() is task and not task.done()
+        return var.get()
+
+    round_ = [b"peek", b"set", b"peek", b"cancel-self", b"suspend", b"peek", b"suspend"]
+    answered = [b"unset", b"leaked", b"unset", b"unset", b"unset", b"unset"]  # all but cancel-self
+
+    def client() -> list[bytes]:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(sock_path)
+            sock.sendall(b"".join(frame(m) for m in round_ * 20))
+            return read_frames(sock, len(answered) * 20)
+
+    async def main():
+        async with pyuds.Server(sock_path, handler) as server:
+            await serving(server)
+            return await asyncio.get_running_loop().run_in_executor(None, client)
+
+    assert run(loop_kind, main, timeout=20) == answered * 20
