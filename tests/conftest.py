@@ -56,6 +56,24 @@ def wait_until(predicate: Callable[[], object], timeout: float = 5.0, interval: 
         time.sleep(interval)
 
 
+def connect_when_listening(path: str, timeout: float = 20.0) -> socket.socket:
+    """A stream socket connected to path once a server listens there. The socket file appears
+    at bind(), a moment before listen(): a connect in between is refused, so refusals (and a
+    file not there yet) are retried until timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            return sock
+        except (ConnectionRefusedError, FileNotFoundError):
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
+
+
 def open_fds() -> set[int]:
     return {int(fd) for fd in os.listdir("/proc/self/fd")}
 

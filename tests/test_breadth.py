@@ -19,7 +19,7 @@ import uuid
 import pytest
 
 import pyuds
-from conftest import is_socket, open_fds, wait_until
+from conftest import connect_when_listening, is_socket, open_fds, wait_until
 
 TIMEOUT = 10.0
 
@@ -656,8 +656,7 @@ class TestSocketActivation:
         proc = subprocess.Popen([sys.executable, "-m", "pyuds", "serve", sock_path], cwd=NEUTRAL_CWD, env=env,
                                 stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
-            wait_until(lambda: is_socket(sock_path), timeout=20)
-            with stream_client(sock_path) as sock:  # it made its own socket at the path
+            with connect_when_listening(sock_path) as sock:  # it made its own socket at the path
                 sock.sendall(frame(b"own"))
                 assert recv_frame(sock) == b"own"
         finally:
