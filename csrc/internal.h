@@ -258,11 +258,14 @@ int uds_timeout_int(int64_t timeout);
 int uds_sock_listen(const char *path, int type, unsigned mode, int backlog, int *fd, dev_t *dev,
                     ino_t *ino);
 
-/* Takes a socket made elsewhere (inherited, or the application's): checks that it is an
- * AF_UNIX socket of this type and bound, listens if it does not yet, and sets *fd to a
- * close-on-exec duplicate, non-blocking, and *saved_flags to the file status flags to restore
- * when done. Returns 0 or -errno (see uds_server_new()). */
+/* Takes a socket made elsewhere (inherited, or the application's): an AF_UNIX socket of this
+ * type, bound, made to listen if it does not; or (_handoff) the SOCK_SEQPACKET pair end clients
+ * are handed over on. Sets *fd to a close-on-exec duplicate, non-blocking, and *saved_flags to
+ * the file status flags to restore when done. Returns 0 or -errno (see uds_server_new()). */
 int uds_sock_adopt(int fd, int type, int backlog, int *out, int *saved_flags);
+int uds_sock_adopt_handoff(int fd, int *out, int *saved_flags);
+/* Readies a client handed over as accept4() does ours: 0, or -EPROTOTYPE (not one of type). */
+int uds_sock_take_handed(int fd, int type);
 
 /* Writes fd's own address (peer: its peer's) as uds_server_address() describes. Returns 0 or
  * -errno. */
@@ -345,8 +348,8 @@ typedef struct uds_kind_ops {
     /* Where the peer's counters pointer is (see uds_conn_set_stats()), or NULL. */
     uds_stats **(*stats)(uds_server *s, int slot, uint64_t id);
     /* Starts the graceful shutdown (see uds_shutdown()); the socket file is gone already and
-     * the master socket out of epoll. Returns 1 if the kind still sends from the master
-     * socket (DGRAM: replies do), 0 if it may be closed now. */
+     * the master socket out of epoll. Returns 1 if the kind still needs the master socket
+     * (DGRAM: replies go from it; a handoff drain reads it), 0 if it may be closed now. */
     int (*shutdown)(uds_server *s);
     /* Frees what the kind holds, closing every descriptor, with no events. */
     void (*free)(uds_server *s);
@@ -383,6 +386,8 @@ struct uds_server {
     uds_tlist idle;         /* connections (peers) by idle deadline */
     uds_tlist linger;       /* by flush deadline: closing ones, and open connections owed
                              * replies past max_output (the deadline to take some) */
+    uint64_t drain_until;   /* shutting down: what waits on the master socket (datagrams, clients
+                             * handed over) is still taken until none is left or this deadline */
     uds_ready ready[UDS_EPOLL_BATCH]; /* what the last wait reported */
 
     /* The connection kinds (conn*.c) */
@@ -406,8 +411,6 @@ struct uds_server {
     uint64_t retry_at;        /* when to retry them (0: none) */
     int retry_backoff_ms;
     uds_buf big;              /* this turn's datagram that did not fit the arena */
-    uint64_t drain_until;     /* shutting down: datagrams already queued are still read
-                               * (until none is left, or this deadline); 0: not draining */
 };
 
 /* Hands n descriptors out with event e: returns where to put them (room for n must be left:

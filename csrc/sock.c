@@ -348,7 +348,7 @@ int uds_sock_unlink_if_same(const char *path, dev_t dev, ino_t ino)
     return 1;
 }
 
-int uds_sock_adopt(int fd, int type, int backlog, int *fdp, int *saved_flags)
+static int is_unix(int fd, int type)
 {
     int val;
     socklen_t vlen = sizeof val;
@@ -359,23 +359,14 @@ int uds_sock_adopt(int fd, int type, int backlog, int *fdp, int *saved_flags)
     vlen = sizeof val;
     if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &val, &vlen) < 0)
         return -errno;
-    if (val != type)
-        return -EPROTOTYPE;
-    struct sockaddr_un sa;
-    socklen_t salen = sizeof sa;
-    if (getsockname(fd, (struct sockaddr *)&sa, &salen) < 0)
-        return -errno;
-    if (salen <= offsetof(struct sockaddr_un, sun_path))
-        return -EDESTADDRREQ; /* not bound: nobody could reach it */
-    if (type != SOCK_DGRAM) {
-        vlen = sizeof val;
-        if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &val, &vlen) < 0)
-            return -errno;
-        if (!val && listen(fd, backlog) < 0)
-            return -errno;
-    }
-    /* A duplicate, so that the owner's descriptor outlives the server. Non-blocking is a
-     * property of the shared open file, so it is set on both: remember it, to put it back. */
+    return val == type ? 0 : -EPROTOTYPE;
+}
+
+/* A close-on-exec duplicate of fd, non-blocking, so that the owner's descriptor outlives the
+ * server. Non-blocking is a property of the shared open file, so it is set on both: *saved_flags
+ * gets the flags as they were, to put back. */
+static int dup_nonblocking(int fd, int *fdp, int *saved_flags)
+{
     int flags = fcntl(fd, F_GETFL);
     if (flags < 0)
         return -errno;
@@ -389,6 +380,48 @@ int uds_sock_adopt(int fd, int type, int backlog, int *fdp, int *saved_flags)
     }
     *fdp = dup;
     *saved_flags = flags;
+    return 0;
+}
+
+int uds_sock_adopt(int fd, int type, int backlog, int *fdp, int *saved_flags)
+{
+    int rc = is_unix(fd, type);
+    if (rc < 0)
+        return rc;
+    struct sockaddr_un sa;
+    socklen_t salen = sizeof sa;
+    if (getsockname(fd, (struct sockaddr *)&sa, &salen) < 0)
+        return -errno;
+    if (salen <= offsetof(struct sockaddr_un, sun_path))
+        return -EDESTADDRREQ; /* not bound: nobody could reach it */
+    if (type != SOCK_DGRAM) {
+        int val;
+        socklen_t vlen = sizeof val;
+        if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &val, &vlen) < 0)
+            return -errno;
+        if (!val && listen(fd, backlog) < 0)
+            return -errno;
+    }
+    return dup_nonblocking(fd, fdp, saved_flags);
+}
+
+int uds_sock_adopt_handoff(int fd, int *fdp, int *saved_flags)
+{
+    int rc = is_unix(fd, SOCK_SEQPACKET);
+    return rc < 0 ? rc : dup_nonblocking(fd, fdp, saved_flags);
+}
+
+int uds_sock_take_handed(int fd, int type)
+{
+    int flags = fcntl(fd, F_GETFL), on = 1;
+    if (is_unix(fd, type) < 0)
+        return -EPROTOTYPE;
+    /* Non-blocking, as accept4() makes ours (the sender may have accepted without it). A
+     * SEQPACKET connection needs SO_PASSCRED (see server.c's open_master()); one accepted by
+     * the sender's own master socket has it already. */
+    if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0 ||
+        (type == SOCK_SEQPACKET && setsockopt(fd, SOL_SOCKET, SO_PASSCRED, &on, sizeof on) < 0))
+        return -errno;
     return 0;
 }
 
