@@ -239,8 +239,11 @@ static int poll_conns(uds_server *s, uds_event *ev, int cap, int timeout_ms)
     expire_deadlines(s);
     resume_accepting(s);
     int n = serve_pending(s, ev, 0, cap);
-    if (s->drain_until > 0 && n < cap)
+    if (s->drain_until > 0 && n < cap) {
         n = drain_handed(s, ev, n, cap);
+        if (s->drain_until == 0)
+            return n; /* over: the caller may be done, so no wait (work left is pending) */
+    }
     if (n >= cap)
         return n;
 
