@@ -26,6 +26,7 @@ from ._errors import (
     PathTooLongError,
     PyudsError,
     SocketPathError,
+    WorkerError,
 )
 from ._handle import ClientHandle, CloseReason
 from ._server import Server, echo
@@ -46,6 +47,7 @@ __all__ = [
     "Server",
     "ServerConfig",
     "SocketPathError",
+    "WorkerError",
     "connect",
     "echo",
 ]

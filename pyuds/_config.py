@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import resource
 import socket
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 FRAMINGS = ("u32", "line", "raw")
 KINDS = ("stream", "seqpacket", "datagram")
@@ -12,6 +13,7 @@ DGRAM_PEERS = 65536        # datagram peers remembered at most, by default
 DGRAM_IDLE_TIMEOUT = 60.0  # seconds after which a silent datagram peer is forgotten, by default
 MAX_FDS = 253  # the most descriptors Linux passes with one message (SCM_MAX_FD)
 MAX_U32 = 0xFFFFFFFF
+MAX_WORKERS = 1024  # worker processes at most
 FD_RESERVE = 64  # descriptors kept for the server itself and the application by default
 
 
@@ -61,6 +63,12 @@ class ServerConfig:
         before it sleeps (at most 1000000). A request that arrives meanwhile is taken without
         the time the kernel takes to wake a sleeping thread: lower latency for a client with
         one request at a time, paid for with a core kept busy. 0 (the default): never.
+    workers: processes that run handlers (see pyuds._workers): 1 (the default) serves in this
+        process alone; N > 1 makes this process a supervisor that owns the socket and forks N
+        worker processes; ``"auto"``: one per CPU this process may run on. Always an int once
+        the config is made.
+    worker_timeout: seconds a worker's loop may go without a turn (a handler stuck, a loop
+        blocked) before the supervisor kills the worker and starts another.
     """
 
     framing: str = "u32"
@@ -78,6 +86,8 @@ class ServerConfig:
     allow_gid: Tuple[int, ...] = ()
     max_fds: int = 16
     busy_poll_us: int = 0
+    workers: Union[int, str] = 1
+    worker_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -93,6 +103,14 @@ class ServerConfig:
             for value in ids:
                 _check_int(name, value, 0, 2**32 - 2)
             object.__setattr__(self, name, ids)  # frozen: a tuple whatever was given
+        if self.workers == "auto":
+            object.__setattr__(self, "workers", max(1, len(os.sched_getaffinity(0))))
+        elif isinstance(self.workers, str):
+            raise ValueError(f"workers must be a number of processes or 'auto', not {self.workers!r}")
+        _check_int("workers", self.workers, 1, MAX_WORKERS)
+        _check_seconds("worker_timeout", self.worker_timeout)
+        if self.worker_timeout < 0.1:
+            raise ValueError(f"worker_timeout must be at least 0.1 seconds, not {self.worker_timeout!r}")
         _check_int("max_fds", self.max_fds, 0, MAX_FDS)
         _check_int("busy_poll_us", self.busy_poll_us, 0, 1_000_000)
         _check_int("mode", self.mode, 0, 0o777)

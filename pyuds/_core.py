@@ -3,7 +3,7 @@
 Layering, bottom to top: a module imports only modules below it, never one above::
 
     _errors, _config  ->  _address  ->  _framing  ->  _client  ->  _handle
-        ->  _core  ->  _registry  ->  _server  ->  _bench  ->  _cli  ->  __main__
+        ->  _core  ->  _registry  ->  _workers  ->  _server  ->  _bench  ->  _cli  ->  __main__
 
 (``__init__`` imports the public names from below ``_cli``.) Nothing but this module imports
 ``ffi`` or ``lib``, and no cdata leaves it: everything above it sees ints, bytes and Python
@@ -200,9 +200,12 @@ class Core:
     """One C server, its event batch, the loop that dispatches it, and the loop's own state:
     whether to stop, and the requests other threads posted to it."""
 
-    def __init__(self, path: str | None, config: ServerConfig, sock_fd: int | None = None) -> None:
+    def __init__(self, path: str | None, config: ServerConfig, sock_fd: int | None = None,
+                 handoff: bool = False) -> None:
         """Binds path (a file, or "@name" in the abstract namespace), or serves on the bound
-        socket sock_fd (a duplicate of it: the caller's descriptor stays the caller's)."""
+        socket sock_fd (a duplicate of it: the caller's descriptor stays the caller's). handoff:
+        sock_fd is instead the end of a SOCK_SEQPACKET pair over which another process hands
+        over the clients it accepted (UDS_ADOPT_HANDOFF); path then only names the server."""
         raw_path = b""
         if sock_fd is None:
             assert path is not None
@@ -229,7 +232,8 @@ class Core:
         cfg.allow_uid, cfg.n_allow_uid = allow_uid, len(config.allow_uid)
         cfg.allow_gid, cfg.n_allow_gid = allow_gid, len(config.allow_gid)
         if sock_fd is not None:
-            cfg.adopt, cfg.adopt_fd = 1, sock_fd
+            cfg.adopt = lib.UDS_ADOPT_HANDOFF if handoff else lib.UDS_ADOPT_LISTENER
+            cfg.adopt_fd = sock_fd
         out = ffi.new("uds_server **")
         rc = lib.uds_server_new(out, raw_path, cfg)
         if rc < 0:
@@ -240,7 +244,7 @@ class Core:
         # The address clients use. (The kernel's name for a socket file made here is the same,
         # except in the rare case sock.c's bind_renamed() describes.)
         self.address = path
-        if sock_fd is not None:
+        if sock_fd is not None and not handoff:
             self.address = _name(lib.uds_server_address, self._srv) or ""
         # At least 4: a datagram may need three events (a peer forgotten, one new, its message).
         self._cap = cap = max(config.batch_size, 4)
@@ -425,6 +429,17 @@ class Core:
 
     def is_open(self) -> bool:
         return self._srv is not None
+
+    def listen_fd(self) -> int:
+        """The master socket's descriptor (the C server's own: not to be closed), -1 if none."""
+        return lib.uds_listen_fd(self._srv) if self._srv is not None else -1
+
+    def forget(self) -> None:
+        """In a process forked from the one that made this server: lets go of the C server
+        without freeing it. Freeing it would close the parent's sockets here (harmless) and
+        remove the parent's socket file (not harmless): a child never does either."""
+        self._srv = None
+        self._pending.clear()
 
     def free(self) -> None:
         """Closes everything (no events), removes the socket file if it is still ours, and

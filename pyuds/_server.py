@@ -26,6 +26,7 @@ from ._core import Core, Handler, send_error
 from ._errors import ClientClosedError
 from ._handle import ClientHandle, CloseReason
 from ._registry import Registry
+from ._workers import Supervisor
 
 log = logging.getLogger("pyuds")
 
@@ -74,11 +75,13 @@ class Server:
         authorize: Callable[[ClientHandle], Any] | None = None,
         on_connect: Callable[[ClientHandle], Any] | None = None,
         on_disconnect: Callable[[ClientHandle, CloseReason], Any] | None = None,
+        on_worker_start: Callable[[int], Any] | None = None,
         config: ServerConfig | None = None,
+        _handoff: bool = False,
         **options: Any,
     ) -> None:
         config = dataclasses.replace(config or ServerConfig(), **options)
-        if (path is None) == (sock is None):
+        if (path is None) == (sock is None) and not _handoff:
             raise TypeError("give either a socket path or sock=, not both" if path is not None
                             else "a socket path or sock= is required")
         self._config = config
@@ -95,15 +98,23 @@ class Server:
             sock_fd = sock if isinstance(sock, int) else sock.fileno()
             if sock_fd < 0:
                 raise ValueError("sock is closed")
-        self._core = Core(None if path is None else os.fspath(path), config, sock_fd)
+        self._core = Core(None if path is None else os.fspath(path), config, sock_fd, _handoff)
         self._path = self._core.address
+        self._hooks = (authorize, on_connect, on_disconnect)
+        self._on_worker_start = on_worker_start
         self._registry = Registry(self._core, self, config, authorize, on_connect, on_disconnect)
+        # With workers, this process supervises: the Supervisor stands in for the loop.
+        self._pool: Supervisor | None = None
+        if config.workers > 1:
+            self._pool = Supervisor(self._core, config, self._path, self._worker_server, on_worker_start)
         # A server dropped without shutdown() still closes its sockets and removes its file
         # when collected, with a ResourceWarning, as an unclosed socket does.
         # Not at interpreter exit: atexit runs the last registered first, so this would free the
         # C server under a loop thread still running; _shutdown_running() stops those first.
         weakref.finalize(self, _collect, self._core, self._path).atexit = False
-        if sock_fd is not None:
+        if _handoff:
+            log.debug("worker %d serving clients of %s", os.getpid(), self._path)
+        elif sock_fd is not None:
             log.info("serving on %s (%s, inherited socket, fd %d)", self._path, self._describe(), sock_fd)
         elif self._path.startswith("@"):
             log.info("listening on %s (%s, abstract namespace)", self._path, self._describe())
@@ -129,22 +140,26 @@ class Server:
     @property
     def clients(self) -> Mapping[int, ClientHandle]:
         """Live, read-only mapping of client id to ClientHandle, for every connected client.
-        From another thread than the loop's, iterate over a copy: ``dict(server.clients)``."""
-        return self._registry.clients
+        From another thread than the loop's, iterate over a copy: ``dict(server.clients)``.
+        With workers, each worker has its own clients: the supervisor's mapping is empty."""
+        return self._pool.clients if self._pool else self._registry.clients
 
     @property
     def serving(self) -> bool:
-        return self._state == _SERVING
+        return self._pool.serving if self._pool else self._state == _SERVING
 
     @property
     def closed(self) -> bool:
-        return self._state == _CLOSED
+        return self._pool.closed if self._pool else self._state == _CLOSED
 
     def serve_forever(self) -> None:
         """Serves until shutdown() is called, or SIGINT or SIGTERM arrives (when called on the
         main thread and those signals have their default handlers), then shuts down cleanly:
         replies owed are flushed, every client and the master socket are closed, and the
-        socket file is removed."""
+        socket file is removed. With workers, supervises them (see pyuds._workers) and raises
+        WorkerError if they keep dying at start-up."""
+        if self._pool:
+            return self._pool.serve_forever()
         with self._lock:
             if self._state != _READY:
                 raise RuntimeError(f"cannot serve: the server is {self._state}")
@@ -154,6 +169,8 @@ class Server:
         restore = self._install_signal_handlers()
         graceful = False
         try:
+            if self._on_worker_start is not None:
+                self._on_worker_start(0)  # the one worker there is
             self._core.serve(self._registry, self._handler, draining=False)
             graceful = True
         finally:
@@ -164,6 +181,9 @@ class Server:
 
     def start(self) -> None:
         """Runs the server in a background thread; returns once it is serving."""
+        if self._pool:
+            _running.add(self)
+            return self._pool.start()
         with self._lock:
             if self._state != _READY or self._thread is not None:
                 raise RuntimeError(f"cannot start: the server is {self._state}")
@@ -179,6 +199,8 @@ class Server:
         thread it waits until that is done (at most timeout seconds); from inside a handler it
         returns at once and the loop stops after the current batch. Calling it again is
         harmless."""
+        if self._pool:
+            return self._pool.shutdown(timeout)
         with self._lock:
             state = self._state
             self._core.stop()
@@ -211,7 +233,11 @@ class Server:
         closed: how many connections ended for each CloseReason (``unauthorized`` counts the
         clients allow_uid / allow_gid refused at accept as well as those authorize() refused).
         A connection refused by on_connect counts as accepted and as rejected; one closed at
-        accept because of max_connections only as rejected."""
+        accept because of max_connections only as rejected. With workers: the workers' counters
+        summed (as they last reported them, at most a second ago), and under "workers" each
+        worker's own, with its id, pid and state."""
+        if self._pool:
+            return self._pool.stats()
         with self._lock:
             core = self._final_stats if self._final_stats is not None else self._core.stats()
         stats: dict[str, Any] = {}
@@ -222,8 +248,10 @@ class Server:
         return stats
 
     def broadcast(self, message: bytes) -> None:
-        """Sends message to every connected client. Any thread."""
+        """Sends message to every connected client (with workers: of every worker). Any thread."""
         data = self._as_bytes(message)
+        if self._pool:
+            return self._pool.broadcast(data)
         if threading.get_ident() == self._loop_ident:
             self._broadcast_now(data)
         else:
@@ -236,7 +264,17 @@ class Server:
         self.shutdown()
 
     def __repr__(self) -> str:
+        if self._pool:
+            return f"<pyuds.Server {self._path!r} supervising {self._config.workers} workers>"
         return f"<pyuds.Server {self._path!r} {self._state}, {len(self._registry.clients)} clients>"
+
+    def _worker_server(self, fd: int, handoff: bool) -> Server:
+        """The server a worker process runs (pyuds._workers): clients handed over on fd, or the
+        datagram socket fd that the workers share."""
+        authorize, on_connect, on_disconnect = self._hooks
+        return Server(self._path if handoff else None, self._handler, sock=fd, authorize=authorize,
+                      on_connect=on_connect, on_disconnect=on_disconnect,
+                      config=dataclasses.replace(self._config, workers=1), _handoff=handoff)
 
     # ---- requests from any thread ----
 
@@ -360,6 +398,8 @@ class Server:
         return restore
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._pool:
+            return self._pool.request_stop(signum)
         log.info("received %s: shutting down", signal.Signals(signum).name)
         self._core.stop()
 

@@ -27,6 +27,7 @@ PYTHON_LAYERS = (
     {"_handle"},
     {"_core"},
     {"_registry"},
+    {"_workers"},
     {"_server"},
     {"_bench"},
     {"_cli", "__init__"},
