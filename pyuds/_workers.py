@@ -35,6 +35,7 @@ WorkerServer protocol) and delegates to it; tests/test_layering.py checks.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import logging
@@ -623,13 +624,21 @@ class Supervisor:
 
     def _run_worker(self, wid: int, control: socket.socket, handoff: socket.socket | None,
                     theirs: list[socket.socket | None]) -> NoReturn:
-        """The worker's life, in the forked process: never returns."""
+        """The worker's life, in the forked process: never returns. It leaves with os._exit(),
+        so nothing of the supervisor's runs here (no finalizer, no atexit function: those
+        registered before the fork are the supervisor's, and are dropped); atexit functions
+        registered in the worker (by on_worker_start, say) run as it exits."""
         code = 1
+        atexit._clear()
         try:
             code = self._worker_main(wid, control, handoff, theirs)
         except BaseException:
             log.exception("worker %d failed", wid)
         finally:
+            try:
+                atexit._run_exitfuncs()
+            except BaseException:
+                log.exception("an atexit function failed in worker %d", wid)
             for handler in logging.getLogger().handlers + log.handlers:
                 try:
                     handler.flush()

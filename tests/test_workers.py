@@ -18,7 +18,7 @@ import pytest
 import pyuds
 
 APP = '''
-import os, time
+import atexit, os, time
 
 def handle(client, message):
     if message == b"stick":
@@ -31,8 +31,10 @@ def boom(worker_id):
     raise RuntimeError("cannot open the database")
 
 def mark(worker_id):
-    name = "started-%d-%d" % (worker_id, os.getpid())
-    open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "w").close()
+    here = os.path.dirname(os.path.abspath(__file__))
+    open(os.path.join(here, "started-%d-%d" % (worker_id, os.getpid())), "w").close()
+    stopped = os.path.join(here, "stopped-%d-%d" % (worker_id, os.getpid()))
+    atexit.register(lambda: open(stopped, "w").close())  # runs as the worker exits
 '''
 
 DEADLINE = 15.0  # seconds any one wait may take
@@ -344,7 +346,8 @@ def test_other_kinds_with_workers(supervised, kind):
 
 
 def test_api_stats_broadcast_on_worker_start_and_shutdown(sockdir):
-    """In this process: start() supervises from a thread; the workers are forked from here."""
+    """In this process: start() supervises from a thread; the workers are forked from here.
+    on_worker_start runs in each, and the atexit functions it registers run as it exits."""
     sys.path.insert(0, sockdir)
     with open(os.path.join(sockdir, "app.py"), "w") as f:
         f.write(APP)
@@ -356,6 +359,7 @@ def test_api_stats_broadcast_on_worker_start_and_shutdown(sockdir):
     server = pyuds.Server(path, app.handle, workers=2, on_worker_start=app.mark)
     pids: set[int] = set()
     conns: list[pyuds.Connection] = []
+    started: list[str] = []
     try:
         server.start()
         wait_for(lambda: len([w for w in server.stats()["workers"] if w["state"] == "serving"]) == 2,
@@ -380,6 +384,8 @@ def test_api_stats_broadcast_on_worker_start_and_shutdown(sockdir):
                 os.kill(pid, signal.SIGKILL)
     assert server.closed and not os.path.exists(path)
     assert server.stats()["messages_in"] == 4  # the workers' final counts
+    stopped = sorted(name for name in os.listdir(sockdir) if name.startswith("stopped-"))
+    assert stopped == [name.replace("started", "stopped") for name in started]
 
 
 def test_an_inherited_socket_with_workers_is_never_removed(sockdir):
