@@ -115,8 +115,16 @@ def throughput(args, workdir: str, handler: str, depth: int, env: dict) -> dict[
     return results
 
 
-def connect_rate(args, workdir: str, env: dict) -> dict[int, float]:
-    """Connections per second, each a connect, one request and a close, from 4 threads."""
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def connect_rate(args, workdir: str, env: dict) -> dict[int, tuple[float, float]]:
+    """Connections per second, each a connect, one request and a close, from 4 threads (which
+    the clients' own Python limits), and the CPU the server process (with workers, the
+    supervisor alone) spent per connection."""
     import pyuds
 
     rates = {}
@@ -133,12 +141,14 @@ def connect_rate(args, workdir: str, env: dict) -> dict[int, float]:
                 counts[k] += 1
 
         threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        cpu = cpu_seconds(proc.pid)
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        cpu = cpu_seconds(proc.pid) - cpu
         stop_server(proc)
-        rates[workers] = sum(counts) / args.duration
+        rates[workers] = (sum(counts) / args.duration, 1e6 * cpu / max(1, sum(counts)))
     return rates
 
 
@@ -197,7 +207,10 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--conns", type=int, default=100)
     parser.add_argument("--burn-us", type=float, default=50.0)
+    parser.add_argument("--scenarios", default="cpu,echo,connect,shared",
+                        help="comma-separated, of cpu, echo, connect, shared (default: all)")
     args = parser.parse_args()
+    args.scenarios = args.scenarios.split(",")
     workdir = tempfile.mkdtemp(prefix="pyuds-workers-", dir="/tmp")
     try:
         with open(os.path.join(workdir, "handlers.py"), "w") as f:
@@ -207,6 +220,8 @@ def main() -> int:
         print(f"{os.cpu_count()} CPUs; {args.conns} connections; {args.duration:g} s per run after 1 s of warm-up; "
               f"handler burn: {burn_n} loop turns = {args.burn_us:g} us of CPU here")
         for name, handler, depth in (("cpu", "burn", 1), ("echo", "echo", 16)):
+            if name not in args.scenarios:
+                continue
             results = throughput(args, workdir, handler, depth, env)
             one, many = results[1][0], results[args.workers][0]
             print(f"\n{name}: {args.conns} connections x {depth} in flight, handler {handler}")
@@ -217,11 +232,14 @@ def main() -> int:
             msgs = [w["messages_in"] for w in workers]
             print(f"  balance             connections {conns} (largest share {max(conns) / max(1, sum(conns)):.0%}), "
                   f"messages {[f'{m / max(1, sum(msgs)):.0%}' for m in msgs]}")
-        rates = connect_rate(args, workdir, env)
-        print(f"\nconnect: connect + 1 request + close, 4 clients")
-        print(f"  1 process           {rates[1]:12,.0f} connections/s")
-        print(f"  {args.workers} workers           {rates[args.workers]:12,.0f} connections/s "
-              f"(the supervisor accepts and hands each over)")
+        if "connect" in args.scenarios:
+            rates = connect_rate(args, workdir, env)
+            print("\nconnect: connect + 1 request + close, 4 client threads (the clients limit the rate)")
+            print(f"  1 process           {rates[1][0]:12,.0f} connections/s, {rates[1][1]:.0f} us of server CPU each")
+            print(f"  {args.workers} workers           {rates[args.workers][0]:12,.0f} connections/s, "
+                  f"{rates[args.workers][1]:.0f} us of the supervisor's CPU each (accept, hand over)")
+        if "shared" not in args.scenarios:
+            return 0
         counts = shared_listener(args.workers, args.conns, workdir)
         print(f"\nshared listener with EPOLLEXCLUSIVE (not used), {args.conns} clients connecting: "
               f"accepted per worker {counts}")
