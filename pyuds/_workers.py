@@ -178,6 +178,7 @@ class Supervisor:
         self._sel: selectors.BaseSelector | None = None
         self._listener: socket.socket | None = None
         self._accepting = False
+        self._accept_paused_until = 0.0  # accept() failed (out of descriptors): try again then
         self._wake_r, self._wake_w = socket.socketpair()
         for s in (self._wake_r, self._wake_w):
             s.setblocking(False)
@@ -549,7 +550,8 @@ class Supervisor:
         """Accepts while some worker serves; otherwise clients wait in the backlog."""
         if self._listener is None:
             return
-        want = not self._stop and any(w.state == SERVING for w in self._workers.values())
+        want = (not self._stop and time.monotonic() >= self._accept_paused_until
+                and any(w.state == SERVING for w in self._workers.values()))
         if want != self._accepting:
             if want:
                 self._sel.register(self._listener, selectors.EVENT_READ, self._accept)
@@ -563,8 +565,9 @@ class Supervisor:
                 conn, _addr = self._listener.accept()
             except BlockingIOError:
                 return
-            except OSError as exc:  # out of descriptors, say: the backlog keeps them
-                log.warning("accept() failed on %s: %s", self._address, exc)
+            except OSError as exc:  # out of descriptors, say: the backlog keeps them meanwhile
+                log.warning("accept() failed on %s: %s; accepting again in %gs", self._address, exc, TICK)
+                self._accept_paused_until = time.monotonic() + TICK
                 return
             with conn:
                 self._hand_over(conn)
