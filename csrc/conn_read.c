@@ -504,9 +504,11 @@ int uds_conn_serve(uds_server *s, uds_conn *c, uds_event *ev, int n, int cap)
             if (c->flags & UDS_CF_HELD)
                 return n; /* the caller's release brings it back here */
             /* Shutting down: read what still waits (no readiness may ever come for it). The
-             * read ends the drain on EAGAIN; bytes it finds come back here as pending work. */
+             * read ends the drain on EAGAIN; bytes it finds come back here as pending work,
+             * also when the same read ended the drain (packets read up to EAGAIN). */
+            uint64_t before = c->rx_total;
             uds_conn_read(s, c);
-            if (c->flags & UDS_CF_DRAIN) {
+            if ((c->flags & UDS_CF_DRAIN) || c->rx_total != before) {
                 uds_conn_mark_pending(s, c);
                 return n;
             }

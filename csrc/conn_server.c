@@ -69,7 +69,8 @@ static int admit_tcp(uds_server *s, int fd, uds_conn **out)
 
 /* Admits the accepted socket fd as a connection, with its CONNECTED event (or its REFUSED
  * event, if the uid/gid policy refuses it; none yet for a connection hidden until its PROXY
- * header comes). Returns n. */
+ * header comes). A client admitted while the server shuts down is closed at once, once what it
+ * sent is answered. Returns n. */
 static int admit(uds_server *s, int fd, uds_event *ev, int n)
 {
     int32_t pid = -1;
@@ -99,6 +100,8 @@ static int admit(uds_server *s, int fd, uds_event *ev, int n)
             return n;
         e = uds_event_next(ev, &n, UDS_EV_CONNECTED, fd, c->id);
         UDS_COUNT(s->stats.accepted, 1);
+        if (s->shutting_down)
+            uds_conn_close(s, c, UDS_CLOSE_SHUTDOWN, 0, 1);
     }
     e->pid = pid;
     e->uid = uid;
@@ -119,6 +122,64 @@ static int accept_some(uds_server *s, uds_event *ev, int n, int cap)
         }
         s->accept_backoff_ms = UDS_ACCEPT_BACKOFF_MIN;
         n = admit(s, fd, ev, n);
+    }
+    return n;
+}
+
+/* ---- clients handed over (UDS_ADOPT_HANDOFF) ------------------------------------------------ */
+
+/* Receives one handed-over client from the master socket: returns its socket (>= 0); -EAGAIN
+ * when none waits; -EINVAL for a packet that brought no socket that can be served (closed);
+ * -EPIPE at end-of-file or on an error, after which nothing more comes. */
+static int receive_handed(uds_server *s)
+{
+    char byte;
+    struct iovec iov = {.iov_base = &byte, .iov_len = 1};
+    uds_recv_info info;
+    info.want_addr = info.want_creds = info.real_len = 0;
+    ssize_t r = uds_recv_msg(s->listen_fd, &iov, 1, 1, &info);
+    if (r == -EAGAIN)
+        return -EAGAIN;
+    if (r <= 0 && info.nfds == 0)
+        return -EPIPE; /* (a packet of no bytes, which the contract rules out, reads as EOF too) */
+    if (info.nfds == 0)
+        return -EINVAL; /* (more than one socket in a packet: the kernel closed the rest) */
+    int fd = info.fds[0];
+    if (uds_sock_take_handed(fd, s->sock_type) < 0) {
+        close(fd);
+        return -EINVAL;
+    }
+    return fd;
+}
+
+/* Admits the clients handed over, as accept_some() does those it accepts; at end-of-file the
+ * master socket leaves epoll for good. Returns n; *empty: whether no more waits. */
+static int receive_some(uds_server *s, uds_event *ev, int n, int cap, int *empty)
+{
+    *empty = 0;
+    for (int i = 0; i < UDS_ACCEPT_BUDGET && n < cap; i++) {
+        int fd = receive_handed(s);
+        if (fd >= 0)
+            n = admit(s, fd, ev, n);
+        else if (fd != -EINVAL) {
+            if (fd == -EPIPE && !s->shutting_down)
+                uds_poller_del(&s->poller, s->listen_fd);
+            *empty = 1;
+            return n;
+        }
+    }
+    return n;
+}
+
+/* Shutting down: the clients handed over before it are admitted (each closing once answered);
+ * the drain ends when the queue is found empty (or after flush_timeout). */
+static int drain_handed(uds_server *s, uds_event *ev, int n, int cap)
+{
+    int empty;
+    n = receive_some(s, ev, n, cap, &empty);
+    if (empty || s->now_ms >= s->drain_until) {
+        s->drain_until = 0;
+        s->live--; /* (counted while draining: see shutdown_conns()) */
     }
     return n;
 }
@@ -206,6 +267,11 @@ static int poll_conns(uds_server *s, uds_event *ev, int cap, int timeout_ms)
     expire_deadlines(s);
     resume_accepting(s);
     int n = serve_pending(s, ev, 0, cap);
+    if (s->drain_until > 0 && n < cap) {
+        n = drain_handed(s, ev, n, cap);
+        if (s->drain_until == 0)
+            return n; /* over: the caller may be done, so no wait (work left is pending) */
+    }
     if (n >= cap)
         return n;
 
@@ -218,7 +284,9 @@ static int poll_conns(uds_server *s, uds_event *ev, int cap, int timeout_ms)
         int fd = s->ready[i].fd;
         unsigned what = s->ready[i].events;
         if (fd == s->listen_fd) {
-            n = accept_some(s, ev, n, cap);
+            int empty;
+            n = s->cfg.adopt == UDS_ADOPT_HANDOFF ? receive_some(s, ev, n, cap, &empty)
+                                                  : accept_some(s, ev, n, cap);
         } else if (fd >= 0 && fd < s->nconns && s->conns[fd] != NULL) {
             uds_conn *c = s->conns[fd];
             if ((what & (UDS_POLL_OUT | UDS_POLL_HUP)) && (c->flags & UDS_CF_WANT_OUT))
@@ -300,7 +368,9 @@ static uds_stats **stats_conn(uds_server *s, int slot, uint64_t id)
 }
 
 /* No more clients: each connection delivers what it was sent, gets its replies out (bounded
- * by flush_timeout) and closes. The master socket is not needed any more. */
+ * by flush_timeout) and closes. The master socket is not needed any more, unless clients
+ * were handed over on it before the shutdown: those are still admitted (the drain counts as
+ * live until the queue is found empty). */
 static int shutdown_conns(uds_server *s)
 {
     for (int i = 0; i < s->nconns; i++) {
@@ -308,7 +378,11 @@ static int shutdown_conns(uds_server *s)
         if (c != NULL && !(c->flags & UDS_CF_FINAL))
             uds_conn_close(s, c, UDS_CLOSE_SHUTDOWN, 0, 1);
     }
-    return 0;
+    if (s->cfg.adopt != UDS_ADOPT_HANDOFF)
+        return 0;
+    s->drain_until = s->now_ms + (uint64_t)s->cfg.flush_timeout_ms + 1;
+    s->live++;
+    return 1;
 }
 
 static void free_conns(uds_server *s)

@@ -81,8 +81,8 @@ typedef struct uds_kind_ops {
     int (*hold)(uds_server *s, int slot, uint64_t id, int hold); /* uds_hold() */
     int (*timeout)(const uds_server *s); /* uds_timeout(), the clock read already */
     /* Starts the graceful shutdown (see uds_shutdown()); the socket file is gone already and
-     * the master socket out of epoll. Returns 1 if the kind still sends from the master
-     * socket (DGRAM: replies do), 0 if it may be closed now. */
+     * the master socket out of epoll. Returns 1 if the kind still needs the master socket
+     * (DGRAM: replies go from it; a handoff drain reads it), 0 if it may be closed now. */
     int (*shutdown)(uds_server *s);
     /* Frees what the kind holds, closing every descriptor, with no events. */
     void (*free)(uds_server *s);
@@ -120,6 +120,8 @@ struct uds_server {
     uds_tlist idle;         /* connections (peers) by idle deadline */
     uds_tlist linger;       /* by flush deadline: closing ones, and open connections owed
                              * replies past max_output (the deadline to take some) */
+    uint64_t drain_until;   /* shutting down: what waits on the master socket (datagrams, clients
+                             * handed over) is still taken until none is left or this deadline */
     uds_ready ready[UDS_EPOLL_BATCH]; /* what the last wait reported */
 
     /* The connection kinds (conn*.c) */
@@ -143,8 +145,6 @@ struct uds_server {
     uint64_t retry_at;        /* when to retry them (0: none) */
     int retry_backoff_ms;
     uds_buf big;              /* this turn's datagram that did not fit the arena */
-    uint64_t drain_until;     /* shutting down: datagrams already queued are still read
-                               * (until none is left, or this deadline); 0: not draining */
 };
 
 /* Hands n descriptors out with event e: returns where to put them (room for n must be left:

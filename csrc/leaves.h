@@ -240,11 +240,15 @@ void uds_sock_proxy_addr(const uds_proxy_info *info, struct sockaddr_storage *ss
 int uds_sock_listen(const char *path, int type, unsigned mode, int backlog, int *fd, dev_t *dev,
                     ino_t *ino);
 
-/* Takes a socket made elsewhere (inherited, or the application's): checks that it is an
- * AF_UNIX socket (inet: AF_INET or AF_INET6) of this type and bound, listens if it does not
- * yet, and sets *fd to a close-on-exec duplicate, non-blocking, and *saved_flags to the file
- * status flags to restore when done. Returns 0 or -errno (see uds_server_new()). */
+/* Takes a socket made elsewhere (inherited, or the application's): an AF_UNIX socket (inet:
+ * AF_INET or AF_INET6) of this type, bound, made to listen if it does not; or (_handoff) the
+ * SOCK_SEQPACKET pair end clients are handed over on. Sets *fd to a close-on-exec duplicate,
+ * non-blocking, and *saved_flags to the file status flags to restore when done. Returns 0 or
+ * -errno (see uds_server_new()). */
 int uds_sock_adopt(int fd, int type, int inet, int backlog, int *out, int *saved_flags);
+int uds_sock_adopt_handoff(int fd, int *out, int *saved_flags);
+/* Readies a client handed over as accept4() does ours: 0, or -EPROTOTYPE (not one of type). */
+int uds_sock_take_handed(int fd, int type);
 
 /* Writes fd's own address (peer: its peer's) as uds_server_address() describes, for a Unix
  * or an internet socket. Returns 0 or -errno. */

@@ -173,15 +173,21 @@ static int valid_config(const uds_config *cfg)
            cfg->max_fds >= 0 && cfg->max_fds <= UDS_MAX_FDS && cfg->busy_poll_us >= 0 &&
            cfg->busy_poll_us <= 1000000 && cfg->kind >= 0 &&
            cfg->kind < (int)(sizeof kinds / sizeof kinds[0]) &&
-           (!kinds[cfg->kind].needs_idle || cfg->idle_timeout_ms >= 1) && valid_tcp_config(cfg);
+           (!kinds[cfg->kind].needs_idle || cfg->idle_timeout_ms >= 1) && valid_tcp_config(cfg) &&
+           cfg->adopt >= 0 && cfg->adopt <= UDS_ADOPT_HANDOFF &&
+           (cfg->adopt != UDS_ADOPT_HANDOFF ||
+            (kinds[cfg->kind].ops == &uds_conn_kind && !kinds[cfg->kind].inet));
 }
 
-/* The master socket: made and bound at path, or adopted; then SO_PASSCRED where needed. */
+/* The master socket: made and bound at path, or adopted (a listener, or the socket clients are
+ * handed over on); then SO_PASSCRED where needed. */
 static int open_master(uds_server *s, const char *path)
 {
     const uds_config *cfg = &s->cfg;
     int rc;
-    if (cfg->adopt)
+    if (cfg->adopt == UDS_ADOPT_HANDOFF)
+        rc = uds_sock_adopt_handoff(cfg->adopt_fd, &s->listen_fd, &s->saved_flags);
+    else if (cfg->adopt)
         rc = uds_sock_adopt(cfg->adopt_fd, s->sock_type, s->inet, cfg->backlog, &s->listen_fd,
                             &s->saved_flags);
     else if (s->inet)
@@ -192,10 +198,11 @@ static int open_master(uds_server *s, const char *path)
     if (rc < 0)
         return rc;
     /* SEQPACKET: every packet then comes with its sender's credentials, which is how a packet
-     * of no bytes tells itself apart from end-of-file (accepted sockets inherit it). DGRAM:
-     * every datagram's sender, for the uid/gid policy and the caller. */
+     * of no bytes tells itself apart from end-of-file (accepted sockets inherit it; handed-over
+     * ones get it as they are admitted). DGRAM: every datagram's sender, for the uid/gid policy
+     * and the caller. */
     int on = 1;
-    if (s->sock_type != SOCK_STREAM &&
+    if (s->sock_type != SOCK_STREAM && cfg->adopt != UDS_ADOPT_HANDOFF &&
         setsockopt(s->listen_fd, SOL_SOCKET, SO_PASSCRED, &on, sizeof on) < 0)
         return -errno;
     return uds_poller_add(&s->poller, s->listen_fd, UDS_POLL_IN);

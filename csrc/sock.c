@@ -349,7 +349,9 @@ int uds_sock_unlink_if_same(const char *path, dev_t dev, ino_t ino)
     return 1;
 }
 
-int uds_sock_adopt(int fd, int type, int inet, int backlog, int *fdp, int *saved_flags)
+/* Whether fd is a socket of this family (inet: AF_INET or AF_INET6, else AF_UNIX) and type:
+ * 0, or -errno. */
+static int is_kind(int fd, int type, int inet)
 {
     int val;
     socklen_t vlen = sizeof val;
@@ -360,25 +362,16 @@ int uds_sock_adopt(int fd, int type, int inet, int backlog, int *fdp, int *saved
     vlen = sizeof val;
     if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &val, &vlen) < 0)
         return -errno;
-    if (val != type)
-        return -EPROTOTYPE;
-    struct sockaddr_storage ss;
-    socklen_t salen = sizeof ss;
-    if (getsockname(fd, (struct sockaddr *)&ss, &salen) < 0)
-        return -errno;
-    /* Not bound: nobody could reach it. (An unbound TCP socket reports port 0.) */
-    if (inet ? ((struct sockaddr_in *)&ss)->sin_port == 0
-             : salen <= offsetof(struct sockaddr_un, sun_path))
-        return -EDESTADDRREQ;
-    if (type != SOCK_DGRAM) {
-        vlen = sizeof val;
-        if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &val, &vlen) < 0)
-            return -errno;
-        if (!val && listen(fd, backlog) < 0)
-            return -errno;
-    }
-    /* A duplicate, so that the owner's descriptor outlives the server. Non-blocking is a
-     * property of the shared open file, so it is set on both: remember it, to put it back. */
+    return val == type ? 0 : -EPROTOTYPE;
+}
+
+static int is_unix(int fd, int type) { return is_kind(fd, type, 0); }
+
+/* A close-on-exec duplicate of fd, non-blocking, so that the owner's descriptor outlives the
+ * server. Non-blocking is a property of the shared open file, so it is set on both: *saved_flags
+ * gets the flags as they were, to put back. */
+static int dup_nonblocking(int fd, int *fdp, int *saved_flags)
+{
     int flags = fcntl(fd, F_GETFL);
     if (flags < 0)
         return -errno;
@@ -392,6 +385,50 @@ int uds_sock_adopt(int fd, int type, int inet, int backlog, int *fdp, int *saved
     }
     *fdp = dup;
     *saved_flags = flags;
+    return 0;
+}
+
+int uds_sock_adopt(int fd, int type, int inet, int backlog, int *fdp, int *saved_flags)
+{
+    int rc = is_kind(fd, type, inet);
+    if (rc < 0)
+        return rc;
+    struct sockaddr_storage ss;
+    socklen_t salen = sizeof ss;
+    if (getsockname(fd, (struct sockaddr *)&ss, &salen) < 0)
+        return -errno;
+    /* Not bound: nobody could reach it. (An unbound TCP socket reports port 0.) */
+    if (inet ? ((struct sockaddr_in *)&ss)->sin_port == 0
+             : salen <= offsetof(struct sockaddr_un, sun_path))
+        return -EDESTADDRREQ;
+    if (type != SOCK_DGRAM) {
+        int val;
+        socklen_t vlen = sizeof val;
+        if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &val, &vlen) < 0)
+            return -errno;
+        if (!val && listen(fd, backlog) < 0)
+            return -errno;
+    }
+    return dup_nonblocking(fd, fdp, saved_flags);
+}
+
+int uds_sock_adopt_handoff(int fd, int *fdp, int *saved_flags)
+{
+    int rc = is_unix(fd, SOCK_SEQPACKET);
+    return rc < 0 ? rc : dup_nonblocking(fd, fdp, saved_flags);
+}
+
+int uds_sock_take_handed(int fd, int type)
+{
+    int flags = fcntl(fd, F_GETFL), on = 1;
+    if (is_unix(fd, type) < 0)
+        return -EPROTOTYPE;
+    /* Non-blocking, as accept4() makes ours (the sender may have accepted without it). A
+     * SEQPACKET connection needs SO_PASSCRED (see server.c's open_master()); one accepted by
+     * the sender's own master socket has it already. */
+    if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0 ||
+        (type == SOCK_SEQPACKET && setsockopt(fd, SOL_SOCKET, SO_PASSCRED, &on, sizeof on) < 0))
+        return -errno;
     return 0;
 }
 

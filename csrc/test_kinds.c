@@ -2,8 +2,9 @@
  * test_kinds.c - the socket kinds and ancillary data end to end, in C alone (so that valgrind
  * sees them too): a SEQPACKET server on an abstract name passing descriptors both ways, a
  * DATAGRAM server with its peers (replies, the sender with no address, eviction, a full peer,
- * idle expiry), an adopted socket that outlives its server, and servers freed while they still
- * hold descriptors, which must all be closed.
+ * idle expiry), an adopted socket that outlives its server, clients handed over by another
+ * process's socket (UDS_ADOPT_HANDOFF), and servers freed while they still hold descriptors,
+ * which must all be closed.
  */
 #define _GNU_SOURCE
 #include "internal.h" /* uds_send_msg() */
@@ -11,6 +12,7 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <signal.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -284,6 +286,121 @@ static void adopted(const char *dir)
     unlink(path);
 }
 
+/* Accepts one client on listener and hands it over on sup, as a supervisor process does. */
+static void hand_over(int listener, int sup)
+{
+    int fd = accept(listener, NULL, NULL);
+    CHECK(fd >= 0 && send_with(sup, "c", 1, &fd, 1) == 1);
+    close(fd);
+}
+
+/* Polls once; counts CONNECTED events from this process in *ours, echoes messages. */
+static int serve_handed(uds_server *s, int *ours, int *closed)
+{
+    uds_event ev[16];
+    int n = uds_poll(s, ev, 16, 10);
+    CHECK(n >= 0);
+    for (int i = 0; i < n; i++) {
+        if (ev[i].type == UDS_EV_CONNECTED)
+            *ours += ev[i].pid == (int32_t)getpid() && ev[i].uid == getuid();
+        else if (ev[i].type == UDS_EV_MESSAGE)
+            CHECK(uds_send(s, ev[i].slot, ev[i].id, ev[i].data, ev[i].len) == 0);
+        else if (ev[i].type == UDS_EV_CLOSED)
+            closed[ev[i].reason]++;
+    }
+    return n;
+}
+
+/* Clients accepted by another socket and handed over on a SOCK_SEQPACKET pair: admitted with
+ * their credentials, served, and still admitted and answered when the shutdown comes after
+ * they were handed over; what cannot be served is closed; end-of-file stops the handing. */
+static void handed(const char *dir, int kind, int type)
+{
+    char path[128];
+    snprintf(path, sizeof path, "%s/h.sock", dir);
+    struct sockaddr_un sa;
+    socklen_t salen = address(path, &sa);
+    int listener = socket(AF_UNIX, type, 0), pair[2];
+    CHECK(bind(listener, (struct sockaddr *)&sa, salen) == 0 && listen(listener, 8) == 0);
+    CHECK(socketpair(AF_UNIX, SOCK_SEQPACKET, 0, pair) == 0);
+    uds_config cfg = {.max_message = 4096, .backlog = 8, .flush_timeout_ms = 1000, .kind = kind,
+                      .adopt = UDS_ADOPT_HANDOFF, .adopt_fd = pair[1]};
+    uds_server *s = NULL;
+    CHECK(uds_server_new(&s, path, &cfg) == 0); /* (path is ignored) */
+    close(pair[1]); /* the server has its own */
+    if (s == NULL)
+        return;
+    int ours = 0, closed[UDS_CLOSE_REASONS] = {0};
+    /* SEQPACKET: the empty packet is a message (the listener never set SO_PASSCRED). */
+    const char *req = type == SOCK_STREAM ? "\0\0\0\2hi" : "";
+    size_t req_len = type == SOCK_STREAM ? 6 : 0;
+    int c = connect_kind(path, type);
+    hand_over(listener, pair[0]);
+    CHECK(send(c, req, req_len, 0) == (ssize_t)req_len);
+    for (int round = 0; round < 5; round++)
+        serve_handed(s, &ours, closed);
+    char buf[8];
+    CHECK(ours == 1 && recv(c, buf, sizeof buf, 0) == (ssize_t)req_len);
+    /* What cannot be a client is closed: a pipe, a packet with no socket. */
+    int pipefd[2];
+    CHECK(pipe(pipefd) == 0);
+    CHECK(send_with(pair[0], "p", 1, &pipefd[0], 1) == 1 && send_with(pair[0], "n", 1, NULL, 0) == 1);
+    close(pipefd[0]);
+    for (int round = 0; round < 3; round++)
+        serve_handed(s, &ours, closed);
+    signal(SIGPIPE, SIG_IGN);
+    CHECK(ours == 1 && write(pipefd[1], "x", 1) < 0 && errno == EPIPE); /* closed everywhere */
+    signal(SIGPIPE, SIG_DFL);
+    close(pipefd[1]);
+    /* Handed over, with a request sent, then the shutdown: still admitted and answered. */
+    int late = connect_kind(path, type);
+    size_t late_len = type == SOCK_STREAM ? 6 : 2;
+    CHECK(send(late, type == SOCK_STREAM ? req : "hi", late_len, 0) == (ssize_t)late_len);
+    hand_over(listener, pair[0]);
+    uds_shutdown(s);
+    for (int round = 0; round < 50 && uds_live(s) > 0; round++)
+        serve_handed(s, &ours, closed);
+    CHECK(ours == 2 && uds_live(s) == 0 && closed[UDS_CLOSE_SHUTDOWN] == 2);
+    uds_server_free(s); /* (closes what the last turn finished) */
+    CHECK(recv(late, buf, sizeof buf, 0) == (ssize_t)late_len && recv(late, buf, sizeof buf, 0) == 0);
+    close(late);
+    close(c);
+    close(pair[0]);
+    close(listener);
+    unlink(path);
+}
+
+/* The other end gone: the server stops taking clients from the pair, and does not spin. */
+static void handing_ends(void)
+{
+    int pair[2];
+    CHECK(socketpair(AF_UNIX, SOCK_SEQPACKET, 0, pair) == 0);
+    uds_config cfg = {.max_message = 4096, .backlog = 8, .flush_timeout_ms = 1000,
+                      .adopt = UDS_ADOPT_HANDOFF, .adopt_fd = pair[1]};
+    uds_server *s = NULL;
+    CHECK(uds_server_new(&s, "", &cfg) == 0);
+    close(pair[1]);
+    close(pair[0]);
+    if (s == NULL)
+        return;
+    uds_event ev[4];
+    CHECK(uds_poll(s, ev, 4, 10) == 0);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    CHECK(uds_poll(s, ev, 4, 50) == 0); /* waited: the master socket is out of epoll */
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    CHECK((t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000 >= 40);
+    uds_server_free(s);
+    /* A handoff socket must be a SOCK_SEQPACKET pair, and the kind one with connections. */
+    int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+    cfg.adopt_fd = fd;
+    CHECK(uds_server_new(&s, "", &cfg) == -EPROTOTYPE);
+    cfg.kind = UDS_KIND_DGRAM;
+    cfg.idle_timeout_ms = 1000;
+    CHECK(uds_server_new(&s, "", &cfg) == -EINVAL);
+    close(fd);
+}
+
 int main(void)
 {
     char dir[] = "/tmp/uds-kinds-XXXXXX";
@@ -292,6 +409,9 @@ int main(void)
     seqpacket();
     datagram(dir);
     adopted(dir);
+    handed(dir, UDS_KIND_STREAM, SOCK_STREAM);
+    handed(dir, UDS_KIND_SEQPACKET, SOCK_SEQPACKET);
+    handing_ends();
     CHECK(open_fds() == before); /* every descriptor received or duplicated was closed */
     rmdir(dir);
     return check_done("test_kinds");

@@ -121,6 +121,19 @@ ssize_t uds_proxy_parse(const char *buf, size_t len, uds_proxy_info *out);
 
 /* Server. */
 
+/* What uds_config.adopt_fd is (uds_config.adopt). */
+#define UDS_ADOPT_LISTENER 1 /* a socket of the server's kind already bound (and maybe listening):
+                              * the server works on a duplicate of it and never removes its file */
+#define UDS_ADOPT_HANDOFF 2  /* STREAM and SEQPACKET: one end of a SOCK_SEQPACKET pair over which
+                              * another process (which accepted them) hands clients over: each
+                              * packet, of at least one byte, carries one connected socket of the
+                              * server's kind (SCM_RIGHTS; more are closed), admitted as if
+                              * accepted here (SO_PEERCRED, the uid/gid policy, max_connections;
+                              * a socket of another family or type is closed). End-of-file: no
+                              * more are admitted. uds_shutdown() still admits those already
+                              * queued, each closed as shutting down once what it sent before
+                              * is answered. The server works on a duplicate of the socket */
+
 typedef struct uds_server uds_server;
 
 typedef struct uds_config {
@@ -137,9 +150,8 @@ typedef struct uds_config {
     int frame_timeout_ms; /* close a connection whose frame, once begun, is not complete this
                            * long afterwards (time spent paused does not count); 0: never */
     int kind;             /* UDS_KIND_*; framing is ignored for SEQPACKET */
-    int adopt;            /* 1: serve on socket adopt_fd, already bound (and maybe listening):
-                           * the server works on a duplicate of it and never removes its file;
-                           * path is then ignored. 0: create the socket at path */
+    int adopt;            /* UDS_ADOPT_*: serve on socket adopt_fd (path is then ignored, and
+                           * the server owns no socket file); 0: create the socket at path */
     int adopt_fd;
     int max_fds;          /* descriptors accepted with one message, at most (<= UDS_MAX_FDS);
                            * more close the connection (UDS_CLOSE_TOO_MANY_FDS); 0: none */

@@ -27,6 +27,7 @@ from ._errors import (
     PathTooLongError,
     PyudsError,
     SocketPathError,
+    WorkerError,
 )
 from ._handle import ClientHandle, CloseReason, InetPeer, UnixPeer
 from ._server import Server, echo
@@ -49,6 +50,7 @@ __all__ = [
     "ServerConfig",
     "SocketPathError",
     "UnixPeer",
+    "WorkerError",
     "connect",
     "echo",
     "open_connection",

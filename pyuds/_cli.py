@@ -60,6 +60,10 @@ def _load_authorize(spec: str) -> Callable[..., Any]:
     return _load_callable(spec, "--authorize")
 
 
+def _load_worker_start(spec: str) -> Callable[..., Any]:
+    return _load_callable(spec, "--on-worker-start")
+
+
 def _fd_number(text: str) -> int:
     try:
         fd = int(text)
@@ -70,6 +74,18 @@ def _fd_number(text: str) -> int:
     except OSError:
         raise argparse.ArgumentTypeError(f"{fd} is not an open file descriptor") from None
     return fd
+
+
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers, nor auto") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"at least 1 worker, not {n}")
+    return n
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -129,6 +145,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--fd-name", metavar="NAME",
                        help="with socket activation passing several sockets: serve the one systemd "
                             "names NAME (FileDescriptorName=)")
+    serve.add_argument("--workers", type=_workers, default=1, metavar="N|auto",
+                       help="worker processes running the handler, under a supervisor that owns the "
+                            "socket; auto: one per usable CPU (default: 1, this process alone)")
+    serve.add_argument("--on-worker-start", metavar="MODULE:FUNCTION", type=_load_worker_start,
+                       help="on_worker_start(worker_id), run in each worker process before it serves")
+    serve.add_argument("--worker-timeout", type=float, default=ServerConfig.worker_timeout, metavar="SECONDS",
+                       help="kill and replace a worker whose loop is stuck this long (default: 30)")
     serve.add_argument("-v", "--verbose", action="store_true", help="log every client's connect and disconnect")
 
     send = sub.add_parser("send", help="send messages to a server and print each reply",
@@ -162,8 +185,10 @@ def _parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     from ._server import Server
 
+    # With workers, several processes log: each line says which.
+    which = " [%(process)d]" if args.workers != 1 else ""
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+                        format=f"%(asctime)s %(name)s{which} %(levelname)s %(message)s")
     # SIGTERM or Ctrl-C must stop the server cleanly from the moment its socket file exists,
     # which is before serve_forever() runs: catch them first, and hand them to the server as
     # soon as there is one. (serve_forever() leaves handlers that are not the defaults alone.)
@@ -188,7 +213,9 @@ def _serve(args: argparse.Namespace) -> int:
                         max_connections=args.max_connections, max_output_buffer=args.max_output_buffer,
                         idle_timeout=args.idle_timeout, frame_timeout=args.frame_timeout,
                         allow_uid=args.allow_uid, allow_gid=args.allow_gid, max_fds=args.max_fds,
-                        busy_poll_us=args.busy_poll_us, authorize=args.authorize, **tcp_options)
+                        busy_poll_us=args.busy_poll_us, authorize=args.authorize, workers=args.workers,
+                        on_worker_start=args.on_worker_start, worker_timeout=args.worker_timeout,
+                        **tcp_options)
     except (PyudsError, OSError, ValueError, TypeError) as exc:
         print(f"pyuds serve: {exc}", file=sys.stderr)
         return 1
@@ -199,7 +226,11 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         bound = server.address
         _say_ready(format_tcp(*bound) if isinstance(bound, tuple) else bound, kind, args.framing, args.handler)
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    except PyudsError as exc:  # workers that keep dying at start-up
+        print(f"pyuds serve: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import resource
 import socket
-from typing import Optional, Sequence, TypedDict
+from typing import Optional, Sequence, TypedDict, Union
 
 FRAMINGS = ("u32", "line", "raw")
 KINDS = ("stream", "seqpacket", "datagram")
@@ -12,6 +13,7 @@ DGRAM_PEERS = 65536        # datagram peers remembered at most, by default
 DGRAM_IDLE_TIMEOUT = 60.0  # seconds after which a silent datagram peer is forgotten, by default
 MAX_FDS = 253  # the most descriptors Linux passes with one message (SCM_MAX_FD)
 MAX_U32 = 0xFFFFFFFF
+MAX_WORKERS = 1024  # worker processes at most
 FD_RESERVE = 64  # descriptors kept for the server itself and the application by default
 
 
@@ -89,6 +91,12 @@ class ServerConfig:
         before its header does, or takes longer than frame_timeout (10 s if None) to send it
         is closed before any hook or handler runs, counted as ``proxy_header``. Enable it only
         behind a balancer: whoever can connect can write a header.
+    workers: processes that run handlers (see pyuds._workers): 1 (the default) serves in this
+        process alone; N > 1 makes this process a supervisor that owns the socket and forks N
+        worker processes; ``"auto"``: one per CPU this process may run on. Always an int once
+        the config is made.
+    worker_timeout: seconds a worker's loop may go without a turn (a handler stuck, a loop
+        blocked) before the supervisor kills the worker and starts another.
     """
 
     framing: str = "u32"
@@ -112,6 +120,14 @@ class ServerConfig:
     tcp_nodelay: bool = True
     tcp_keepalive: Optional[float] = None
     proxy_protocol: bool = False
+    workers: Union[int, str] = 1
+    worker_timeout: float = 30.0
+
+    @property
+    def worker_count(self) -> int:
+        """workers as a number: ``"auto"`` is resolved when the config is made."""
+        assert isinstance(self.workers, int)
+        return self.workers
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -127,6 +143,14 @@ class ServerConfig:
             for value in ids:
                 _check_int(name, value, 0, 2**32 - 2)
             object.__setattr__(self, name, ids)  # frozen: a tuple whatever was given
+        if self.workers == "auto":
+            object.__setattr__(self, "workers", max(1, len(os.sched_getaffinity(0))))
+        elif isinstance(self.workers, str):
+            raise ValueError(f"workers must be a number of processes or 'auto', not {self.workers!r}")
+        _check_int("workers", self.workers, 1, MAX_WORKERS)
+        _check_seconds("worker_timeout", self.worker_timeout)
+        if self.worker_timeout < 0.1:
+            raise ValueError(f"worker_timeout must be at least 0.1 seconds, not {self.worker_timeout!r}")
         _check_int("max_fds", self.max_fds, 0, MAX_FDS)
         for name in ("tcp_nodelay", "proxy_protocol"):
             if not isinstance(getattr(self, name), bool):
@@ -193,6 +217,8 @@ class ServerOptions(TypedDict, total=False):
     tcp_nodelay: bool
     tcp_keepalive: Optional[float]
     proxy_protocol: bool
+    workers: Union[int, str]
+    worker_timeout: float
 
 
 def _check_seconds(name: str, value: object) -> None:

@@ -3,8 +3,8 @@
 Layering, bottom to top: a module imports only modules below it, never one above::
 
     _errors, _config, _version, _systemd  ->  _address  ->  _endpoint  ->  _framing  ->  _client
-        ->  _aclient  ->  _handle  ->  _core  ->  _registry  ->  _aio  ->  _server  ->  _bench  ->  _cli
-        ->  __main__
+        ->  _aclient  ->  _handle  ->  _core  ->  _registry  ->  _aio, _workers  ->  _server  ->  _bench
+        ->  _cli  ->  __main__
 
 (``__init__`` imports the public names from below ``_cli``.) Nothing but this module imports
 ``ffi`` or ``lib``, and no cdata leaves it: everything above it sees ints, bytes and Python
@@ -228,11 +228,13 @@ class Core:
     whether to stop, and the requests other threads posted to it."""
 
     def __init__(self, path: str | tuple[str, int] | None, config: ServerConfig, sock_fd: int | None = None,
-                 inet: bool = False) -> None:
+                 inet: bool = False, handoff: bool = False) -> None:
         """Binds path (a file, or "@name" in the abstract namespace; with inet, a numeric
         (host, port) to listen on with TCP), or serves on the bound socket sock_fd (a Unix
         socket, or with inet a TCP one; a duplicate of it: the caller's descriptor stays the
-        caller's)."""
+        caller's). handoff: sock_fd is instead the end of a SOCK_SEQPACKET pair over which
+        another process hands over the clients it accepted (UDS_ADOPT_HANDOFF); path then only
+        names the server."""
         raw_path = b""
         self.inet = inet  #: a TCP server
         if sock_fd is None and inet:
@@ -269,7 +271,8 @@ class Core:
         cfg.allow_uid, cfg.n_allow_uid = allow_uid, len(config.allow_uid)
         cfg.allow_gid, cfg.n_allow_gid = allow_gid, len(config.allow_gid)
         if sock_fd is not None:
-            cfg.adopt, cfg.adopt_fd = 1, sock_fd
+            cfg.adopt = lib.UDS_ADOPT_HANDOFF if handoff else lib.UDS_ADOPT_LISTENER
+            cfg.adopt_fd = sock_fd
         out = ffi.new("uds_server **")
         rc = lib.uds_server_new(out, raw_path, cfg)
         if rc < 0:
@@ -283,7 +286,7 @@ class Core:
         # port is the one the kernel picked for port 0. (The kernel's name for a socket file
         # made here is the path, except in the rare case sock.c's bind_renamed() describes.)
         self.address: str | tuple[str, int] = path if isinstance(path, str) else ""
-        if sock_fd is not None or inet:
+        if (sock_fd is not None and not handoff) or inet:
             name = _name(lib.uds_server_address, self._srv) or ""
             self.address = parse_inet_name(name) if inet else name
         # At least 4: a datagram may need three events (a peer forgotten, one new, its message).
@@ -494,6 +497,17 @@ class Core:
 
     def is_open(self) -> bool:
         return self._srv is not None
+
+    def listen_fd(self) -> int:
+        """The master socket's descriptor (the C server's own: not to be closed), -1 if none."""
+        return lib.uds_listen_fd(self._srv) if self._srv is not None else -1
+
+    def forget(self) -> None:
+        """In a process forked from the one that made this server: lets go of the C server
+        without freeing it. Freeing it would close the parent's sockets here (harmless) and
+        remove the parent's socket file (not harmless): a child never does either."""
+        self._srv = None
+        self._pending.clear()
 
     def free(self) -> None:
         """Closes everything (no events), removes the socket file if it is still ours, and

@@ -35,3 +35,9 @@ class FramingError(PyudsError, ValueError):
     """A message cannot be framed (a newline inside a line-framed message, a message too long
     for its header), or a peer sent a frame larger than allowed, or a message arrived cut short
     (a packet longer than the receive limit, or more file descriptors than could be received)."""
+
+
+class WorkerError(PyudsError):
+    """The worker processes of a server with workers could not be kept running: they died at
+    start-up again and again (an ``on_worker_start`` that raises, say). The supervisor stopped
+    and removed its socket file."""

@@ -40,6 +40,7 @@ from ._systemd import Notifier
 
 if TYPE_CHECKING:  # typing.Unpack is Python 3.11's; type checkers know typing_extensions
     from typing_extensions import Unpack
+from ._workers import Supervisor
 
 log = logging.getLogger("pyuds")
 
@@ -105,17 +106,26 @@ class Server:
         authorize: Callable[[ClientHandle], object] | None = None,
         on_connect: Callable[[ClientHandle], object] | None = None,
         on_disconnect: Callable[[ClientHandle, CloseReason], object] | None = None,
+        on_worker_start: Callable[[int], object] | None = None,
         config: ServerConfig | None = None,
         executor: Executor | None = None,
+        _handoff: bool = False,
         **options: Unpack[ServerOptions],
     ) -> None:
         config = dataclasses.replace(config or ServerConfig(), **options)
-        if (endpoint is None) == (sock is None):
+        parsed = None
+        if _handoff:  # a worker's server (see _worker_server()): endpoint only names it
+            pass
+        elif (endpoint is None) == (sock is None):
             raise TypeError("give either an endpoint or sock=, not both" if endpoint is not None
                             else "an endpoint (a socket path, tcp://HOST:PORT, ...) or sock= is required")
-        parsed = parse_endpoint(endpoint) if endpoint is not None else None
-        if parsed is not None and parsed.scheme == "fd":
-            sock, parsed = parsed.fd, None
+        else:
+            parsed = parse_endpoint(endpoint) if endpoint is not None else None
+            if parsed is not None and parsed.scheme == "fd":
+                sock, parsed = parsed.fd, None
+        if config.worker_count > 1 and executor is not None:
+            raise ValueError("executor= does not cross into worker processes: give threads=N, and each "
+                             "worker makes its own")
         self._config = config
         self._handler = handler if handler is not None else echo
         self._coroutine = _is_coroutine_function(self._handler)
@@ -143,6 +153,8 @@ class Server:
             if sock_fd < 0:
                 raise ValueError("sock is closed")
             inet = _is_inet(sock_fd)
+            if _handoff and endpoint is not None:
+                address = os.fsdecode(endpoint)
         elif inet:
             assert parsed is not None and parsed.host is not None and parsed.port is not None
             address = (resolve_listen(parsed.host, parsed.port), parsed.port)
@@ -150,18 +162,29 @@ class Server:
             assert parsed is not None
             address = parsed.path
         check_transport(config, inet)
-        self._core = Core(address, config, sock_fd, inet)
+        if config.worker_count > 1 and inet:
+            raise ValueError("workers= hands Unix-socket clients to worker processes; over TCP, run "
+                             "one server per process behind a load balancer (see the README)")
+        self._core = Core(address, config, sock_fd, inet, _handoff)
         self._address = self._core.address
         # The server's name in logs and repr: its path, "@name" or tcp://HOST:PORT.
         self._path = format_tcp(*self._address) if isinstance(self._address, tuple) else self._address
         self._notifier: Notifier | None = None
+        self._hooks = (authorize, on_connect, on_disconnect)
+        self._on_worker_start = on_worker_start
         self._registry = Registry(self._core, self, config, authorize, on_connect, on_disconnect)
+        # With workers, this process supervises: the Supervisor stands in for the loop.
+        self._pool: Supervisor | None = None
+        if config.worker_count > 1:
+            self._pool = Supervisor(self._core, config, self._path, self._worker_server, on_worker_start)
         # A server dropped without shutdown() still closes its sockets and removes its file
         # when collected, with a ResourceWarning, as an unclosed socket does.
         # Not at interpreter exit: atexit runs the last registered first, so this would free the
         # C server under a loop thread still running; _shutdown_running() stops those first.
         weakref.finalize(self, _collect, self._core, self._path).atexit = False
-        if sock_fd is not None:
+        if _handoff:
+            log.debug("worker %d serving clients of %s", os.getpid(), self._path)
+        elif sock_fd is not None:
             log.info("serving on %s (%s, inherited socket, fd %d)", self._path, self._describe(), sock_fd)
         elif inet:
             log.info("listening on %s (%s%s)", self._path, self._describe(),
@@ -199,23 +222,28 @@ class Server:
     @property
     def clients(self) -> Mapping[int, ClientHandle]:
         """Live, read-only mapping of client id to ClientHandle, for every connected client.
-        From another thread than the loop's, iterate over a copy: ``dict(server.clients)``."""
-        return self._registry.clients
+        From another thread than the loop's, iterate over a copy: ``dict(server.clients)``.
+        With workers, each worker has its own clients: the supervisor's mapping is empty."""
+        return self._pool.clients if self._pool else self._registry.clients
 
     @property
     def serving(self) -> bool:
-        return self._state == _SERVING
+        return self._pool.serving if self._pool else self._state == _SERVING
 
     @property
     def closed(self) -> bool:
-        return self._state == _CLOSED
+        return self._pool.closed if self._pool else self._state == _CLOSED
 
     def serve_forever(self) -> None:
         """Serves until shutdown() is called, or SIGINT or SIGTERM arrives (when called on the
         main thread and those signals have their default handlers), then shuts down cleanly:
         replies owed are flushed, every client and the master socket are closed, and the
         socket file is removed. With a coroutine handler, executor= or threads=, it runs an
-        asyncio event loop of its own on this thread and serve_async() in it."""
+        asyncio event loop of its own on this thread and serve_async() in it. With workers, it
+        supervises them (see pyuds._workers) and raises WorkerError if they keep dying at
+        start-up."""
+        if self._pool:
+            return self._pool.serve_forever()
         if self._coroutine or self._executor is not None or self._config.threads is not None:
             self._serve_in_own_loop()
             return
@@ -229,6 +257,8 @@ class Server:
         graceful = False
         notifier = self._notifier = Notifier()
         try:
+            if self._on_worker_start is not None:
+                self._on_worker_start(0)  # the one worker there is
             if notifier.enabled:
                 notifier.notify(f"READY=1\nSTATUS=serving on {self._path}")
             self._core.serve(self._registry, self._handler, draining=False, watchdog=notifier.watchdog())
@@ -248,6 +278,9 @@ class Server:
         call_at(): no thread, no polling. Cancelling the task that awaits it closes everything
         at once. A server serves one loop: serving it from another is a RuntimeError."""
         loop = asyncio.get_running_loop()
+        if self._pool:
+            raise RuntimeError("a server with workers is supervised by serve_forever() or start(), "
+                               "not serve_async(): each worker process runs a loop of its own")
         with self._lock:
             if self._state != _READY:
                 if self._aio_loop is not None and self._aio_loop is not loop:
@@ -267,6 +300,8 @@ class Server:
         if self._coroutine or executor is not None:
             driver.dispatcher = Dispatcher(core, registry, self._handler, config.max_in_flight, loop,
                                            driver.kick, executor, config.max_in_flight_total)
+        if self._on_worker_start is not None:
+            self._on_worker_start(0)  # the one worker there is
         self._aio = driver
         driver.start()
         notifier = self._notifier = Notifier()
@@ -331,6 +366,9 @@ class Server:
 
     def start(self) -> None:
         """Runs the server in a background thread; returns once it is serving."""
+        if self._pool:
+            _running.add(self)
+            return self._pool.start()
         with self._lock:
             if self._state != _READY or self._thread is not None:
                 raise RuntimeError(f"cannot start: the server is {self._state}")
@@ -346,6 +384,8 @@ class Server:
         thread it waits until that is done (at most timeout seconds); from inside a handler it
         returns at once and the loop stops after the current batch. Calling it again is
         harmless."""
+        if self._pool:
+            return self._pool.shutdown(timeout)
         with self._lock:
             state = self._state
             self._core.stop()
@@ -380,7 +420,11 @@ class Server:
         closed: how many connections ended for each CloseReason (``unauthorized`` counts the
         clients allow_uid / allow_gid refused at accept as well as those authorize() refused).
         A connection refused by on_connect counts as accepted and as rejected; one closed at
-        accept because of max_connections only as rejected."""
+        accept because of max_connections only as rejected. With workers: the workers' counters
+        summed (as they last reported them, at most a second ago), and under "workers" each
+        worker's own, with its id, pid and state."""
+        if self._pool:
+            return self._pool.stats()
         with self._lock:
             core = self._final_stats if self._final_stats is not None else self._core.stats()
         stats: dict[str, Any] = {}
@@ -391,8 +435,10 @@ class Server:
         return stats
 
     def broadcast(self, message: BytesLike) -> None:
-        """Sends message to every connected client. Any thread."""
+        """Sends message to every connected client (with workers: of every worker). Any thread."""
         data = self._as_bytes(message)
+        if self._pool:
+            return self._pool.broadcast(data)
         if threading.get_ident() == self._loop_ident:
             self._broadcast_now(data)
             self._poke()
@@ -406,7 +452,17 @@ class Server:
         self.shutdown()
 
     def __repr__(self) -> str:
+        if self._pool:
+            return f"<pyuds.Server {self._path!r} supervising {self._config.workers} workers>"
         return f"<pyuds.Server {self._path!r} {self._state}, {len(self._registry.clients)} clients>"
+
+    def _worker_server(self, fd: int, handoff: bool) -> Server:
+        """The server a worker process runs (pyuds._workers): clients handed over on fd, or the
+        datagram socket fd that the workers share."""
+        authorize, on_connect, on_disconnect = self._hooks
+        return Server(self._path if handoff else None, self._handler, sock=fd, authorize=authorize,
+                      on_connect=on_connect, on_disconnect=on_disconnect,
+                      config=dataclasses.replace(self._config, workers=1), _handoff=handoff)
 
     # ---- requests from any thread ----
 
@@ -568,6 +624,8 @@ class Server:
         return restore
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._pool:
+            return self._pool.request_stop(signum)
         log.info("received %s: shutting down", signal.Signals(signum).name)
         self._core.stop()
         if self._aio is not None:

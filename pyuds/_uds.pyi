@@ -33,6 +33,8 @@ class FFI:
     def offsetof(self, ctype: str, *fields: str) -> int: ...
 
 class Lib:
+    UDS_ADOPT_HANDOFF: int
+    UDS_ADOPT_LISTENER: int
     UDS_CLOSE_CLOSED: int
     UDS_CLOSE_ERROR: int
     UDS_CLOSE_EVICTED: int

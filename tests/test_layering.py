@@ -29,7 +29,7 @@ PYTHON_LAYERS = (
     {"_handle"},
     {"_core"},
     {"_registry"},
-    {"_aio"},
+    {"_aio", "_workers"},
     {"_server"},
     {"_bench"},
     {"_cli", "__init__"},

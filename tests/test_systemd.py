@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import struct
 import threading
 import time
 
@@ -35,9 +36,11 @@ class FakeSystemd:
     def __init__(self, address: str) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(b"\0" + address[1:].encode() if address.startswith("@") else address)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # who sent each, as systemd asks
         self.sock.settimeout(0.05)
         self.address = address
         self.received: list[tuple[float, str]] = []
+        self.senders: list[tuple[str, int]] = []  # (datagram, sender's pid)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._listen, daemon=True)
         self._thread.start()
@@ -45,10 +48,13 @@ class FakeSystemd:
     def _listen(self) -> None:
         while not self._stop.is_set():
             try:
-                data = self.sock.recv(4096)
+                data, ancillary, _flags, _addr = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
             except socket.timeout:
                 continue
+            pid = next((struct.unpack("iII", cdata[:12])[0] for level, kind, cdata in ancillary
+                        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS), -1)
             self.received.append((time.monotonic(), data.decode()))
+            self.senders.append((data.decode(), pid))
 
     def states(self, name: str) -> list[float]:
         """When each datagram holding the assignment name came."""
@@ -137,3 +143,44 @@ def test_notifier_reads_the_environment():
     assert n.watchdog_interval == 1.0 and n.watchdog().poll_ms == 500
     assert Notifier({"WATCHDOG_USEC": "2000000"}).watchdog() is None  # nowhere to send it
     assert not Notifier({"NOTIFY_SOCKET": "/nonexistent/notify"}).notify("READY=1")  # logged, not raised
+
+
+def test_with_workers_systemd_hears_from_the_supervisor_only(spawn, systemd, sock_path):
+    """pyuds serve --workers 2 under Type=notify: READY=1, the watchdog pings and STOPPING=1 come
+    from the supervisor (the service's main process); the workers send nothing."""
+    fake = systemd()
+    server = spawn([sock_path, "--workers", "2"], env=serve_env(fake.address, WATCHDOG_USEC=str(WATCHDOG_USEC)))
+    wait_until(lambda: fake.states("READY=1"), timeout=START_TIMEOUT)
+    for _ in range(4):  # served (by the workers)
+        with pyuds.connect(sock_path, timeout=5) as conn:
+            assert conn.request(b"x") == b"x"
+    time.sleep(0.8)
+    assert server.signal(signal.SIGTERM) == 0
+    wait_until(lambda: fake.states("STOPPING=1"))
+    senders = {pid for _text, pid in fake.senders}
+    assert senders == {server.pid}, (senders, server.pid)
+    assert len(fake.states("READY=1")) == 1 and len(fake.states("WATCHDOG=1")) >= 2
+
+
+def test_serve_async_notifies_too(systemd, sock_path, monkeypatch):
+    """serve_async() tells systemd as serve_forever() does: READY=1 once serving, WATCHDOG=1
+    from a timer of the loop itself, STOPPING=1 at shutdown."""
+    import asyncio
+
+    fake = systemd()
+    monkeypatch.setenv("NOTIFY_SOCKET", fake.address)
+    monkeypatch.setenv("WATCHDOG_USEC", str(WATCHDOG_USEC))
+
+    async def main() -> None:
+        async with pyuds.Server(sock_path) as server:
+            serving = asyncio.create_task(server.serve_async())
+            while not fake.states("READY=1"):
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.8)
+            assert not fake.states("STOPPING=1")
+        await serving
+
+    asyncio.run(asyncio.wait_for(main(), 20))
+    wait_until(lambda: fake.states("STOPPING=1"))
+    assert len(fake.states("WATCHDOG=1")) >= 2
+    assert {pid for _text, pid in fake.senders} == {os.getpid()}

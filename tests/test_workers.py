@@ -1,0 +1,420 @@
+"""Worker processes under a supervisor (pyuds._workers): real processes, real signals sent by
+pid, real clients. Every wait is bounded, and every process a test starts (the supervisor, and
+the workers it forks, found through /proc) is killed by its pid at the end if still alive."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Iterator
+
+import pytest
+
+import pyuds
+
+APP = '''
+import atexit, os, time
+
+def handle(client, message):
+    if message == b"stick":
+        time.sleep(3600)  # a loop stuck in a handler
+    if message.startswith(b"slow"):
+        time.sleep(0.3)
+    return b"%d:%s" % (os.getpid(), message)
+
+def boom(worker_id):
+    raise RuntimeError("cannot open the database")
+
+def mark(worker_id):
+    here = os.path.dirname(os.path.abspath(__file__))
+    open(os.path.join(here, "started-%d-%d" % (worker_id, os.getpid())), "w").close()
+    stopped = os.path.join(here, "stopped-%d-%d" % (worker_id, os.getpid()))
+    atexit.register(lambda: open(stopped, "w").close())  # runs as the worker exits
+'''
+
+DEADLINE = 15.0  # seconds any one wait may take
+
+
+def wait_for(predicate, timeout: float = DEADLINE, what: str = "condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def children(pid: int) -> set[int]:
+    """The processes pid forked that are still alive."""
+    found: set[int] = set()
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found.update(int(p) for p in f.read().split())
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def reply_pid(conn: pyuds.Connection, message: bytes = b"x") -> int:
+    pid, _, echoed = conn.request(message).partition(b":")
+    assert echoed == message
+    return int(pid)
+
+
+class Supervised:
+    """A `pyuds serve --workers ...` process and what it forked."""
+
+    def __init__(self, sockdir: str, args: list[str], kind: str = "stream") -> None:
+        with open(os.path.join(sockdir, "app.py"), "w") as f:
+            f.write(APP)
+        self.path = os.path.join(sockdir, "w.sock")
+        self.kind = kind
+        self.log = open(os.path.join(sockdir, "serve.log"), "w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "pyuds", "serve", self.path, "--handler", "app:handle",
+                                      "--kind", kind, *args], cwd=sockdir, stdout=self.log, stderr=subprocess.STDOUT)
+        self.seen: set[int] = set()  # every worker pid seen, to kill at the end
+
+    def workers(self) -> set[int]:
+        pids = children(self.proc.pid)
+        self.seen |= pids
+        return pids
+
+    def connect(self) -> pyuds.Connection:
+        return pyuds.connect(self.path, kind=self.kind, timeout=DEADLINE)
+
+    def wait_serving(self, workers: int) -> None:
+        def ready() -> bool:
+            try:
+                with self.connect() as conn:
+                    reply_pid(conn)
+            except OSError:
+                return False
+            return len(self.workers()) == workers
+        wait_for(ready, what=f"{workers} workers serving")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def close(self) -> None:
+        self.workers()
+        for pid in [self.proc.pid, *self.seen]:
+            with contextlib.suppress(ProcessLookupError):
+                if pid == self.proc.pid and self.proc.poll() is not None:
+                    continue
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(DEADLINE)
+        for pid in self.seen:  # workers are the supervisor's to reap; once it is gone, init's
+            wait_for(lambda: not alive(pid), what=f"worker {pid} gone")
+        self.log.close()
+
+
+@pytest.fixture
+def supervised(sockdir: str) -> Iterator:
+    started: list[Supervised] = []
+
+    def start(*args: str, kind: str = "stream") -> Supervised:
+        sup = Supervised(sockdir, list(args), kind)
+        started.append(sup)
+        return sup
+
+    yield start
+    for sup in started:
+        sup.close()
+
+
+class Load(threading.Thread):
+    """A client sending requests one at a time as fast as it can, each checked. A connection
+    the server closes before the reply (a worker that stops) is opened again and the request
+    sent again; any other failure, a wrong reply or a timeout is an error."""
+
+    def __init__(self, sup: Supervised, name: str) -> None:
+        super().__init__(daemon=True)
+        self.sup, self.tag = sup, name.encode()
+        self.stop = threading.Event()
+        self.answered = self.reconnects = 0
+        self.errors: list[str] = []
+        self.pids: list[int] = []  # the worker that answered each request
+        self.gone = False  # the server is gone (nothing listens any more)
+
+    def run(self) -> None:
+        conn = None
+        i = 0
+        while not self.stop.is_set():
+            message = b"%s-%d" % (self.tag, i)
+            reply = None
+            for _attempt in range(50):
+                try:
+                    if conn is None:
+                        conn = self.sup.connect()
+                    reply = conn.request(message)
+                    break
+                except TimeoutError:
+                    self.errors.append(f"{message!r}: no reply in time")
+                    return
+                except (FileNotFoundError, ConnectionRefusedError):
+                    self.gone = True
+                    return
+                except (pyuds.ConnectionClosedError, ConnectionError):
+                    if conn is not None:
+                        conn.close()
+                    conn, self.reconnects = None, self.reconnects + 1
+            if reply is None:
+                self.errors.append(f"{message!r}: no reply after 50 connections")
+                return
+            pid, _, echoed = reply.partition(b":")
+            if echoed != message:
+                self.errors.append(f"{message!r}: wrong reply {reply!r}")
+                return
+            self.pids.append(int(pid))
+            self.answered += 1
+            i += 1
+        if conn is not None:
+            conn.close()
+
+
+def run_load(sup: Supervised, n: int) -> list[Load]:
+    loads = [Load(sup, f"c{k}") for k in range(n)]
+    for load in loads:
+        load.start()
+    wait_for(lambda: all(load.answered > 20 for load in loads), what="load running")
+    return loads
+
+
+def stop_load(loads: list[Load]) -> None:
+    for load in loads:
+        load.stop.set()
+    for load in loads:
+        load.join(DEADLINE)
+        assert not load.is_alive()
+
+
+# ---- the tests -----------------------------------------------------------------------------
+
+
+def test_each_of_n_workers_answers_from_its_own_process(supervised):
+    sup = supervised("--workers", "3")
+    sup.wait_serving(3)
+    workers = sup.workers()
+    conns = [sup.connect() for _ in range(30)]
+    try:
+        pids = [reply_pid(conn) for conn in conns]
+    finally:
+        for conn in conns:
+            conn.close()
+    assert set(pids) == workers and sup.proc.pid not in pids
+    # Least-loaded first: 30 clients at once are spread evenly.
+    assert sorted(pids.count(pid) for pid in workers) == [10, 10, 10]
+
+
+def test_a_worker_killed_is_replaced_and_other_clients_do_not_notice(supervised):
+    sup = supervised("--workers", "2")
+    sup.wait_serving(2)
+    conns = [sup.connect() for _ in range(6)]
+    try:
+        by_pid: dict[int, list[pyuds.Connection]] = {}
+        for conn in conns:
+            by_pid.setdefault(reply_pid(conn), []).append(conn)
+        victim, survivor = sorted(by_pid)
+        os.kill(victim, signal.SIGKILL)
+        for conn in by_pid[victim]:  # its own clients lose their connection ...
+            with pytest.raises((pyuds.ConnectionClosedError, ConnectionError)):
+                conn.request(b"x")
+        for round_ in range(20):  # ... the others go on as if nothing happened
+            for conn in by_pid[survivor]:
+                assert reply_pid(conn, b"r%d" % round_) == survivor
+        replacement = wait_for(lambda: sup.workers() - {survivor, victim}, what="a replacement")
+        assert len(replacement) == 1 and victim not in sup.workers()
+        sup.wait_serving(2)
+    finally:
+        for conn in conns:
+            conn.close()
+    assert "was killed by SIGKILL; starting another" in sup.output()
+
+
+def test_sighup_under_load_replaces_every_worker_without_a_failed_request(supervised):
+    sup = supervised("--workers", "2")
+    sup.wait_serving(2)
+    old = sup.workers()
+    loads = run_load(sup, 6)
+    os.kill(sup.proc.pid, signal.SIGHUP)
+    wait_for(lambda: len(sup.workers()) == 2 and not sup.workers() & old, what="every worker replaced")
+    new = sup.workers()
+    marks = [load.answered for load in loads]
+    wait_for(lambda: all(load.answered > mark + 20 for load, mark in zip(loads, marks)), what="load after reload")
+    stop_load(loads)
+    assert [e for load in loads for e in load.errors] == []
+    late = [pid for load, mark in zip(loads, marks) for pid in load.pids[mark + 5:]]
+    assert set(late) <= new  # after the reload, only new workers answer
+    assert {pid for load in loads for pid in load.pids} & old  # (and the old ones did before it)
+    os.kill(sup.proc.pid, signal.SIGTERM)
+    assert sup.proc.wait(DEADLINE) == 0
+
+
+def test_sigterm_under_load_answers_what_was_sent_exits_0_and_removes_the_file(supervised):
+    sup = supervised("--workers", "2")
+    sup.wait_serving(2)
+    loads = run_load(sup, 4)
+    slow = [sup.connect() for _ in range(4)]
+    try:
+        for k, conn in enumerate(slow):
+            conn.send(b"slow%d" % k)  # each takes its handler 0.3 s
+        time.sleep(0.1)  # (arrived)
+        os.kill(sup.proc.pid, signal.SIGTERM)
+        replies = [conn.recv() for conn in slow]
+        assert [r.partition(b":")[2] for r in replies] == [b"slow%d" % k for k in range(4)]
+        for conn in slow:
+            with pytest.raises(pyuds.ConnectionClosedError):
+                conn.recv()
+    finally:
+        for conn in slow:
+            conn.close()
+    assert sup.proc.wait(DEADLINE) == 0
+    assert not os.path.exists(sup.path)
+    wait_for(lambda: all(load.gone or not load.is_alive() for load in loads), what="load stopped")
+    stop_load(loads)
+    assert [e for load in loads for e in load.errors] == []
+    assert "stopped " + sup.path in sup.output()
+
+
+def test_workers_dying_at_start_up_stop_the_supervisor_with_a_clear_error(supervised):
+    sup = supervised("--workers", "2", "--on-worker-start", "app:boom")
+    assert sup.proc.wait(DEADLINE) == 1
+    out = sup.output()
+    assert "pyuds serve: workers keep dying at start-up (5 in a row" in out
+    assert "RuntimeError: cannot open the database" in out  # why, from the worker
+    assert not os.path.exists(sup.path)
+
+
+def test_sigttin_and_sigttou_add_and_remove_a_worker(supervised):
+    sup = supervised("--workers", "2")
+    sup.wait_serving(2)
+    os.kill(sup.proc.pid, signal.SIGTTIN)
+    sup.wait_serving(3)
+    os.kill(sup.proc.pid, signal.SIGTTOU)  # (one at a time: two at once may arrive as one)
+    sup.wait_serving(2)
+    os.kill(sup.proc.pid, signal.SIGTTOU)
+    sup.wait_serving(1)
+    os.kill(sup.proc.pid, signal.SIGTTOU)  # the last one stays
+    time.sleep(0.3)
+    sup.wait_serving(1)
+    assert "SIGTTOU: keeping the last worker" in sup.output()
+
+
+def test_a_stuck_worker_is_killed_and_replaced(supervised):
+    sup = supervised("--workers", "2", "--worker-timeout", "1")
+    sup.wait_serving(2)
+    a, b = sup.connect(), sup.connect()
+    try:
+        pa, pb = reply_pid(a), reply_pid(b)
+        assert pa != pb
+        a.send(b"stick")
+        wait_for(lambda: pa not in sup.workers(), timeout=5, what="the stuck worker killed")
+        assert reply_pid(b) == pb  # the other worker's client is served throughout
+        sup.wait_serving(2)
+    finally:
+        a.close()
+        b.close()
+    assert "no heartbeat for 1s (its loop is stuck): killing it" in sup.output()
+
+
+@pytest.mark.parametrize("kind", ["seqpacket", "datagram"])
+def test_other_kinds_with_workers(supervised, kind):
+    sup = supervised("--workers", "2", kind=kind)
+    sup.wait_serving(2)
+    workers = sup.workers()
+    for _ in range(20):
+        with sup.connect() as conn:
+            assert reply_pid(conn) in workers
+    os.kill(sup.proc.pid, signal.SIGTERM)
+    assert sup.proc.wait(DEADLINE) == 0
+    assert not os.path.exists(sup.path)
+
+
+def test_api_stats_broadcast_on_worker_start_and_shutdown(sockdir):
+    """In this process: start() supervises from a thread; the workers are forked from here.
+    on_worker_start runs in each, and the atexit functions it registers run as it exits."""
+    sys.path.insert(0, sockdir)
+    with open(os.path.join(sockdir, "app.py"), "w") as f:
+        f.write(APP)
+    try:
+        import app  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(sockdir)
+    path = os.path.join(sockdir, "a.sock")
+    server = pyuds.Server(path, app.handle, workers=2, on_worker_start=app.mark)
+    pids: set[int] = set()
+    conns: list[pyuds.Connection] = []
+    started: list[str] = []
+    try:
+        server.start()
+        wait_for(lambda: len([w for w in server.stats()["workers"] if w["state"] == "serving"]) == 2,
+                 what="workers serving")
+        pids = {w["pid"] for w in server.stats()["workers"]}
+        conns = [pyuds.connect(path, timeout=DEADLINE) for _ in range(4)]
+        assert {reply_pid(conn) for conn in conns} == pids
+        stats = wait_for(lambda: (lambda s: s if s["messages_in"] == 4 else None)(server.stats()),
+                         what="counters reported")
+        assert stats["connections_current"] == 4 and [w["messages_in"] for w in stats["workers"]] == [2, 2]
+        assert sorted(w["id"] for w in stats["workers"]) == [0, 1] and server.clients == {}
+        server.broadcast(b"to all")
+        assert [conn.recv() for conn in conns] == [b"to all"] * 4
+        started = sorted(name for name in os.listdir(sockdir) if name.startswith("started-"))
+        assert started == sorted(f"started-{w['id']}-{w['pid']}" for w in stats["workers"])
+    finally:
+        for conn in conns:
+            conn.close()
+        server.shutdown(timeout=DEADLINE)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert server.closed and not os.path.exists(path)
+    assert server.stats()["messages_in"] == 4  # the workers' final counts
+    stopped = sorted(name for name in os.listdir(sockdir) if name.startswith("stopped-"))
+    assert stopped == [name.replace("started", "stopped") for name in started]
+
+
+def test_an_inherited_socket_with_workers_is_never_removed(sockdir):
+    path = os.path.join(sockdir, "i.sock")
+    own = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    own.bind(path)
+    server = pyuds.Server(sock=own, workers=2)
+    pids: set[int] = set()
+    try:
+        server.start()
+        wait_for(lambda: len([w for w in server.stats()["workers"] if w["state"] == "serving"]) == 2,
+                 what="workers serving")
+        pids = {w["pid"] for w in server.stats()["workers"]}
+        with pyuds.connect(path, timeout=DEADLINE) as conn:
+            assert conn.request(b"hi") == b"hi"
+    finally:
+        server.shutdown(timeout=DEADLINE)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert os.path.exists(path)  # the owner's, not ours
+    own.close()
+
+
+def test_workers_option_is_checked():
+    assert pyuds.ServerConfig(workers="auto").workers == len(os.sched_getaffinity(0))
+    with pytest.raises(ValueError, match="workers must be a number of processes or 'auto'"):
+        pyuds.ServerConfig(workers="many")
+    with pytest.raises(ValueError, match="workers must be between 1"):
+        pyuds.ServerConfig(workers=0)
+    with pytest.raises(ValueError, match="worker_timeout must be at least 0.1"):
+        pyuds.ServerConfig(worker_timeout=0)
