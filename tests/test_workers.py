@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -95,14 +96,24 @@ class Supervised:
     def connect(self) -> pyuds.Connection:
         return pyuds.connect(self.path, kind=self.kind, timeout=DEADLINE)
 
+    def serving_pids(self) -> set[int]:
+        """The workers the supervisor has logged as serving (each told it it was ready)."""
+        return {int(pid) for pid in re.findall(r"\(pid (\d+)\) is serving", self.output())}
+
     def wait_serving(self, workers: int) -> None:
+        """Waits until there are that many workers, each of them serving as far as the
+        supervisor knows (a worker that has not told it yet gets no clients), and a client is
+        answered."""
         def ready() -> bool:
+            pids = self.workers()
+            if len(pids) != workers or not pids <= self.serving_pids():
+                return False
             try:
                 with self.connect() as conn:
                     reply_pid(conn)
             except OSError:
                 return False
-            return len(self.workers()) == workers
+            return True
         wait_for(ready, what=f"{workers} workers serving")
 
     def output(self) -> str:
