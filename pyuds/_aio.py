@@ -240,6 +240,7 @@ class Dispatcher:
             flight = self._flights[client] = Flight()
             flight.next = 1
             self._running(client, flight, 0, task)
+            self._hold(client, flight)
             return None
         if flight is None:
             flight = self._flights[client] = Flight()
@@ -277,7 +278,6 @@ class Dispatcher:
         flight.running[number] = task
         self._total += 1
         task.add_done_callback(lambda t: self._finished(client, flight, number, t))
-        self._hold(client, flight)
 
     # ---- handlers finishing ----
 

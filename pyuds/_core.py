@@ -590,11 +590,8 @@ class Core:
                 else:
                     reply = other(client, reply)
                     reply, length = (b"", -1) if reply is None else (reply, len(reply))
-            elif n <= SMALL_BATCH or not out[ALL_PACKED]:
-                self._first = 0
-                self._dispatch_events(n, out[ANY_FDS])
             else:
-                self._serve_packed(n)
+                self._dispatch(n)
             if pending:
                 if length >= 0:  # what other threads send goes after it
                     self._reply_to_one(client, reply, length)
@@ -610,7 +607,7 @@ class Core:
         epoll_fd(), whose other work must not wait long. Small replies leave as they are
         queued; the others with the next call, which timeout() then asks for at once."""
         self._registry, self._handler = registry, handler
-        srv, events, cap, batch, out = self._srv, self._events, self._cap, self._batch, self._batch_out
+        srv, events, cap, batch = self._srv, self._events, self._cap, self._batch
         until = monotonic() + seconds
         for _ in range(turns):
             if monotonic() > until:
@@ -619,11 +616,7 @@ class Core:
             if n <= 0:
                 check(n)
                 break
-            if n <= SMALL_BATCH or not out[ALL_PACKED]:
-                self._first = 0
-                self._dispatch_events(n, out[ANY_FDS])
-            else:
-                self._serve_packed(n)
+            self._dispatch(n)
             if self._pending:
                 self.run_posted()
             if n < cap:
@@ -634,6 +627,16 @@ class Core:
                 break
         if self._pending:
             self.run_posted()
+
+    def _dispatch(self, n: int) -> None:
+        """A batch of n events that is not one message alone: packed small messages taken
+        whole, anything else event by event."""
+        out = self._batch_out
+        if n <= SMALL_BATCH or not out[ALL_PACKED]:
+            self._first = 0
+            self._dispatch_events(n, out[ANY_FDS])
+        else:
+            self._serve_packed(n)
 
     def _serve_packed(self, n: int) -> None:
         """A batch of n small messages, their payloads packed back to back: the per-message

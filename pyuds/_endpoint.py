@@ -58,9 +58,14 @@ class Endpoint:
         return format_tcp(str(self.host), int(self.port or 0))
 
 
+def format_hostport(host: str, port: int) -> str:
+    """``HOST:PORT``, an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def format_tcp(host: str, port: int) -> str:
     """``tcp://HOST:PORT``, an IPv6 host in brackets."""
-    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+    return "tcp://" + format_hostport(host, port)
 
 
 def parse_endpoint(endpoint: EndpointLike) -> Endpoint:

@@ -11,6 +11,7 @@ import time
 from typing import Any, Iterable, NamedTuple, Protocol, Union
 
 from ._client import FdLike, close_fds
+from ._endpoint import format_hostport
 from ._framing import BytesLike
 
 
@@ -175,8 +176,7 @@ class ClientHandle:
     def _describe(self) -> str:
         """Who the client is, for the log: "pid 12, uid 1000, gid 1000" or "192.0.2.7:51234"."""
         if self._inet is not None:
-            return f"{self._inet.host}:{self._inet.port}" if ":" not in self._inet.host \
-                else f"[{self._inet.host}]:{self._inet.port}"
+            return format_hostport(*self._inet)
         return f"pid {self._pid}, uid {self._uid}, gid {self._gid}"
 
     @property
