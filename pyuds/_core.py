@@ -603,15 +603,14 @@ class Core:
     def serve_ready(self, registry: Registry, handler: Handler, turns: int, seconds: float) -> None:
         """Serves what is ready without waiting: turns polled with timeout 0, each dispatched as
         serve() does, until one finds less than a full batch, or turns are done, or seconds have
-        passed (then timeout() is 0 if more waits). For a caller that waits in an event loop of its own on
-        epoll_fd(), whose other work must not wait long. Small replies leave as they are
-        queued; the others with the next call, which timeout() then asks for at once."""
+        passed by the end of one (the first always runs; then timeout() is 0 if more waits). For
+        a caller that waits in an event loop of its own on epoll_fd(), whose other work must not
+        wait long. Small replies leave as they are queued; the others with the next call, which
+        timeout() then asks for at once."""
         self._registry, self._handler = registry, handler
         srv, events, cap, batch = self._srv, self._events, self._cap, self._batch
         until = monotonic() + seconds
         for _ in range(turns):
-            if monotonic() > until:
-                break
             n = lib.uds_poll_batch(srv, events, cap, 0, batch)
             if n <= 0:
                 check(n)
@@ -619,11 +618,12 @@ class Core:
             self._dispatch(n)
             if self._pending:
                 self.run_posted()
-            if n < cap:
+            if n < cap or monotonic() > until:
                 # Less than a full batch: epoll had nothing more at that moment. Another poll
                 # now would most likely find nothing and cost a system call per wake-up; what
                 # the turn left to do (output queued, frames unparsed) makes timeout() 0, and new
-                # readiness wakes the caller's loop.
+                # readiness wakes the caller's loop. Or the time is up: the same holds for what
+                # is left, served by the caller's next call.
                 break
         if self._pending:
             self.run_posted()

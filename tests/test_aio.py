@@ -11,6 +11,7 @@ import os
 import random
 import socket
 import struct
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +56,31 @@ def read_frames(sock: socket.socket, n: int) -> list[bytes]:
         (length,) = struct.unpack(">I", recv_exactly(sock, 4))
         out.append(recv_exactly(sock, length))
     return out
+
+
+# Clients that each send all their requests before reading a reply, then check every reply:
+# python -c PIPELINING_CLIENTS PATH CLIENTS REQUESTS (exit status 0 if every reply was right).
+PIPELINING_CLIENTS = """
+import asyncio, struct, sys
+path, clients, requests = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+async def client(i):
+    reader, writer = await asyncio.open_unix_connection(path)
+    sent = [b"%d-%d" % (i, k) for k in range(requests)]
+    for m in sent:
+        writer.write(struct.pack(">I", len(m)) + m)
+    await writer.drain()
+    for m in sent:
+        (length,) = struct.unpack(">I", await reader.readexactly(4))
+        if await reader.readexactly(length) != m:
+            raise SystemExit(f"client {i}: a wrong reply")
+    writer.close()
+
+async def main():
+    await asyncio.gather(*(client(i) for i in range(clients)))
+
+asyncio.run(main())
+"""
 
 
 # ---- ordering and bounds ----------------------------------------------------------------------
@@ -143,6 +169,109 @@ def test_max_in_flight_total_bounds_the_handlers_running_across_clients(loop_kin
     run(loop_kind, main)
     assert most.pop("all") == 10
     assert len(most) == 6 and max(most.values()) <= 4
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_many_clients_queued_for_room_are_all_answered_in_order(loop_kind, sock_path):
+    """Thirty clients of another process, each pipelining 300 requests to a handler that
+    suspends, with room for 3 handlers across them: clients wait for room again and again,
+    their queues emptying and filling, the first done while the others still wait; every
+    client gets every reply, in order."""
+    async def handler(client, message):
+        await asyncio.sleep(0)
+        return message
+
+    async def main():
+        async with pyuds.Server(sock_path, handler, max_in_flight=2, max_in_flight_total=3) as server:
+            await serving(server)
+            proc = await asyncio.create_subprocess_exec(sys.executable, "-c", PIPELINING_CLIENTS, sock_path, "30", "300")
+            return await proc.wait()
+
+    assert run(loop_kind, main, timeout=30) == 0
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+@pytest.mark.parametrize("suspends", [False, True], ids=["finishing", "suspending"])
+def test_another_task_runs_while_a_burst_is_dispatched(loop_kind, sock_path, suspends):
+    """One client sends 300 requests at once, each of whose handlers keeps the loop busy in
+    its first step (a blocking sleep of a millisecond: CPU work, as the loop sees it). The C
+    loop hands over up to 128 of one connection's messages per turn, but the driver's callback
+    stops starting handlers once its time is up (a few milliseconds) and leaves the rest to
+    its next one: another task of the loop runs between every few handlers, never after 64 in
+    a row. The replies keep their order, and with handlers that suspend no more than
+    max_in_flight of them run at once."""
+    events: list[str] = []
+    running = [0, 0]  # now, most
+
+    async def handler(client, message):
+        time.sleep(0.001)  # (blocks the loop, on purpose)
+        events.append("handler")
+        if suspends:
+            running[0] += 1
+            running[1] = max(running)
+            await asyncio.sleep(0)
+            running[0] -= 1
+        return message
+
+    messages = [b"m%d" % k for k in range(300)]
+
+    def client() -> list[bytes]:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(30)
+            sock.connect(sock_path)
+            sock.sendall(b"".join(frame(m) for m in messages))
+            return read_frames(sock, len(messages))
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        async with pyuds.Server(sock_path, handler, max_in_flight=4) as server:
+            await serving(server)
+            done = False
+
+            async def other() -> None:
+                while not done:
+                    events.append("other")
+                    await asyncio.sleep(0)
+
+            ticking = asyncio.create_task(other())
+            replies = await loop.run_in_executor(None, client)
+            done = True
+            await ticking
+            return replies
+
+    assert run(loop_kind, main, timeout=60) == messages
+    assert events.count("handler") == len(messages)
+    in_a_row = max(len(run_) for run_ in "".join("h" if e == "handler" else " " for e in events).split())
+    assert in_a_row < 64
+    if suspends:
+        assert 1 <= running[1] <= 4
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_a_handler_that_cancels_its_task_then_suspends_ends_cancelled(loop_kind, sock_path):
+    """A handler that cancels its own task in its first step and then awaits gets the
+    cancellation at that await, as in any task: no reply for it, the next requests answered."""
+    async def handler(client, message):
+        if message == b"cancel":
+            asyncio.current_task().cancel()
+            await asyncio.sleep(0)
+            return b"not reached"
+        await asyncio.sleep(0)
+        return message
+
+    def client() -> list[bytes]:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(sock_path)
+            sock.sendall(b"".join(frame(m) for m in (b"a", b"cancel", b"b", b"cancel", b"c")))
+            return read_frames(sock, 3)
+
+    async def main():
+        async with pyuds.Server(sock_path, handler) as server:
+            await serving(server)
+            return await asyncio.get_running_loop().run_in_executor(None, client)
+
+    assert run(loop_kind, main, timeout=20) == [b"a", b"b", b"c"]
 
 
 def test_max_in_flight_total_bounds_executor_handlers(sock_path):
