@@ -194,11 +194,13 @@ else:
         def untouched(self) -> bool:
             """Whether the task is as it was made: no context variable set in it, no
             cancellation asked of it, its first step not run (it would then be done)."""
-            if self.task.done() or self.task.cancelling():
+            task = self.task
+            if task.done() or task.cancelling():
                 return False
-            items = self.context.items() if len(self.context) else ()
-            return len(self.context) == len(self.vars) and all(
-                k is k0 and v is v0 for (k, v), (k0, v0) in zip(items, self.vars))
+            n = len(self.context)
+            # (No variable at all, the common case, is told without walking them: once a message.)
+            return n == len(self.vars) and (n == 0 or all(
+                k is k0 and v is v0 for (k, v), (k0, v0) in zip(self.context.items(), self.vars)))
 
     class EagerStarter:
         """Runs handlers' first steps at once, each as the current task of the loop
