@@ -8,12 +8,18 @@ before any reply is read), and checks every reply. Printed: the longest and the 
 hold-off of the ticking task while the load ran, the longest in a second before it (what the
 machine's other work costs alone), and the load's rate.
 
+--heap N gives the server N long-lived objects of its own first (an application's data: a
+full collection of the cyclic garbage collector walks them all); with --gc-freeze, the server
+calls gc.freeze() once it is set up, before the load, as the README's asyncio section advises.
+
 Run: python benchmarks/aio_holdoff.py [--loop uvloop|asyncio] [--clients 100] [--requests 1000]
+                                      [--heap N] [--gc-freeze]
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import subprocess
 import sys
@@ -43,7 +49,7 @@ def load(path: str, clients: int, requests: int) -> None:
     asyncio.run(main())
 
 
-async def serve(path: str, clients: int, requests: int) -> dict:
+async def serve(path: str, clients: int, requests: int, heap: int, freeze: bool) -> dict:
     async def handler(client, message):
         await asyncio.sleep(0)
         return message
@@ -61,6 +67,9 @@ async def serve(path: str, clients: int, requests: int) -> dict:
             late.append(loop.time() - before - TICK)
 
     ticking = asyncio.create_task(ticker())
+    data = [[i] for i in range(heap)]  # the application's own, alive until the end
+    if freeze:
+        gc.freeze()  # what is there now (modules, the server, data) is never collected again
     await asyncio.sleep(1.0)  # no load: how late the machine itself makes the wake-ups
     late.sort()
     idle_max = late[-1] * 1e3
@@ -76,6 +85,7 @@ async def serve(path: str, clients: int, requests: int) -> dict:
     await ticking
     await server.shutdown_async()
     await serving
+    del data
     late.sort()
     return {"rc": rc, "seconds": took, "idle_max_ms": idle_max, "max_ms": late[-1] * 1e3, "p99_ms": late[int(len(late) * 0.99)] * 1e3,
             "ticks": len(late), "msgs_per_s": clients * requests / took}
@@ -86,6 +96,8 @@ def main() -> int:
     ap.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     ap.add_argument("--clients", type=int, default=100)
     ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--heap", type=int, default=0, help="long-lived objects the server holds (default 0)")
+    ap.add_argument("--gc-freeze", action="store_true", help="gc.freeze() in the server before the load")
     ap.add_argument("--load", metavar="PATH", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.load:
@@ -97,10 +109,11 @@ def main() -> int:
         path = os.path.join(tmp, "h.sock")
         if args.loop == "uvloop":
             import uvloop
-            result = uvloop.run(serve(path, args.clients, args.requests))
+            result = uvloop.run(serve(path, args.clients, args.requests, args.heap, args.gc_freeze))
         else:
-            result = asyncio.run(serve(path, args.clients, args.requests))
-    print(f"{args.loop}, Python {sys.version.split()[0]}: {args.clients} clients x {args.requests} pipelined "
+            result = asyncio.run(serve(path, args.clients, args.requests, args.heap, args.gc_freeze))
+    extra = (f", {args.heap:,} objects held" if args.heap else "") + (", gc.freeze()" if args.gc_freeze else "")
+    print(f"{args.loop}{extra}, Python {sys.version.split()[0]}: {args.clients} clients x {args.requests} pipelined "
           f"requests to a handler awaiting asyncio.sleep(0): {result['msgs_per_s']:,.0f} msgs/s; "
           f"another task's wake-ups ({result['ticks']} of them) late by at most {result['max_ms']:.1f} ms "
           f"(p99 {result['p99_ms']:.2f} ms; at most {result['idle_max_ms']:.1f} ms in a second without load); "
