@@ -397,7 +397,10 @@ class Dispatcher:
         results, submitted, ends, finished = self._results, self._submitted, self._ends, self._finished
         while results:
             future = results.popleft()
-            client, flight, number = submitted.pop(future)
+            request = submitted.pop(future, None)
+            if request is None:
+                continue  # (handed over after cancel_all())
+            client, flight, number = request
             if future.cancelled():
                 finished(client, flight, number, None, None)
             elif (error := future.exception()) is not None:
