@@ -202,6 +202,7 @@ class Supervisor:
         self._listener: socket.socket | None = None
         self._accepting = False
         self._accept_paused_until = 0.0  # accept() failed (out of descriptors): try again then
+        self._accept_failures = 0  # ... and how many times in a row it did
         self._moves = config.reload_clients == "move"  # a worker replaced hands its clients back
         # Clients handed back by workers that stop, waiting for a serving worker's pair to have
         # room: (socket, until when it may wait).
@@ -626,9 +627,15 @@ class Supervisor:
             except BlockingIOError:
                 return
             except OSError as exc:  # out of descriptors, say: the backlog keeps them meanwhile
-                log.warning("accept() failed on %s: %s; accepting again in %gs", self._address, exc, TICK)
+                if not self._accept_failures:  # (said once a pause: tried again every TICK)
+                    log.warning("accept() failed on %s: %s; clients wait in the backlog, accepting again "
+                                "every %gs until it works", self._address, exc, TICK)
+                self._accept_failures += 1
                 self._accept_paused_until = time.monotonic() + TICK
                 return
+            if self._accept_failures:
+                log.info("accepting on %s again (after %d failed attempts)", self._address, self._accept_failures)
+                self._accept_failures = 0
             with conn:
                 self._hand_over_accepted(conn)
 

@@ -27,6 +27,8 @@ def handle(client, message):
         time.sleep(3600)  # a loop stuck in a handler
     if message.startswith(b"slow"):
         time.sleep(0.3)
+    if message == b"nap":
+        time.sleep(2)  # a loop busy for a while (its handoff queue fills)
     return b"%d:%s" % (os.getpid(), message)
 
 async def ahandle(client, message):  # up to max_in_flight of a client's requests at once
@@ -514,6 +516,79 @@ def test_a_frame_not_finished_within_flush_timeout_at_reload_is_closed(supervise
     finally:
         conn.close()
         other.close()
+
+
+def test_with_every_handoff_pair_full_a_client_is_closed_and_serving_goes_on(supervised):
+    """Both workers busy in a handler: the clients accepted meanwhile queue on their handoff
+    pairs until those are full; the next one is closed (with a warning), the supervisor goes
+    on, and once the workers are back every client queued is served, and new ones too."""
+    sup = supervised("--workers", "2")
+    sup.wait_serving(2)
+    by_pid: dict[int, pyuds.Connection] = {}
+    spare: list[pyuds.Connection] = []
+    conns: list[pyuds.Connection] = []
+    try:
+        while len(by_pid) < 2:  # a client of each worker
+            conn = sup.connect()
+            pid = reply_pid(conn)
+            if pid in by_pid:
+                spare.append(conn)
+            else:
+                by_pid[pid] = conn
+        for conn in by_pid.values():
+            conn.send(b"nap")  # each worker busy for 2 s
+        time.sleep(0.1)
+        while "no worker could take a client" not in sup.output() and len(conns) < 3000:
+            conns.extend(sup.connect() for _ in range(50))
+        assert "no worker could take a client of " + sup.path + ": closed it" in sup.output()
+        assert sup.proc.poll() is None
+        for pid, conn in by_pid.items():
+            assert conn.recv() == b"%d:nap" % pid
+        served = closed = 0
+        for conn in conns:  # (opened while the workers were busy)
+            try:
+                assert reply_pid(conn) in by_pid
+                served += 1
+            except (pyuds.ConnectionClosedError, ConnectionError):
+                closed += 1
+        assert closed >= 1 and served >= 2 * 100  # (the pairs held hundreds each)
+        with sup.connect() as fresh:
+            assert reply_pid(fresh) in by_pid
+    finally:
+        for conn in conns + spare + list(by_pid.values()):
+            conn.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_out_of_descriptors_the_supervisor_pauses_accepting_then_serves_the_waiting_clients(supervised):
+    sup = supervised(harness=["256"])  # RLIMIT_NOFILE 256 before the server is made
+    sup.wait_serving(2)
+    assert sup.command("fill") == "full\n"  # every descriptor of the supervisor taken
+    waiting = [sup.connect() for _ in range(5)]  # connected in the backlog, not accepted
+    try:
+        for k, conn in enumerate(waiting):
+            conn.send(b"w%d" % k)
+        wait_for(lambda: "accept() failed on " + sup.path in sup.output(), what="accept failing")
+        before, start = cpu_seconds(sup.proc.pid), time.monotonic()
+        time.sleep(1.0)
+        spent, wall = cpu_seconds(sup.proc.pid) - before, time.monotonic() - start
+        assert spent < wall / 4  # it waits between attempts: no spinning
+        assert sup.command("free") == "freed\n"
+        for k, conn in enumerate(waiting):
+            pid, _, echoed = conn.recv().partition(b":")
+            assert echoed == b"w%d" % k and int(pid) in sup.workers()
+    finally:
+        for conn in waiting:
+            conn.close()
+    out = sup.output()
+    assert out.count("accept() failed") == 1 and "accepting on " + sup.path + " again" in out
+    sup.proc.stdin.close()  # the harness stops
+    assert sup.proc.wait(DEADLINE) == 0
 
 
 def test_stats_count_the_clients_moved(supervised):
