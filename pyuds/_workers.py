@@ -733,9 +733,13 @@ class Supervisor:
         log.info("stopped %s", self._address)
 
     def _accept_all(self) -> None:
+        """Hands over the clients waiting in the backlog. Asks select() before each accept():
+        an inherited socket is blocking again by now (the C server, closing, put back its
+        owner's file status flags, which our duplicate shares), and accept() would wait for
+        the next client."""
         listener = self._listener
         assert listener is not None
-        while True:
+        while select.select([listener], [], [], 0)[0]:
             try:
                 conn, _addr = listener.accept()
             except OSError:

@@ -769,6 +769,7 @@ def test_an_inherited_socket_with_workers_is_never_removed(sockdir):
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+    assert server.closed  # (not stuck: the socket it shares with its owner is blocking again)
     assert os.path.exists(path)  # the owner's, not ours
     own.close()
 
