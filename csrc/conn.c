@@ -47,12 +47,20 @@ void uds_conn_schedule_flush(uds_server *s, uds_conn *c)
 
 /* ---- state ----------------------------------------------------------------------------------- */
 
+int uds_conn_holds_input(const uds_conn *c)
+{
+    return c->view != NULL || uds_buf_len(&c->in) > 0;
+}
+
 /* Registers with epoll what the connection waits for. A connection that waits for nothing is
- * taken out of epoll altogether: a hang-up would otherwise be reported at every turn. */
+ * taken out of epoll altogether: a hang-up would otherwise be reported at every turn. One being
+ * handed back reads only to finish a frame it has begun: with none, what its client sends
+ * stays in the socket (and level-triggered epoll would report it at every turn). */
 static void update_interest(uds_server *s, uds_conn *c)
 {
-    unsigned ev = ((c->flags & (UDS_CF_NO_READ | UDS_CF_PAUSED | UDS_CF_HELD)) ? 0u : UDS_POLL_IN) |
-                  ((c->flags & UDS_CF_WANT_OUT) ? UDS_POLL_OUT : 0u);
+    int reading = !(c->flags & (UDS_CF_NO_READ | UDS_CF_PAUSED | UDS_CF_HELD)) &&
+                  !((c->flags & UDS_CF_MOVE) && !uds_conn_holds_input(c));
+    unsigned ev = (reading ? UDS_POLL_IN : 0u) | ((c->flags & UDS_CF_WANT_OUT) ? UDS_POLL_OUT : 0u);
     int rc = 0;
     if (ev == 0) {
         if (c->flags & UDS_CF_POLLED) {
@@ -148,7 +156,7 @@ void uds_conn_fail(uds_server *s, uds_conn *c, int reason, int err)
         c->err = err;
     }
     c->flags |= UDS_CF_DEAD | UDS_CF_NO_READ;
-    c->flags &= ~(UDS_CF_WANT_OUT | UDS_CF_DRAIN);
+    c->flags &= ~(UDS_CF_WANT_OUT | UDS_CF_DRAIN | UDS_CF_MOVE);
     stop_timers(s, c);
     update_interest(s, c);
     uds_conn_mark_pending(s, c);
@@ -171,7 +179,9 @@ void uds_conn_close(uds_server *s, uds_conn *c, int reason, int err, int keep_in
         return;
     }
     /* Requests a client sent before a shutdown are owed replies even if they still wait in the
-     * socket: read on until the queue is empty once (the flush deadline bounds it). */
+     * socket: read on until the queue is empty once (the flush deadline bounds it). Closing
+     * ends a hand-back. */
+    c->flags &= ~UDS_CF_MOVE;
     c->flags |= UDS_CF_CLOSING |
                 ((keep_input && !(c->flags & UDS_CF_NO_READ)) ? UDS_CF_DRAIN : UDS_CF_NO_READ);
     c->reason = reason;
@@ -234,6 +244,23 @@ uds_conn *uds_conn_find(const uds_server *s, int slot, uint64_t id)
     return c;
 }
 
+/* c is finished: out of epoll and every list but the finished one (freed at the next turn, so
+ * that the pointers its batch handed out stay valid), counted closed for reason. */
+static void finish(uds_server *s, uds_conn *c, int reason)
+{
+    c->flags |= UDS_CF_FINAL | UDS_CF_NO_READ;
+    c->flags &= ~(UDS_CF_WANT_OUT | UDS_CF_MOVE);
+    update_interest(s, c);
+    stop_timers(s, c);
+    uds_tlist_remove(&s->linger, &c->linger);
+    c->finished_next = s->finished;
+    s->finished = c;
+    s->live--;
+    UDS_COUNT(s->stats.current, (uint64_t)-1);
+    if (reason > 0 && reason < UDS_CLOSE_REASONS)
+        UDS_COUNT(s->stats.closed[reason], 1);
+}
+
 int uds_conn_report_closed(uds_server *s, uds_conn *c, uds_event *ev, int n)
 {
     uds_event *e;
@@ -249,17 +276,54 @@ int uds_conn_report_closed(uds_server *s, uds_conn *c, uds_event *ev, int n)
     }
     e->reason = c->reason;
     e->err = c->err;
-    c->flags |= UDS_CF_FINAL | UDS_CF_NO_READ;
-    c->flags &= ~UDS_CF_WANT_OUT;
+    finish(s, c, c->reason);
+    return n;
+}
+
+/* ---- handing back (uds_retire(), uds_conn_detach()) ------------------------------------------ */
+
+void uds_conn_move(uds_server *s, uds_conn *c)
+{
+    if (c->flags & (UDS_CF_CLOSING | UDS_CF_DEAD | UDS_CF_FINAL | UDS_CF_MOVE))
+        return;
+    c->flags |= UDS_CF_MOVE;
+    /* The hand-back's deadline (replacing one for replies past max_output: either way, the
+     * connection must be done within flush_timeout). */
+    uds_tlist_append(&s->linger, &c->linger, s->now_ms + (uint64_t)s->cfg.flush_timeout_ms);
     update_interest(s, c);
-    stop_timers(s, c);
-    uds_tlist_remove(&s->linger, &c->linger);
-    c->finished_next = s->finished;
-    s->finished = c;
-    s->live--;
-    UDS_COUNT(s->stats.current, (uint64_t)-1);
-    if (c->reason > 0 && c->reason < UDS_CLOSE_REASONS)
-        UDS_COUNT(s->stats.closed[c->reason], 1);
+    uds_conn_mark_pending(s, c); /* it may be idle already */
+}
+
+int uds_conn_move_settle(uds_server *s, uds_conn *c)
+{
+    if ((c->flags & UDS_CF_POLLED) && !uds_conn_holds_input(c))
+        update_interest(s, c);
+    return uds_conn_idle(s, c);
+}
+
+int uds_conn_idle(const uds_server *s, const uds_conn *c)
+{
+    const unsigned busy = UDS_CF_NO_READ | UDS_CF_CLOSING | UDS_CF_DEAD | UDS_CF_FINAL |
+                          UDS_CF_OWED | UDS_CF_FLUSH | UDS_CF_WANT_OUT | UDS_CF_HIDDEN;
+    return !(c->flags & busy) && !uds_conn_holds_input(c) && uds_fdq_len(&c->in_fds) == 0 &&
+           c->bad_fds_at == 0 && c->msg_turn != s->turn && uds_buf_len(&c->out) == 0 &&
+           uds_fdq_len(&c->out_fds) == 0;
+}
+
+int uds_conn_hand_back(uds_server *s, uds_conn *c)
+{
+    /* Out of epoll first: the socket lives on in another process, and with it this epoll's
+     * interest in it, which would report its readiness here under a number reused. */
+    c->flags |= UDS_CF_MOVED;
+    finish(s, c, UDS_CLOSE_MOVED);
+    return c->fd;
+}
+
+int uds_conn_report_moved(uds_server *s, uds_conn *c, uds_event *ev, int n)
+{
+    uds_event *e = uds_event_next(ev, &n, UDS_EV_CLOSED, c->fd, c->id);
+    e->reason = UDS_CLOSE_MOVED;
+    *uds_fd_out(s, e, 1) = uds_conn_hand_back(s, c);
     return n;
 }
 
@@ -268,9 +332,11 @@ int uds_conn_report_closed(uds_server *s, uds_conn *c, uds_event *ev, int n)
 static void free_conn(uds_server *s, uds_conn *c, int discard)
 {
     s->conns[c->fd] = NULL;
-    if (discard)
-        uds_sock_discard_unread(c->fd);
-    close(c->fd);
+    if (!(c->flags & UDS_CF_MOVED)) { /* (else the socket is the caller's) */
+        if (discard)
+            uds_sock_discard_unread(c->fd);
+        close(c->fd);
+    }
     uds_buf_release(&c->in, &s->pool);
     uds_buf_release(&c->out, &s->pool);
     uds_fdq_clear(&c->in_fds);

@@ -272,10 +272,33 @@ static void read_packets(uds_server *s, uds_conn *c)
     uds_conn_mark_pending(s, c);
 }
 
+/* Being handed back (UDS_CF_MOVE): how much of room the read into at may take, so that it
+ * ends no later than the frame begun in c's input: u32, the rest of its header or its payload;
+ * a line, up to its '\n', found by peeking at the socket (a read of 1 byte if nothing waits:
+ * it finds end-of-file or the error, and cannot pass a line's end). Raw reads and packets are
+ * whole messages: their connections hold no frame begun and are not read at all. */
+static size_t move_room(uds_server *s, uds_conn *c, char *at, size_t room)
+{
+    size_t have = uds_buf_len(&c->in), need = 0;
+    if (s->cfg.framing == UDS_FRAMING_U32)
+        need = have < 4 ? 4 - have : frame_need(s, c);
+    else if (s->cfg.framing == UDS_FRAMING_LINE) {
+        ssize_t r;
+        do
+            r = recv(c->fd, at, room, MSG_PEEK);
+        while (r < 0 && errno == EINTR);
+        const char *nl = r > 0 ? memchr(at, '\n', (size_t)r) : NULL;
+        need = r <= 0 ? 1 : nl != NULL ? (size_t)(nl - at) + 1 : (size_t)r;
+    }
+    return need < room ? need : room;
+}
+
 void uds_conn_read(uds_server *s, uds_conn *c)
 {
     if (c->flags & (UDS_CF_NO_READ | UDS_CF_PAUSED | UDS_CF_HELD | UDS_CF_FRAMES))
         return; /* complete frames wait: the kernel keeps the rest until they are delivered */
+    if ((c->flags & UDS_CF_MOVE) && !uds_conn_holds_input(c))
+        return; /* what its client sends next goes with its socket */
     if (c->msg_turn == s->turn)
         return; /* its buffer must not move in this turn; epoll reports it again */
     if (s->packets) {
@@ -312,6 +335,8 @@ void uds_conn_read(uds_server *s, uds_conn *c)
         size_t room = b->cap - b->end;
         if (room > want)
             room = want;
+        if ((c->flags & UDS_CF_MOVE) && (room = move_room(s, c, b->data + b->end, room)) == 0)
+            break; /* (a frame over max_message: refused as it is parsed) */
         size_t r = recv_some(s, c, b->data + b->end, room);
         if (r == 0) {
             if (c->flags & UDS_CF_DEAD)
@@ -484,6 +509,24 @@ static int deliver_frames(uds_server *s, uds_conn *c, uds_event *ev, int n, int 
     return n;
 }
 
+/* A connection being handed back, its frames delivered: handed back once idle (its CLOSED
+ * event brings its socket), a turn after its last message at the earliest (its replies are
+ * queued by then). Until then it waits for its output to drain, or for the caller's release. */
+static int serve_moving(uds_server *s, uds_conn *c, uds_event *ev, int n, int cap)
+{
+    if (c->msg_turn == s->turn) {
+        uds_conn_mark_pending(s, c);
+        return n;
+    }
+    if (!uds_conn_move_settle(s, c))
+        return n;
+    if (n >= cap || s->fd_out_n >= UDS_FD_OUT_MAX) {
+        uds_conn_mark_pending(s, c); /* no room for its event (or its socket) in this batch */
+        return n;
+    }
+    return uds_conn_report_moved(s, c, ev, n);
+}
+
 int uds_conn_serve(uds_server *s, uds_conn *c, uds_event *ev, int n, int cap)
 {
     if (!(c->flags & UDS_CF_DEAD)) {
@@ -499,7 +542,7 @@ int uds_conn_serve(uds_server *s, uds_conn *c, uds_event *ev, int n, int cap)
         if ((c->flags & UDS_CF_EOF) && !(c->flags & UDS_CF_CLOSING))
             uds_conn_close(s, c, UDS_CLOSE_PEER, 0, 1); /* a trailing partial frame is dropped */
         if (!(c->flags & UDS_CF_CLOSING))
-            return n;
+            return (c->flags & UDS_CF_MOVE) ? serve_moving(s, c, ev, n, cap) : n;
         if (c->flags & UDS_CF_DRAIN) {
             if (c->flags & UDS_CF_HELD)
                 return n; /* the caller's release brings it back here */

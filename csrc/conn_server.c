@@ -70,7 +70,7 @@ static int admit_tcp(uds_server *s, int fd, uds_conn **out)
 /* Admits the accepted socket fd as a connection, with its CONNECTED event (or its REFUSED
  * event, if the uid/gid policy refuses it; none yet for a connection hidden until its PROXY
  * header comes). A client admitted while the server shuts down is closed at once, once what it
- * sent is answered. Returns n. */
+ * sent is answered (handed back, if it retires). Returns n. */
 static int admit(uds_server *s, int fd, uds_event *ev, int n)
 {
     int32_t pid = -1;
@@ -100,7 +100,9 @@ static int admit(uds_server *s, int fd, uds_event *ev, int n)
             return n;
         e = uds_event_next(ev, &n, UDS_EV_CONNECTED, fd, c->id);
         UDS_COUNT(s->stats.accepted, 1);
-        if (s->shutting_down)
+        if (s->retiring)
+            uds_conn_move(s, c);
+        else if (s->shutting_down)
             uds_conn_close(s, c, UDS_CLOSE_SHUTDOWN, 0, 1);
     }
     e->pid = pid;
@@ -205,9 +207,17 @@ static void expire_deadlines(uds_server *s)
     while ((t = uds_tlist_due(&s->linger, s->now_ms)) != NULL) {
         uds_conn *c = CONN_OF(t, linger);
         uds_tlist_remove(&s->linger, t);
+        /* Not idle in time to be handed back: closed as a shutdown closes it (a frame begun is
+         * dropped), its output given up unless it took it all. */
+        if ((c->flags & UDS_CF_MOVE) && uds_buf_len(&c->out) == 0) {
+            uds_conn_close(s, c, UDS_CLOSE_SHUTDOWN, 0, 0);
+            continue;
+        }
         /* What is still queued is given up: a closing client's, or replies past max_output
          * that an open one took none of in time. */
-        uds_conn_fail(s, c, (c->flags & UDS_CF_CLOSING) ? c->reason : UDS_CLOSE_SLOW_CONSUMER, c->err);
+        uds_conn_fail(s, c, (c->flags & UDS_CF_CLOSING) ? c->reason
+                            : (c->flags & UDS_CF_MOVE) ? UDS_CLOSE_SHUTDOWN : UDS_CLOSE_SLOW_CONSUMER,
+                      c->err);
     }
     while ((t = uds_tlist_due(&s->idle, s->now_ms)) != NULL)
         uds_conn_close(s, CONN_OF(t, idle), UDS_CLOSE_IDLE_TIMEOUT, 0, 0);
@@ -368,14 +378,18 @@ static uds_stats **stats_conn(uds_server *s, int slot, uint64_t id)
 }
 
 /* No more clients: each connection delivers what it was sent, gets its replies out (bounded
- * by flush_timeout) and closes. The master socket is not needed any more, unless clients
- * were handed over on it before the shutdown: those are still admitted (the drain counts as
- * live until the queue is found empty). */
+ * by flush_timeout) and closes, or, retiring, is handed back once idle. The master socket is
+ * not needed any more, unless clients were handed over on it before the shutdown: those are
+ * still admitted (the drain counts as live until the queue is found empty). */
 static int shutdown_conns(uds_server *s)
 {
     for (int i = 0; i < s->nconns; i++) {
         uds_conn *c = s->conns[i];
-        if (c != NULL && !(c->flags & UDS_CF_FINAL))
+        if (c == NULL || (c->flags & UDS_CF_FINAL))
+            continue;
+        if (s->retiring)
+            uds_conn_move(s, c);
+        else
             uds_conn_close(s, c, UDS_CLOSE_SHUTDOWN, 0, 1);
     }
     if (s->cfg.adopt != UDS_ADOPT_HANDOFF)
@@ -383,6 +397,25 @@ static int shutdown_conns(uds_server *s)
     s->drain_until = s->now_ms + (uint64_t)s->cfg.flush_timeout_ms + 1;
     s->live++;
     return 1;
+}
+
+/* Connections of a Unix socket can be handed back; a TCP one no server of this API takes over. */
+static int retire_conns(uds_server *s)
+{
+    if (s->inet)
+        return -EOPNOTSUPP;
+    s->retiring = 1;
+    return 0;
+}
+
+static int detach_conn(uds_server *s, int slot, uint64_t id)
+{
+    if (s->inet)
+        return -EOPNOTSUPP;
+    uds_conn *c = uds_conn_find(s, slot, id);
+    if (c == NULL || (c->flags & (UDS_CF_CLOSING | UDS_CF_DEAD | UDS_CF_NO_READ)))
+        return -ENOTCONN;
+    return uds_conn_idle(s, c) ? uds_conn_hand_back(s, c) : -EBUSY;
 }
 
 static void free_conns(uds_server *s)
@@ -394,5 +427,6 @@ static void free_conns(uds_server *s)
 const uds_kind_ops uds_conn_kind = {
     .poll = poll_conns, .send = send_conn, .reply_run = reply_run_conn, .close = close_conn,
     .peer_address = peer_address_conn, .stats = stats_conn, .hold = hold_conn,
-    .timeout = timeout_conns, .shutdown = shutdown_conns, .free = free_conns,
+    .timeout = timeout_conns, .retire = retire_conns, .detach = detach_conn,
+    .shutdown = shutdown_conns, .free = free_conns,
 };

@@ -150,7 +150,7 @@ void uds_conn_flush(uds_server *s, uds_conn *c)
     }
     if (sent_any)
         uds_conn_touch(s, c);
-    if (c->linger.linked && !(c->flags & UDS_CF_CLOSING) &&
+    if (c->linger.linked && !(c->flags & (UDS_CF_CLOSING | UDS_CF_MOVE)) &&
         (sent_any || uds_buf_len(b) <= s->cfg.max_output)) {
         /* Replies past max_output wait: the client has flush_timeout from its last progress
          * to take some, and none once it is back under the limit. */
@@ -167,8 +167,8 @@ void uds_conn_flush(uds_server *s, uds_conn *c)
     uds_buf_release(b, &s->pool); /* drained: an idle connection holds nothing */
     uds_conn_set_want_out(s, c, 0);
     uds_conn_resume_if_drained(s, c);
-    if (c->flags & UDS_CF_CLOSING)
-        uds_conn_mark_pending(s, c); /* drained: it may be finished now */
+    if (c->flags & (UDS_CF_CLOSING | UDS_CF_MOVE))
+        uds_conn_mark_pending(s, c); /* drained: it may be finished (or handed back) now */
 }
 
 /* Writes one frame into c's output, where room was reserved for it: all of it but its first

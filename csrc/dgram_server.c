@@ -310,6 +310,19 @@ static int hold_dgram(uds_server *s, int slot, uint64_t id, int hold)
     return -EOPNOTSUPP;
 }
 
+/* One socket for every peer: there is no connection to hand back. */
+static int retire_dgram(uds_server *s)
+{
+    (void)s;
+    return -EOPNOTSUPP;
+}
+
+static int detach_dgram(uds_server *s, int slot, uint64_t id)
+{
+    (void)s, (void)slot, (void)id;
+    return -EOPNOTSUPP;
+}
+
 /* 0 while a turn has work without readiness: a shutdown's drain, or a peer closing that owes
  * nothing (the turn reports it). */
 static int timeout_dgram(const uds_server *s)
@@ -347,5 +360,6 @@ static void free_dgram(uds_server *s)
 const uds_kind_ops uds_dgram_kind = {
     .poll = poll_dgram, .send = send_dgram, .reply_run = reply_run_dgram, .close = close_dgram,
     .peer_address = peer_address_dgram, .stats = stats_dgram, .hold = hold_dgram,
-    .timeout = timeout_dgram, .shutdown = shutdown_dgram, .free = free_dgram,
+    .timeout = timeout_dgram, .retire = retire_dgram, .detach = detach_dgram,
+    .shutdown = shutdown_dgram, .free = free_dgram,
 };

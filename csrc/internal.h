@@ -80,6 +80,10 @@ typedef struct uds_kind_ops {
     uds_stats **(*stats)(uds_server *s, int slot, uint64_t id);
     int (*hold)(uds_server *s, int slot, uint64_t id, int hold); /* uds_hold() */
     int (*timeout)(const uds_server *s); /* uds_timeout(), the clock read already */
+    /* Before uds_retire()'s shutdown: makes its connections be handed back rather than closed;
+     * -EOPNOTSUPP if the kind cannot. */
+    int (*retire)(uds_server *s);
+    int (*detach)(uds_server *s, int slot, uint64_t id); /* uds_conn_detach() */
     /* Starts the graceful shutdown (see uds_shutdown()); the socket file is gone already and
      * the master socket out of epoll. Returns 1 if the kind still needs the master socket
      * (DGRAM: replies go from it; a handoff drain reads it), 0 if it may be closed now. */
@@ -107,6 +111,7 @@ struct uds_server {
     int *fd_out;            /* descriptors handed out with this batch's events */
     int fd_out_n;
     int shutting_down;      /* uds_shutdown() was called */
+    int retiring;           /* ... by uds_retire(): connections are handed back, not closed */
     uint64_t turn;          /* uds_poll() calls so far */
     uint64_t now_ms;        /* the clock, read once per turn */
     uint64_t next_id;       /* id of the next connection or peer */
@@ -241,6 +246,9 @@ void uds_peer_free_all(uds_server *s);
 #define UDS_CF_OWED 0x8000u    /* UDS_HOLD_OPEN: the caller owes it replies: not finished */
 #define UDS_CF_HIDDEN 0x10000u /* proxy_protocol: its PROXY header is not whole yet, so it is
                                 * not reported (no CONNECTED event yet, no message) */
+#define UDS_CF_MOVE 0x20000u   /* uds_retire(): handed back once idle; read only to the end of
+                                * the frame it has begun */
+#define UDS_CF_MOVED 0x40000u  /* handed back: its socket is the caller's, never closed here */
 
 struct uds_conn {
     int fd;                 /* the data socket; also its slot */
@@ -306,6 +314,22 @@ void uds_conn_keep_unparsed(uds_server *s, uds_conn *c);
 void uds_conn_close(uds_server *s, uds_conn *c, int reason, int err, int keep_input);
 /* The socket is broken (or the connection must go now): close without flushing. */
 void uds_conn_fail(uds_server *s, uds_conn *c, int reason, int err);
+/* Whether c holds input not yet delivered (a frame begun, frames held back, a read unparsed). */
+int uds_conn_holds_input(const uds_conn *c);
+/* Starts handing c back (uds_retire()): reading stops at a frame boundary (at once if it holds
+ * no input), and it is handed back once idle, or closed if it is not within flush_timeout. */
+void uds_conn_move(uds_server *s, uds_conn *c);
+/* A moving connection was served: reading stops if it holds no frame begun (what its client
+ * sends next stays in the socket). Returns whether it is idle, as uds_conn_detach() says. */
+int uds_conn_move_settle(uds_server *s, uds_conn *c);
+/* Whether c is idle as uds_conn_detach() says: it could leave now. */
+int uds_conn_idle(const uds_server *s, const uds_conn *c);
+/* Takes idle c out of the server, its socket left open: returns that socket (the caller's
+ * now). c is finished (freed at the next turn, its socket not closed), counted as MOVED. */
+int uds_conn_hand_back(uds_server *s, uds_conn *c);
+/* uds_conn_hand_back() reported: a CLOSED event at ev[n], reason MOVED, with the socket (one
+ * descriptor of room must be left in the batch). Returns n + 1. */
+int uds_conn_report_moved(uds_server *s, uds_conn *c, uds_event *ev, int n);
 /* Emits c's CLOSED event at ev[n] and moves it to the finished list; returns n + 1. */
 int uds_conn_report_closed(uds_server *s, uds_conn *c, uds_event *ev, int n);
 /* Frees the finished connections (closing their descriptors) at the start of a turn. */

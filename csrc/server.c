@@ -154,6 +154,21 @@ int uds_shutdown(uds_server *s)
     return uds_live(s);
 }
 
+int uds_retire(uds_server *s)
+{
+    if (!s->shutting_down) {
+        int rc = s->kind->retire(s);
+        if (rc < 0)
+            return rc;
+    }
+    return uds_shutdown(s);
+}
+
+int uds_conn_detach(uds_server *s, int slot, uint64_t id)
+{
+    return s->kind->detach(s, slot, id);
+}
+
 /* The fields that belong to TCP are set for TCP only, and the Unix-only ones left empty. */
 static int valid_tcp_config(const uds_config *cfg)
 {
@@ -234,8 +249,11 @@ static int setup(uds_server *s, const char *path, const uds_config *cfg)
         return rc;
     s->cfg.allow_uid = s->policy.uids;
     s->cfg.allow_gid = s->policy.gids;
+    /* Descriptors go out with messages (max_fds), and with connections handed back (a Unix
+     * socket's, see uds_retire()). */
+    int fds_out = s->cfg.max_fds > 0 || (k->ops == &uds_conn_kind && !k->inet);
     if ((s->arena = malloc(UDS_ARENA_SIZE)) == NULL ||
-        (s->cfg.max_fds > 0 && (s->fd_out = malloc(UDS_FD_OUT_MAX * sizeof *s->fd_out)) == NULL))
+        (fds_out && (s->fd_out = malloc(UDS_FD_OUT_MAX * sizeof *s->fd_out)) == NULL))
         return -ENOMEM;
     return uds_poller_open(&s->poller);
 }

@@ -50,14 +50,7 @@ static int connect_kind(const char *name, int type)
 {
     struct sockaddr_un sa;
     socklen_t len = address(name, &sa);
-    int fd = socket(AF_UNIX, type, 0);
-    if (fd < 0 || connect(fd, (struct sockaddr *)&sa, len) < 0) {
-        perror("connect");
-        exit(2);
-    }
-    struct timeval tv = {.tv_sec = 10};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    return fd;
+    return check_connect(AF_UNIX, type, &sa, len);
 }
 
 /* sendmsg() of data with nfds descriptors: the core's own helper, on the client's side. */

@@ -50,14 +50,7 @@ static int connect_tcp(int port)
 {
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
     sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
-        perror("connect");
-        exit(2);
-    }
-    struct timeval tv = {.tv_sec = 10};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    return fd;
+    return check_connect(AF_INET, SOCK_STREAM, &sa, sizeof sa);
 }
 
 /* Polls until an event of this type comes (echoing messages meanwhile), at most 5 s.

@@ -42,14 +42,15 @@
 #define UDS_EV_CONNECTED 1 /* a client was accepted; pid/uid/gid hold its credentials */
 #define UDS_EV_MESSAGE 2   /* a complete message; data/len locate its payload, fds/nfds the
                             * descriptors that came with it */
-#define UDS_EV_CLOSED 3    /* the connection is gone; reason (and err) say why */
+#define UDS_EV_CLOSED 3    /* the connection is gone; reason (and err) say why. Reason MOVED:
+                            * it was handed back, its socket open, in fds[0] (see uds_retire()) */
 #define UDS_EV_REFUSED 4   /* a client was closed before it became a connection (slot is -1):
                             * reason UNAUTHORIZED, the uid/gid policy refused it at accept
                             * (pid/uid/gid: who); reason PROXY_HEADER, it did not begin with a
                             * valid PROXY protocol header in time */
 
 /* Why a connection closed (uds_event.reason). The core itself produces PEER, ERROR,
- * TOO_LARGE and SHUTDOWN; the others are passed in by the caller through uds_close(). */
+ * TOO_LARGE, SHUTDOWN and MOVED; the others are passed in by the caller through uds_close(). */
 #define UDS_CLOSE_PEER 1          /* the peer closed its end or vanished */
 #define UDS_CLOSE_ERROR 2         /* a socket error; err holds the errno */
 #define UDS_CLOSE_TOO_LARGE 3     /* a frame exceeded max_message */
@@ -65,6 +66,8 @@
 #define UDS_CLOSE_EVICTED 13      /* DGRAM: forgotten to make room for a new peer */
 #define UDS_CLOSE_PROXY_HEADER 14 /* TCP with proxy_protocol: no valid PROXY header came first, or
                                    * not within the header's deadline (never a connection) */
+#define UDS_CLOSE_MOVED 15        /* handed back to the caller with its socket still open, to be
+                                   * served elsewhere (uds_retire(), uds_conn_detach()) */
 #define UDS_CLOSE_REASONS 16      /* length of uds_server_stats.closed */
 
 /* Framing helpers. */
@@ -195,8 +198,9 @@ typedef struct uds_event {
     uint32_t uid;      /* CONNECTED: peer's uid */
     uint32_t gid;      /* CONNECTED: peer's gid */
     int nfds;          /* MESSAGE: descriptors that came with it (see fds) */
-    const int *fds;    /* MESSAGE: those descriptors, close-on-exec. They are the caller's
-                        * from now on: it must close them */
+    const int *fds;    /* MESSAGE: those descriptors, close-on-exec; CLOSED with reason MOVED:
+                        * the connection's socket (nfds 1). They are the caller's from now on:
+                        * it must close them */
 } uds_event;
 
 /* Per-connection counters of payload messages and bytes, received and queued for sending.
@@ -341,6 +345,39 @@ int uds_conn_set_stats(uds_server *s, int slot, uint64_t id, uds_stats *stats);
  * connection bounded by flush_timeout_ms) and closes every connection, each with a CLOSED
  * event from uds_poll(). Returns the number of connections still to close. */
 int uds_shutdown(uds_server *s);
+
+/* uds_shutdown(), except that the connections are handed back to the caller instead of being
+ * closed, for another server to serve them on (pyuds moves the clients of a worker it replaces
+ * to the workers that replace it): the socket file goes and no more clients are accepted
+ * (those handed over on a UDS_ADOPT_HANDOFF socket before are still admitted, and handed back
+ * in turn). Each connection is read only up to the end of the frame it has begun, never into
+ * the next one (what its client sends after that stays in the socket's receive queue: the
+ * server stops reading it), its complete frames are delivered, and once it is idle as
+ * uds_conn_detach() says, it leaves without being closed: its CLOSED event has reason
+ * UDS_CLOSE_MOVED and hands out its socket (nfds 1, fds[0]; the caller's from then on, to pass
+ * on or close). One that is not idle within flush_timeout_ms is closed as uds_shutdown()
+ * closes it (UDS_CLOSE_SHUTDOWN, a frame begun dropped, output still unsent then given up);
+ * one its client ends, or the caller closes, closes as it would have.
+ * Returns the number of connections still to hand back or close; -EOPNOTSUPP for a DGRAM or
+ * TCP server (whose connections no server of this API takes over). After uds_shutdown() (or
+ * a first uds_retire()) it changes nothing and returns as uds_shutdown(). */
+int uds_retire(uds_server *s);
+
+/* Takes connection (slot, id) out of the server without closing its socket, and returns that
+ * socket (>= 0, non-blocking, close-on-exec), the caller's from then on: to close, or to hand
+ * to another server (UDS_ADOPT_HANDOFF), which admits it as a new client. Only an idle
+ * connection can leave: none of its input read and not yet delivered (no frame begun, none
+ * held back, no descriptors waiting), the turn that delivered its last message over (call
+ * this from a later batch, once its replies are queued), no UDS_HOLD_OPEN, its output all
+ * written to the socket. What its client sent that the server did not read stays in the
+ * socket's receive queue and goes with it (a server reading with no limit may have read the
+ * start of a next frame: uds_retire() keeps reads to frame boundaries). No CLOSED event comes
+ * for it; it counts as closed with UDS_CLOSE_MOVED, and its slot may be reused from the next
+ * uds_poll() on.
+ * Returns the socket; -ENOTCONN if the connection is finished or closing, or stopped reading
+ * for good (end-of-file, refused input); -EBUSY if it is not idle; -EOPNOTSUPP for a DGRAM or
+ * TCP server. */
+int uds_conn_detach(uds_server *s, int slot, uint64_t id);
 
 /* Connections accepted and not yet reported closed. */
 int uds_live(const uds_server *s);

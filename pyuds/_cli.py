@@ -13,7 +13,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from ._client import KINDS as CLIENT_KINDS
-from ._config import FRAMINGS, KINDS, ServerConfig
+from ._config import FRAMINGS, KINDS, RELOAD_CLIENTS, ServerConfig
 from ._endpoint import format_tcp
 from ._errors import PyudsError
 from ._version import __version__
@@ -152,6 +152,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="on_worker_start(worker_id), run in each worker process before it serves")
     serve.add_argument("--worker-timeout", type=float, default=ServerConfig.worker_timeout, metavar="SECONDS",
                        help="kill and replace a worker whose loop is stuck this long (default: 30)")
+    serve.add_argument("--reload-clients", choices=RELOAD_CLIENTS, default=ServerConfig.reload_clients,
+                       help="what a worker replaced (SIGHUP) or removed (SIGTTOU) does with its clients: move "
+                            "them, connected, to the workers that serve on, or close them (default: move)")
+    serve.add_argument("--flush-timeout", type=float, default=ServerConfig.flush_timeout, metavar="SECONDS",
+                       help="how long a client that is closed, or moved to another worker, may take to "
+                            "receive what it is owed (default: 5)")
     serve.add_argument("-v", "--verbose", action="store_true", help="log every client's connect and disconnect")
 
     send = sub.add_parser("send", help="send messages to a server and print each reply",
@@ -215,6 +221,7 @@ def _serve(args: argparse.Namespace) -> int:
                         allow_uid=args.allow_uid, allow_gid=args.allow_gid, max_fds=args.max_fds,
                         busy_poll_us=args.busy_poll_us, authorize=args.authorize, workers=args.workers,
                         on_worker_start=args.on_worker_start, worker_timeout=args.worker_timeout,
+                        reload_clients=args.reload_clients, flush_timeout=args.flush_timeout,
                         **tcp_options)
     except (PyudsError, OSError, ValueError, TypeError) as exc:
         print(f"pyuds serve: {exc}", file=sys.stderr)

@@ -9,6 +9,7 @@ from typing import Optional, Sequence, TypedDict, Union
 
 FRAMINGS = ("u32", "line", "raw")
 KINDS = ("stream", "seqpacket", "datagram")
+RELOAD_CLIENTS = ("move", "close")  # what a worker replaced does with its clients
 DGRAM_PEERS = 65536        # datagram peers remembered at most, by default
 DGRAM_IDLE_TIMEOUT = 60.0  # seconds after which a silent datagram peer is forgotten, by default
 MAX_FDS = 253  # the most descriptors Linux passes with one message (SCM_MAX_FD)
@@ -97,6 +98,16 @@ class ServerConfig:
         the config is made.
     worker_timeout: seconds a worker's loop may go without a turn (a handler stuck, a loop
         blocked) before the supervisor kills the worker and starts another.
+    reload_clients: what a worker that is replaced (SIGHUP) or removed (SIGTTOU) does with its
+        clients: ``"move"`` (the default) hands each one back to the supervisor, which hands it
+        to a worker that serves on, once nothing is owed to it (no frame half read, no handler
+        running, every reply written; what the client sends meanwhile waits in the socket), so
+        that no request is lost and no client sees its connection end; the new worker sees a
+        new client (authorize and on_connect run there, and what the application kept on the
+        old ClientHandle stays behind; the old worker's on_disconnect gets CloseReason.MOVED).
+        ``"close"``: it answers what it was sent and closes its clients, which must connect
+        again. A client not handed back within flush_timeout is closed either way. SIGTERM,
+        SIGINT and shutdown() always close clients: the whole server stops.
     """
 
     framing: str = "u32"
@@ -122,6 +133,7 @@ class ServerConfig:
     proxy_protocol: bool = False
     workers: Union[int, str] = 1
     worker_timeout: float = 30.0
+    reload_clients: str = "move"
 
     @property
     def worker_count(self) -> int:
@@ -151,6 +163,8 @@ class ServerConfig:
         _check_seconds("worker_timeout", self.worker_timeout)
         if self.worker_timeout < 0.1:
             raise ValueError(f"worker_timeout must be at least 0.1 seconds, not {self.worker_timeout!r}")
+        if self.reload_clients not in RELOAD_CLIENTS:
+            raise ValueError(f"reload_clients must be one of {', '.join(RELOAD_CLIENTS)}, not {self.reload_clients!r}")
         _check_int("max_fds", self.max_fds, 0, MAX_FDS)
         for name in ("tcp_nodelay", "proxy_protocol"):
             if not isinstance(getattr(self, name), bool):
@@ -219,6 +233,7 @@ class ServerOptions(TypedDict, total=False):
     proxy_protocol: bool
     workers: Union[int, str]
     worker_timeout: float
+    reload_clients: str
 
 
 def _check_seconds(name: str, value: object) -> None:

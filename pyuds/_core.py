@@ -323,6 +323,9 @@ class Core:
         self._counts_left = 0
         # Requests from other threads: (function, arguments, descriptors they own).
         self._pending: deque[tuple[Callable[..., Any], tuple[Any, ...], list[int]]] = deque()
+        #: After retire(): takes the socket of each client handed back (and with it the duty to
+        #: close it); None: they are closed.
+        self.on_moved: Callable[[int], None] | None = None
 
     # ---- requests from the server; on the loop's thread unless they say otherwise ----
 
@@ -462,6 +465,19 @@ class Core:
     def shutdown(self) -> int:
         """Stops accepting, removes the socket file, starts closing every client."""
         return lib.uds_shutdown(self._srv)
+
+    def retire(self) -> int:
+        """shutdown(), except that each client is handed back instead of closed, once nothing
+        is owed to it: its disconnection (CloseReason.MOVED) comes with its socket, which goes
+        to on_moved (uds_retire()). Returns the clients still to hand back or close."""
+        return check(lib.uds_retire(self._srv))
+
+    def _moved(self, fd: int) -> None:
+        """A client handed back: its socket to on_moved, or closed."""
+        if self.on_moved is None:
+            os.close(fd)
+        else:
+            self.on_moved(fd)
 
     def live(self) -> int:
         return lib.uds_live(self._srv)
@@ -723,6 +739,8 @@ class Core:
             elif kind == EV_CONNECTED:
                 registry.connected(ev.slot, ev.id, ev.pid, ev.uid, ev.gid)
             elif kind == EV_CLOSED:
+                if ev.nfds:  # handed back (retire()), with its socket: on its way first
+                    self._moved(ev.fds[0])
                 registry.disconnected(ev.slot, REASONS[ev.reason], ev.err, ev.len)
             else:
                 registry.refused(REASONS[ev.reason], ev.pid, ev.uid, ev.gid)

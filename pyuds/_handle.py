@@ -35,6 +35,8 @@ class CloseReason(str, enum.Enum):
     EVICTED = "evicted"              #: a datagram peer forgotten to make room (max_connections)
     PROXY_HEADER = "proxy_header"    #: proxy_protocol: no valid PROXY header came first, in time
                                      #: (never a client: such connections are only counted)
+    MOVED = "moved"                  #: with workers: its worker was replaced or removed, and it
+                                     #: went on, connected, to another worker (a new client there)
 
     def __str__(self) -> str:
         return self.value

@@ -145,6 +145,7 @@ class Server:
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
         self._final_stats: dict[str, Any] | None = None
+        self._retiring = False  # stopping hands the clients back (_retire()) rather than closing them
         sock_fd = None
         inet = parsed is not None and parsed.is_tcp
         address: str | tuple[str, int] | None = None
@@ -456,6 +457,15 @@ class Server:
             return f"<pyuds.Server {self._path!r} supervising {self._config.workers} workers>"
         return f"<pyuds.Server {self._path!r} {self._state}, {len(self._registry.clients)} clients>"
 
+    def _retire(self, moved: Callable[[int], None]) -> None:
+        """Stops as shutdown() does, except that each client, once nothing is owed to it, is
+        handed to moved() as its socket's descriptor (which moved() then owns) instead of being
+        closed (pyuds._workers: a worker replaced hands its clients back). Any thread; returns
+        at once."""
+        self._core.on_moved = moved
+        self._retiring = True
+        self.shutdown(timeout=0)
+
     def _worker_server(self, fd: int, handoff: bool) -> Server:
         """The server a worker process runs (pyuds._workers): clients handed over on fd, or the
         datagram socket fd that the workers share."""
@@ -568,8 +578,13 @@ class Server:
                 loop.close()
 
     def _begin_shutdown(self) -> None:
-        """Runs what other threads posted, then starts closing every client."""
+        """Runs what other threads posted, then starts closing every client (or handing them
+        back, see _retire())."""
         self._core.run_posted()
+        if self._retiring:
+            remaining = self._core.retire()
+            log.info("retiring %s: handing back %d clients", self._path, remaining)
+            return
         remaining = self._core.shutdown()
         log.info("shutting down %s: closing %d clients", self._path, remaining)
 

@@ -41,6 +41,7 @@ class Lib:
     UDS_CLOSE_FRAME_TIMEOUT: int
     UDS_CLOSE_HANDLER_ERROR: int
     UDS_CLOSE_IDLE_TIMEOUT: int
+    UDS_CLOSE_MOVED: int
     UDS_CLOSE_PEER: int
     UDS_CLOSE_PROXY_HEADER: int
     UDS_CLOSE_REASONS: int
@@ -81,6 +82,10 @@ class Lib:
     def uds_live(srv: CData) -> int: ...
     @staticmethod
     def uds_shutdown(srv: CData) -> int: ...
+    @staticmethod
+    def uds_retire(srv: CData) -> int: ...
+    @staticmethod
+    def uds_conn_detach(srv: CData, slot: int, cid: int) -> int: ...
     @staticmethod
     def uds_wakeup(srv: CData) -> int: ...
     @staticmethod

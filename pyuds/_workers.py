@@ -24,10 +24,25 @@ a handler sends none, and the supervisor kills a worker silent for worker_timeou
 that dies is replaced, with a back-off; workers that die before they are ready
 START_ATTEMPTS times in a row stop the supervisor with WorkerError. SIGHUP replaces every
 worker: the new ones start, and once the new worker with an id is ready the old one with that
-id gets no more clients and is told to stop: it takes the clients already handed to it,
-answers what it was sent, closes its clients (each within flush_timeout) and exits. SIGTERM,
-SIGINT and shutdown() stop accepting, remove the socket file, and stop every worker that way.
-SIGTTIN and SIGTTOU add and remove a worker.
+id gets no more clients and is told to stop (HAND_BACK): it takes the clients already handed
+to it, answers what it was sent, hands its clients back and exits. SIGTTIN and SIGTTOU add and
+remove a worker, the one removed stopping the same way. SIGTERM, SIGINT and shutdown() stop
+accepting, remove the socket file, and stop every worker with STOP instead: it answers what it
+was sent and closes its clients (each within flush_timeout), since the whole server stops.
+
+Handing back (config.reload_clients "move", the default; "close" stops with STOP): the
+worker's C server retires (uds_retire()): it reads each client only to the end of the frame
+it has begun, and once none of the client's input is held, no handler of it runs and its
+replies are all written, it takes the connection out of its loop without closing it. The
+worker sends that socket to the supervisor over its handoff pair (the other way, one packet
+with SCM_RIGHTS, _give_back()); what the client sent and the worker did not read stays in the
+socket's receive queue and goes with it. The supervisor hands it to the least-loaded serving
+worker as it hands a client it accepted (waiting, for flush_timeout at most, for room on a
+pair if every one is full), and that worker reads what waits (level-triggered epoll: no new
+readiness is needed). It is a new client there: authorize and on_connect run again, and what
+the application kept on the old ClientHandle stays behind (the old worker's on_disconnect gets
+CloseReason.MOVED; stats() counts it in closed["moved"]). A client not handed back within
+flush_timeout is closed (closed["shutdown"]).
 
 Layering: above pyuds._core (the supervisor holds the Core that owns the master socket),
 below pyuds._server, which hands the supervisor a factory for the server each worker runs (the
@@ -36,6 +51,7 @@ WorkerServer protocol) and delegates to it; tests/test_layering.py checks.
 from __future__ import annotations
 
 import atexit
+import collections
 import dataclasses
 import json
 import logging
@@ -66,8 +82,9 @@ CONTROL_TIMEOUT = 2.0    # seconds a message to a worker may take to go out befo
 ACCEPTS_PER_WAKE = 64    # clients accepted per readiness of the master socket
 
 # Control messages.
-READY, BEAT, FINAL = b"R", b"H", b"F"  # worker -> supervisor (BEAT, FINAL: its counters, JSON)
-STOP, BROADCAST = b"S", b"B"           # supervisor -> worker
+READY, BEAT, FINAL = b"R", b"H", b"F"    # worker -> supervisor (BEAT, FINAL: its counters, JSON)
+STOP, HAND_BACK, BROADCAST = b"S", b"M", b"B"  # supervisor -> worker (STOP: closing its clients;
+                                         # HAND_BACK: handing them back over its handoff pair)
 
 STARTING, SERVING, RETIRING = "starting", "serving", "retiring"
 
@@ -115,6 +132,8 @@ class WorkerServer(Protocol):
     def stats(self) -> dict[str, Any]: ...
 
     def _post(self, fn: Callable[..., Any], args: tuple[Any, ...], fds: list[int]) -> None: ...
+
+    def _retire(self, moved: Callable[[int], None]) -> None: ...
 
 
 #: Makes the server a worker runs, in the worker: (fd, handoff) -> server. handoff: fd is the
@@ -183,6 +202,11 @@ class Supervisor:
         self._listener: socket.socket | None = None
         self._accepting = False
         self._accept_paused_until = 0.0  # accept() failed (out of descriptors): try again then
+        self._accept_failures = 0  # ... and how many times in a row it did
+        self._moves = config.reload_clients == "move"  # a worker replaced hands its clients back
+        # Clients handed back by workers that stop, waiting for a serving worker's pair to have
+        # room: (socket, until when it may wait).
+        self._returned: collections.deque[tuple[socket.socket, float]] = collections.deque()
         self._wake_r, self._wake_w = socket.socketpair()
         for s in (self._wake_r, self._wake_w):
             s.setblocking(False)
@@ -317,6 +341,7 @@ class Supervisor:
         now = time.monotonic()
         self._check_workers(now)
         self._start_due(now)
+        self._place_returned()
         self._set_accepting()
 
     def _timeout(self) -> float:
@@ -397,7 +422,7 @@ class Supervisor:
         old, self._target = self._target, target
         for w in list(self._workers.values()):
             if w.id >= target and w.state != RETIRING:
-                self._retire(w)
+                self._retire(w, self._moves)
         for wid in range(old, target):
             self._spawn(wid)
 
@@ -422,22 +447,29 @@ class Supervisor:
         with self._lock:
             self._workers[pid] = w
         self._selector.register(control, selectors.EVENT_READ, lambda: self._on_control(w))
+        if handoff is not None:  # (what comes back on it: the clients it hands back as it stops)
+            self._selector.register(handoff, selectors.EVENT_READ, lambda: self._take_back(w))
         log.info("started worker %d (pid %d)", wid, pid)
 
-    def _on_control(self, w: Worker) -> None:
+    def _on_control(self, w: Worker, gone: bool = False) -> bool:
+        """Reads what w sent on its control pair and acts on it; gone: w has exited (only its
+        last counters matter). Returns whether anything came (more may wait)."""
         try:
             data = w.control.recv(65536)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             data = b""
         if not data:
-            self._selector.unregister(w.control)  # it is exiting: reaping follows
-            return
+            try:
+                self._selector.unregister(w.control)  # it is exiting: reaping follows
+            except (KeyError, ValueError):
+                pass
+            return False
         w.inbuf += data
         for kind, payload in unframe(w.inbuf):
             now = time.monotonic()
-            if kind == READY:
+            if kind == READY and not gone:
                 self._ready(w, now)
             elif kind in (BEAT, FINAL):
                 w.last_beat = now
@@ -447,6 +479,7 @@ class Supervisor:
                     continue
                 with self._lock:
                     w.stats = stats
+        return True
 
     def _ready(self, w: Worker, now: float) -> None:
         w.last_beat = now
@@ -458,13 +491,15 @@ class Supervisor:
         # A worker replaced (a reload) stops once its successor serves.
         for old in list(self._workers.values()):
             if old.id == w.id and old.generation < w.generation and old.state != RETIRING:
-                self._retire(old)
+                self._retire(old, self._moves)
 
-    def _retire(self, w: Worker) -> None:
-        """No more clients for w; it answers what it owes, closes its clients and exits."""
+    def _retire(self, w: Worker, move: bool = False) -> None:
+        """No more clients for w; it answers what it owes and exits, its clients handed back
+        (move: each, once nothing is owed to it, comes back to go to a serving worker) or
+        closed."""
         w.state = RETIRING
         w.deadline = time.monotonic() + self._config.flush_timeout + STOP_GRACE
-        self._send(w, STOP)
+        self._send(w, HAND_BACK if move and w.handoff is not None else STOP)
 
     def _send(self, w: Worker, kind: bytes, payload: bytes = b"") -> None:
         """Sends a control message to w, waiting at most CONTROL_TIMEOUT for room; a worker that
@@ -520,6 +555,8 @@ class Supervisor:
     def _exited(self, w: Worker, status: int) -> None:
         code = os.waitstatus_to_exitcode(status)
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        while self._on_control(w, gone=True):  # its final counters, if it sent them after the last turn read
+            pass
         with self._lock:
             del self._workers[w.pid]
             if w.stats:
@@ -530,6 +567,8 @@ class Supervisor:
             pass
         w.control.close()
         if w.handoff is not None:
+            while self._take_back(w):  # what it handed back before it went
+                pass
             w.handoff.close()  # clients handed over and not yet taken are closed with it
         if w.state == RETIRING or self._stop:
             log.info("worker %d (pid %d) %s", w.id, w.pid, how)
@@ -588,14 +627,25 @@ class Supervisor:
             except BlockingIOError:
                 return
             except OSError as exc:  # out of descriptors, say: the backlog keeps them meanwhile
-                log.warning("accept() failed on %s: %s; accepting again in %gs", self._address, exc, TICK)
+                if not self._accept_failures:  # (said once a pause: tried again every TICK)
+                    log.warning("accept() failed on %s: %s; clients wait in the backlog, accepting again "
+                                "every %gs until it works", self._address, exc, TICK)
+                self._accept_failures += 1
                 self._accept_paused_until = time.monotonic() + TICK
                 return
+            if self._accept_failures:
+                log.info("accepting on %s again (after %d failed attempts)", self._address, self._accept_failures)
+                self._accept_failures = 0
             with conn:
-                self._hand_over(conn)
+                self._hand_over_accepted(conn)
 
-    def _hand_over(self, conn: socket.socket) -> None:
-        """Gives conn to the least-loaded serving worker (another one if its pair is full)."""
+    def _hand_over_accepted(self, conn: socket.socket) -> None:
+        if not self._hand_over(conn):
+            log.warning("no worker could take a client of %s: closed it", self._address)
+
+    def _hand_over(self, conn: socket.socket) -> bool:
+        """Gives conn to the least-loaded serving worker (another one if its pair is full);
+        False if none could take it."""
         candidates = sorted((w for w in self._workers.values() if w.state == SERVING),
                             key=lambda w: (w.load(), w.handed))
         for w in candidates:
@@ -605,8 +655,52 @@ class Supervisor:
             except OSError:
                 continue  # full (its loop is behind) or gone: the next one
             w.handed += 1
-            return
-        log.warning("no worker could take a client of %s: closed it", self._address)
+            return True
+        return False
+
+    def _take_back(self, w: Worker) -> bool:
+        """Takes a client w hands back (it stops, see _retire()), to be handed to a serving
+        worker as an accepted one is. Returns whether one came (False: none waits, or w is
+        gone, and its pair then leaves the selector)."""
+        assert w.handoff is not None
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(w.handoff, 1, 1)
+        except BlockingIOError:
+            return False
+        except OSError:
+            msg, fds = b"", []
+        if not msg and not fds:  # end-of-file: it is gone (reaping follows)
+            try:
+                self._selector.unregister(w.handoff)
+            except (KeyError, ValueError):
+                pass
+            return False
+        if not fds:  # (the kernel closed it: recvmsg() could not make it a descriptor here)
+            log.error("a client handed back by worker %d (pid %d) was lost: the supervisor could not take "
+                      "its descriptor (out of descriptors?)", w.id, w.pid)
+        until = time.monotonic() + self._config.flush_timeout
+        for fd in fds:
+            self._returned.append((socket.socket(fileno=fd), until))
+        self._place_returned()
+        return True
+
+    def _place_returned(self) -> None:
+        """Hands the clients handed back to serving workers, in order. One that no worker can
+        take yet (their pairs full while they take the others, or none serving) waits, for
+        flush_timeout at most; then it is closed, as it is when the supervisor stops."""
+        now = time.monotonic()
+        while self._returned:
+            conn, until = self._returned[0]
+            if not self._hand_over(conn):
+                if self._stop:
+                    log.info("closed a client handed back by a worker: %s is stopping", self._address)
+                elif now < until:
+                    return
+                else:
+                    log.warning("no worker could take a client of %s handed back by a worker that stopped "
+                                "(for %gs): closed it", self._address, self._config.flush_timeout)
+            self._returned.popleft()
+            conn.close()
 
     # ---- the end ----
 
@@ -631,6 +725,7 @@ class Supervisor:
                 key.data()
             self._reap()
             self._check_workers(time.monotonic())
+        self._place_returned()  # (closes those still waiting)
         self._sel.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -638,15 +733,19 @@ class Supervisor:
         log.info("stopped %s", self._address)
 
     def _accept_all(self) -> None:
+        """Hands over the clients waiting in the backlog. Asks select() before each accept():
+        an inherited socket is blocking again by now (the C server, closing, put back its
+        owner's file status flags, which our duplicate shares), and accept() would wait for
+        the next client."""
         listener = self._listener
         assert listener is not None
-        while True:
+        while select.select([listener], [], [], 0)[0]:
             try:
                 conn, _addr = listener.accept()
             except OSError:
                 return
             with conn:
-                self._hand_over(conn)
+                self._hand_over_accepted(conn)
 
     # ---- in the worker process ----
 
@@ -685,7 +784,7 @@ class Supervisor:
             signal.signal(sig, signal.SIG_DFL)  # SIGTERM: the worker's server stops gracefully
         # Nothing of the supervisor's stays open here: a worker holding the supervisor's end
         # of a pair would hide the end of the supervisor (or of a sibling) from the other side.
-        for s in theirs + [self._wake_r, self._wake_w, self._listener]:
+        for s in theirs + [self._wake_r, self._wake_w, self._listener] + [c for c, _ in self._returned]:
             if s is not None:
                 s.close()
         for other in self._workers.values():
@@ -706,12 +805,15 @@ class Supervisor:
             log.exception("worker %d (pid %d) could not start", wid, os.getpid())
             return 3
         finally:
-            if handoff is not None:
-                handoff.close()  # the server took a duplicate
-            else:
+            if handoff is None:
                 os.close(shared)
+        # The server took a duplicate of the handoff pair's end; this one is for handing the
+        # clients back as the worker stops (a send that waits for room at most CONTROL_TIMEOUT).
+        if handoff is not None:
+            handoff.settimeout(CONTROL_TIMEOUT)
         control.sendall(frame(READY))
-        thread = threading.Thread(target=_worker_control, args=(server, control, beat_interval(self._config)),
+        thread = threading.Thread(target=_worker_control,
+                                  args=(server, control, beat_interval(self._config), handoff),
                                   daemon=True, name="pyuds worker control")
         thread.start()
         server.serve_forever()
@@ -722,7 +824,8 @@ class Supervisor:
         return 0
 
 
-def _worker_control(server: WorkerServer, control: socket.socket, interval: float) -> None:
+def _worker_control(server: WorkerServer, control: socket.socket, interval: float,
+                    handoff: socket.socket | None) -> None:
     """The worker's thread: passes the supervisor's messages to the server, and posts a beat to
     the loop every interval (sent by the loop itself, so that a stuck loop sends none)."""
     while not server.serving and not server.closed:
@@ -749,11 +852,24 @@ def _worker_control(server: WorkerServer, control: socket.socket, interval: floa
         for kind, payload in unframe(buf):
             if kind == STOP:
                 server.shutdown(timeout=0)
+            elif kind == HAND_BACK and handoff is not None:
+                server._retire(lambda fd: _give_back(handoff, fd))
             elif kind == BROADCAST:
                 try:
                     server.broadcast(payload)
                 except Exception:
                     log.exception("broadcast failed in worker %d", os.getpid())
+
+
+def _give_back(handoff: socket.socket, fd: int) -> None:
+    """On the worker's loop, as it stops: a client handed back (fd, its socket, ours to close)
+    goes to the supervisor over the handoff pair, which carries clients both ways."""
+    try:
+        socket.send_fds(handoff, [b"m"], [fd])
+    except OSError as exc:  # (no room for CONTROL_TIMEOUT: the supervisor is stuck or gone)
+        log.error("worker %d could not hand a client back to the supervisor (%s): closed it", os.getpid(), exc)
+    finally:
+        os.close(fd)
 
 
 def _beat(server: WorkerServer, control: socket.socket) -> None:

@@ -4,6 +4,7 @@ the workers it forks, found through /proc) is killed by its pid at the end if st
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -19,14 +20,20 @@ import pytest
 import pyuds
 
 APP = '''
-import atexit, os, time
+import asyncio, atexit, os, time
 
 def handle(client, message):
     if message == b"stick":
         time.sleep(3600)  # a loop stuck in a handler
     if message.startswith(b"slow"):
         time.sleep(0.3)
+    if message == b"nap":
+        time.sleep(2)  # a loop busy for a while (its handoff queue fills)
     return b"%d:%s" % (os.getpid(), message)
+
+async def ahandle(client, message):  # up to max_in_flight of a client's requests at once
+    await asyncio.sleep(0.001)
+    return handle(client, message)
 
 def boom(worker_id):
     raise RuntimeError("cannot open the database")
@@ -36,6 +43,45 @@ def mark(worker_id):
     open(os.path.join(here, "started-%d-%d" % (worker_id, os.getpid())), "w").close()
     stopped = os.path.join(here, "stopped-%d-%d" % (worker_id, os.getpid()))
     atexit.register(lambda: open(stopped, "w").close())  # runs as the worker exits
+'''
+
+# A supervisor in the main thread (so that it takes signals), driven by lines on its stdin:
+# "hup" (a reload), "stats" (prints stats() as JSON), "fill" (takes every descriptor left to
+# the process) and "free" (gives them back); end-of-file stops it.
+HARNESS = '''
+import json, logging, os, resource, signal, sys, threading
+import pyuds
+from app import handle
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s [%(process)d] %(message)s")
+path, limit = sys.argv[1], int(sys.argv[2])
+if limit:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+server = pyuds.Server(path, handle, workers=2)
+held = []
+
+def commands():
+    for line in sys.stdin:
+        word = line.strip()
+        if word == "hup":
+            os.kill(os.getpid(), signal.SIGHUP)
+        elif word == "stats":
+            print(json.dumps(server.stats()), flush=True)
+        elif word == "fill":
+            try:
+                while True:
+                    held.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                pass
+            print("full", flush=True)
+        elif word == "free":
+            while held:
+                os.close(held.pop())
+            print("freed", flush=True)
+    server.shutdown()
+
+threading.Thread(target=commands, daemon=True).start()
+server.serve_forever()
 '''
 
 DEADLINE = 15.0  # seconds any one wait may take
@@ -78,14 +124,22 @@ def reply_pid(conn: pyuds.Connection, message: bytes = b"x") -> int:
 class Supervised:
     """A `pyuds serve --workers ...` process and what it forked."""
 
-    def __init__(self, sockdir: str, args: list[str], kind: str = "stream") -> None:
+    def __init__(self, sockdir: str, args: list[str], kind: str = "stream", framing: str = "u32",
+                 harness: list[str] | None = None) -> None:
         with open(os.path.join(sockdir, "app.py"), "w") as f:
             f.write(APP)
         self.path = os.path.join(sockdir, "w.sock")
-        self.kind = kind
+        self.kind, self.framing = kind, framing
         self.log = open(os.path.join(sockdir, "serve.log"), "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "pyuds", "serve", self.path, "--handler", "app:handle",
-                                      "--kind", kind, *args], cwd=sockdir, stdout=self.log, stderr=subprocess.STDOUT)
+        if harness is not None:  # HARNESS, args its own; commands on its stdin, its answers on stdout
+            with open(os.path.join(sockdir, "harness.py"), "w") as f:
+                f.write(HARNESS)
+            self.proc = subprocess.Popen([sys.executable, "harness.py", self.path, *harness], cwd=sockdir,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        else:
+            self.proc = subprocess.Popen([sys.executable, "-m", "pyuds", "serve", self.path, "--handler",
+                                          "app:handle", "--kind", kind, "--framing", framing, *args],
+                                         cwd=sockdir, stdout=self.log, stderr=subprocess.STDOUT)
         self.seen: set[int] = set()  # every worker pid seen, to kill at the end
 
     def workers(self) -> set[int]:
@@ -94,7 +148,14 @@ class Supervised:
         return pids
 
     def connect(self) -> pyuds.Connection:
-        return pyuds.connect(self.path, kind=self.kind, timeout=DEADLINE)
+        return pyuds.connect(self.path, self.framing, kind=self.kind, timeout=DEADLINE)
+
+    def command(self, word: str, answer: bool = True) -> str:
+        """Sends a command to the harness; returns the line it answers with, if it does."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(word + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline() if answer else ""
 
     def serving_pids(self) -> set[int]:
         """The workers the supervisor has logged as serving (each told it it was ready)."""
@@ -123,6 +184,8 @@ class Supervised:
 
     def close(self) -> None:
         self.workers()
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
         for pid in [self.proc.pid, *self.seen]:
             with contextlib.suppress(ProcessLookupError):
                 if pid == self.proc.pid and self.proc.poll() is not None:
@@ -131,6 +194,8 @@ class Supervised:
         self.proc.wait(DEADLINE)
         for pid in self.seen:  # workers are the supervisor's to reap; once it is gone, init's
             wait_for(lambda: not alive(pid), what=f"worker {pid} gone")
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         self.log.close()
 
 
@@ -138,8 +203,8 @@ class Supervised:
 def supervised(sockdir: str) -> Iterator:
     started: list[Supervised] = []
 
-    def start(*args: str, kind: str = "stream") -> Supervised:
-        sup = Supervised(sockdir, list(args), kind)
+    def start(*args: str, kind: str = "stream", framing: str = "u32", harness: list[str] | None = None) -> Supervised:
+        sup = Supervised(sockdir, list(args), kind, framing, harness)
         started.append(sup)
         return sup
 
@@ -214,6 +279,53 @@ def stop_load(loads: list[Load]) -> None:
         assert not load.is_alive()
 
 
+class Steady(threading.Thread):
+    """A client on one connection for its whole life (it never connects again): it sends
+    requests without pause, `depth` in flight at once (1: one at a time), and checks that each
+    reply is the right one, in order. Any failure (the connection closed, a wrong reply, a
+    timeout) is an error, and ends it."""
+
+    def __init__(self, sup: Supervised, name: str, depth: int) -> None:
+        super().__init__(daemon=True)
+        self.conn = sup.connect()
+        self.tag, self.depth = name.encode(), depth
+        self.stop = threading.Event()
+        self.errors: list[str] = []
+        self.pids: list[int] = []  # the worker that answered each request, in order
+
+    def run(self) -> None:
+        sent: list[bytes] = []
+        i = 0
+        try:
+            while True:
+                while len(sent) < self.depth and not self.stop.is_set():
+                    sent.append(b"%s-%d" % (self.tag, i))
+                    self.conn.send(sent[-1])
+                    i += 1
+                if not sent:
+                    return
+                pid, _, echoed = self.conn.recv().partition(b":")
+                if echoed != sent[0]:
+                    self.errors.append(f"{sent[0]!r}: wrong reply {echoed!r}")
+                    return
+                sent.pop(0)
+                self.pids.append(int(pid))
+        except Exception as exc:  # the connection closed, a timeout: all failures here
+            self.errors.append(f"{sent[0] if sent else b''!r}: {exc!r}")
+        finally:
+            self.conn.close()
+
+
+def answered_by(clients: list[Steady], pids: set[int], more: int = 10) -> bool:
+    """Whether each client's last `more` replies came from workers in pids."""
+    return all(len(c.pids) >= more and set(c.pids[-more:]) <= pids for c in clients)
+
+
+def generations(pids: list[int], gens: list[set[int]]) -> list[int]:
+    """The generation of the worker behind each reply, in order."""
+    return [next(g for g, members in enumerate(gens) if pid in members) for pid in pids]
+
+
 # ---- the tests -----------------------------------------------------------------------------
 
 
@@ -276,6 +388,230 @@ def test_sighup_under_load_replaces_every_worker_without_a_failed_request(superv
     assert sup.proc.wait(DEADLINE) == 0
 
 
+@pytest.mark.parametrize("kind,framing,handler", [("stream", "u32", "app:handle"), ("stream", "line", "app:handle"),
+                                                  ("seqpacket", "u32", "app:handle"),
+                                                  ("stream", "u32", "app:ahandle")])
+def test_sighup_moves_every_client_to_the_new_workers_with_no_request_lost(supervised, kind, framing, handler):
+    """Clients that never connect again, pipelining or one request at a time, across two
+    reloads: every request is answered, on the connection it was sent on, by the old workers
+    until each client is moved and by the new ones after; the old workers exit. A client idle
+    throughout is moved too, and answered when it speaks. (A coroutine handler: handlers in
+    flight are waited for.)"""
+    sup = supervised("--workers", "2", "--handler", handler, kind=kind, framing=framing)
+    sup.wait_serving(2)
+    gens = [sup.workers()]
+    idle = sup.connect()
+    clients = [Steady(sup, f"c{k}", depth=3 if k % 2 else 1) for k in range(20)]
+    try:
+        first = reply_pid(idle)
+        assert first in gens[0]
+        for c in clients:
+            c.start()
+        wait_for(lambda: answered_by(clients, gens[0]), what="load on the first workers")
+        for reload in (1, 2):
+            os.kill(sup.proc.pid, signal.SIGHUP)
+            wait_for(lambda: len(sup.workers()) == 2 and not sup.workers() & gens[-1], what=f"reload {reload} done")
+            gens.append(sup.workers())
+            wait_for(lambda: answered_by(clients, gens[-1]), what=f"load on the workers of reload {reload}")
+            assert all(not alive(pid) for pid in gens[-2])  # the old ones exited
+        for c in clients:
+            c.stop.set()
+        for c in clients:
+            c.join(DEADLINE)
+            assert not c.is_alive()
+        assert [e for c in clients for e in c.errors] == []
+        for c in clients:  # old workers until moved, then new ones: never back
+            order = generations(c.pids, gens)
+            assert order == sorted(order) and order[0] == 0 and order[-1] == 2
+        assert reply_pid(idle, b"still here") in gens[2]
+    finally:
+        idle.close()
+        for c in clients:
+            c.stop.set()
+    out = sup.output()
+    assert "no worker could take" not in out and "closed it" not in out
+    assert len(re.findall(r"retiring .*: handing back \d+ clients", out)) == 4
+    os.kill(sup.proc.pid, signal.SIGTERM)
+    assert sup.proc.wait(DEADLINE) == 0
+
+
+def test_sigterm_during_a_reload_stops_everything(supervised):
+    sup = supervised("--workers", "2")
+    sup.wait_serving(2)
+    clients = [Steady(sup, f"c{k}", depth=2) for k in range(6)]
+    for c in clients:
+        c.start()
+    wait_for(lambda: all(len(c.pids) > 5 for c in clients), what="load running")
+    os.kill(sup.proc.pid, signal.SIGHUP)
+    wait_for(lambda: "retiring" in sup.output(), what="the reload under way")
+    sup.workers()  # (the new ones seen)
+    os.kill(sup.proc.pid, signal.SIGTERM)
+    assert sup.proc.wait(DEADLINE) == 0
+    assert not os.path.exists(sup.path)
+    for pid in sup.seen:
+        wait_for(lambda: not alive(pid), what=f"worker {pid} gone")
+    for c in clients:  # (their connections end: the whole server stopped)
+        c.join(DEADLINE)
+        assert not c.is_alive()
+
+
+def test_reload_clients_close_answers_then_closes_the_clients(supervised):
+    sup = supervised("--workers", "2", "--reload-clients", "close")
+    sup.wait_serving(2)
+    old = sup.workers()
+    conn = sup.connect()
+    try:
+        assert reply_pid(conn) in old
+        conn.send(b"slow1")  # (being handled when the reload comes)
+        os.kill(sup.proc.pid, signal.SIGHUP)
+        pid, _, echoed = conn.recv().partition(b":")
+        assert echoed == b"slow1" and int(pid) in old  # answered ...
+        with pytest.raises(pyuds.ConnectionClosedError):  # ... then closed
+            conn.recv()
+    finally:
+        conn.close()
+    wait_for(lambda: len(sup.workers()) == 2 and not sup.workers() & old, what="every worker replaced")
+    with sup.connect() as again:  # connecting again finds the new ones
+        assert reply_pid(again) in sup.workers()
+    assert "handing back" not in sup.output()
+
+
+def half_frame_at_reload(sup: Supervised) -> tuple[pyuds.Connection, int, bytes]:
+    """A client of a worker whose request is half sent (and read by it) when a reload begins:
+    its connection, the worker's pid, and the rest of the frame."""
+    conn = sup.connect()
+    old = reply_pid(conn)
+    frame = (10).to_bytes(4, "big") + b"0123456789"
+    conn._sock.sendall(frame[:9])  # the header and half the payload
+    time.sleep(0.3)  # (read by the worker meanwhile)
+    os.kill(sup.proc.pid, signal.SIGHUP)
+    wait_for(lambda: re.search(rf"\[{old}\].*retiring", sup.output()), what="the old worker retiring")
+    return conn, old, frame[9:]
+
+
+def test_a_frame_half_sent_at_reload_is_answered_and_the_client_moved(supervised):
+    sup = supervised("--workers", "2")
+    sup.wait_serving(2)
+    conn, old, rest = half_frame_at_reload(sup)
+    try:
+        time.sleep(0.3)  # the old worker waits for the rest (flush_timeout: 5 s)
+        conn._sock.sendall(rest)
+        assert conn.recv() == b"%d:0123456789" % old  # answered by the worker that read its start
+        assert reply_pid(conn, b"next") in sup.workers() - {old}  # then served on by a new one
+        wait_for(lambda: not alive(old), what="the old worker gone")
+    finally:
+        conn.close()
+
+
+def test_a_frame_not_finished_within_flush_timeout_at_reload_is_closed(supervised):
+    sup = supervised("--workers", "2", "--flush-timeout", "1")
+    sup.wait_serving(2)
+    other = sup.connect()
+    conn, old, _rest = half_frame_at_reload(sup)
+    try:
+        with pytest.raises(pyuds.ConnectionClosedError):  # the rest never comes: closed
+            conn.recv()
+        assert reply_pid(other) not in {old}  # an idle client was moved meanwhile
+        wait_for(lambda: not alive(old), what="the old worker gone")
+    finally:
+        conn.close()
+        other.close()
+
+
+def test_with_every_handoff_pair_full_a_client_is_closed_and_serving_goes_on(supervised):
+    """Both workers busy in a handler: the clients accepted meanwhile queue on their handoff
+    pairs until those are full; the next one is closed (with a warning), the supervisor goes
+    on, and once the workers are back every client queued is served, and new ones too."""
+    sup = supervised("--workers", "2")
+    sup.wait_serving(2)
+    by_pid: dict[int, pyuds.Connection] = {}
+    spare: list[pyuds.Connection] = []
+    conns: list[pyuds.Connection] = []
+    try:
+        while len(by_pid) < 2:  # a client of each worker
+            conn = sup.connect()
+            pid = reply_pid(conn)
+            if pid in by_pid:
+                spare.append(conn)
+            else:
+                by_pid[pid] = conn
+        for conn in by_pid.values():
+            conn.send(b"nap")  # each worker busy for 2 s
+        time.sleep(0.1)
+        while "no worker could take a client" not in sup.output() and len(conns) < 3000:
+            conns.extend(sup.connect() for _ in range(50))
+        assert "no worker could take a client of " + sup.path + ": closed it" in sup.output()
+        assert sup.proc.poll() is None
+        for pid, conn in by_pid.items():
+            assert conn.recv() == b"%d:nap" % pid
+        served = closed = 0
+        for conn in conns:  # (opened while the workers were busy)
+            try:
+                assert reply_pid(conn) in by_pid
+                served += 1
+            except (pyuds.ConnectionClosedError, ConnectionError):
+                closed += 1
+        assert closed >= 1 and served >= 2 * 100  # (the pairs held hundreds each)
+        with sup.connect() as fresh:
+            assert reply_pid(fresh) in by_pid
+    finally:
+        for conn in conns + spare + list(by_pid.values()):
+            conn.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_out_of_descriptors_the_supervisor_pauses_accepting_then_serves_the_waiting_clients(supervised):
+    sup = supervised(harness=["256"])  # RLIMIT_NOFILE 256 before the server is made
+    sup.wait_serving(2)
+    assert sup.command("fill") == "full\n"  # every descriptor of the supervisor taken
+    waiting = [sup.connect() for _ in range(5)]  # connected in the backlog, not accepted
+    try:
+        for k, conn in enumerate(waiting):
+            conn.send(b"w%d" % k)
+        wait_for(lambda: "accept() failed on " + sup.path in sup.output(), what="accept failing")
+        before, start = cpu_seconds(sup.proc.pid), time.monotonic()
+        time.sleep(1.0)
+        spent, wall = cpu_seconds(sup.proc.pid) - before, time.monotonic() - start
+        assert spent < wall / 4  # it waits between attempts: no spinning
+        assert sup.command("free") == "freed\n"
+        for k, conn in enumerate(waiting):
+            pid, _, echoed = conn.recv().partition(b":")
+            assert echoed == b"w%d" % k and int(pid) in sup.workers()
+    finally:
+        for conn in waiting:
+            conn.close()
+    out = sup.output()
+    assert out.count("accept() failed") == 1 and "accepting on " + sup.path + " again" in out
+    sup.proc.stdin.close()  # the harness stops
+    assert sup.proc.wait(DEADLINE) == 0
+
+
+def test_stats_count_the_clients_moved(supervised):
+    sup = supervised(harness=["0"])
+    sup.wait_serving(2)
+    old = sup.workers()
+    conns = [sup.connect() for _ in range(4)]
+    try:
+        assert {reply_pid(conn) for conn in conns} <= old
+        sup.command("hup", answer=False)
+        wait_for(lambda: len(sup.workers()) == 2 and not sup.workers() & old, what="every worker replaced")
+        assert {reply_pid(conn) for conn in conns} <= sup.workers()
+
+        def moved() -> dict | None:
+            stats = json.loads(sup.command("stats"))
+            return stats if stats["closed"]["moved"] == 4 and stats["connections_current"] == 4 else None
+        stats = wait_for(moved, what="the moves counted")
+        assert sum(w["connections_current"] for w in stats["workers"]) == 4
+    finally:
+        for conn in conns:
+            conn.close()
+
+
 def test_sigterm_under_load_answers_what_was_sent_exits_0_and_removes_the_file(supervised):
     sup = supervised("--workers", "2")
     sup.wait_serving(2)
@@ -324,6 +660,22 @@ def test_sigttin_and_sigttou_add_and_remove_a_worker(supervised):
     time.sleep(0.3)
     sup.wait_serving(1)
     assert "SIGTTOU: keeping the last worker" in sup.output()
+
+
+def test_sigttou_moves_the_clients_of_the_worker_removed_to_the_others(supervised):
+    sup = supervised("--workers", "2")
+    sup.wait_serving(2)
+    conns = [sup.connect() for _ in range(6)]
+    try:
+        first = [reply_pid(conn) for conn in conns]
+        assert set(first) == sup.workers()
+        os.kill(sup.proc.pid, signal.SIGTTOU)
+        wait_for(lambda: len(sup.workers()) == 1, what="a worker removed")
+        (left,) = sup.workers()
+        assert [reply_pid(conn, b"after") for conn in conns] == [left] * 6  # the same connections
+    finally:
+        for conn in conns:
+            conn.close()
 
 
 def test_a_stuck_worker_is_killed_and_replaced(supervised):
@@ -417,6 +769,7 @@ def test_an_inherited_socket_with_workers_is_never_removed(sockdir):
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+    assert server.closed  # (not stuck: the socket it shares with its owner is blocking again)
     assert os.path.exists(path)  # the owner's, not ours
     own.close()
 
@@ -429,3 +782,6 @@ def test_workers_option_is_checked():
         pyuds.ServerConfig(workers=0)
     with pytest.raises(ValueError, match="worker_timeout must be at least 0.1"):
         pyuds.ServerConfig(worker_timeout=0)
+    assert pyuds.ServerConfig().reload_clients == "move"
+    with pytest.raises(ValueError, match="reload_clients must be one of move, close, not 'keep'"):
+        pyuds.ServerConfig(reload_clients="keep")
