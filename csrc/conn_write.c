@@ -259,14 +259,21 @@ static size_t write_through(uds_server *s, uds_conn *c, const unsigned char *hdr
     return took(s, c, w);
 }
 
-/* Accounts for msgs messages (bytes of payload) just queued to c or written out, which leave at
- * the next flush; reading from c pauses if its output reached the high-water mark. */
-static void queued(uds_server *s, uds_conn *c, uint64_t msgs, uint64_t bytes)
+/* Counts msgs messages (bytes of payload) as sent to c. Done before they reach the socket: a
+ * client that holds its reply must never read a counter that lacks it. (Unsigned: adding
+ * UINT64_MAX and the negated bytes takes back a message that could not be queued after all.) */
+static void count_out(uds_server *s, uds_conn *c, uint64_t msgs, uint64_t bytes)
 {
     UDS_COUNT(c->stats->msgs_out, msgs);
     UDS_COUNT(c->stats->bytes_out, bytes);
     UDS_COUNT(s->stats.msgs_out, msgs);
     UDS_COUNT(s->stats.bytes_out, bytes);
+}
+
+/* After messages were queued to c or written out: what is queued leaves at the next flush;
+ * reading from c pauses if its output reached the high-water mark. */
+static void queued(uds_server *s, uds_conn *c)
+{
     if (uds_buf_len(&c->out) == 0)
         return; /* all of it went straight out */
     if (uds_buf_len(&c->out) >= s->high_water && !(c->flags & UDS_CF_PAUSED))
@@ -306,18 +313,20 @@ int uds_conn_send(uds_server *s, uds_conn *c, const char *data, size_t len, int 
             }
         }
     }
+    count_out(s, c, 1, len);
     size_t sent = len >= UDS_WRITE_THROUGH_MIN || how == UDS_SEND_NOW
                       ? write_through(s, c, hdr, h, data, len, trailer) : 0;
     if (sent == frame) {
         c->tx_total += frame;
     } else if ((rc = uds_buf_reserve(b, frame - sent, &s->pool)) < 0) {
+        count_out(s, c, UINT64_MAX, 0 - (uint64_t)len);
         if (sent > 0) /* the peer has the start of a frame whose rest cannot be kept */
             uds_conn_fail(s, c, UDS_CLOSE_ERROR, -rc);
         return rc;
     } else {
         put_frame(c, hdr, h, data, len, trailer, sent);
     }
-    queued(s, c, 1, len);
+    queued(s, c);
     return 0;
 }
 
@@ -369,6 +378,7 @@ int uds_conn_send_run(uds_server *s, uds_conn *c, const char *data, const int16_
          * queued (within max_output: it is no more than room). */
         char run[UDS_SMALL_SEND];
         size_t framed = frame_run(s, data, lens, n, rcs, run, &msgs, &bytes, &failed);
+        count_out(s, c, msgs, bytes);
         size_t sent = framed > 0 ? send_now(s, c, run, framed) : 0;
         c->tx_total += framed;
         if (sent < framed && uds_buf_append(b, run + sent, framed - sent, &s->pool) < 0)
@@ -390,9 +400,10 @@ int uds_conn_send_run(uds_server *s, uds_conn *c, const char *data, const int16_
         size_t framed = frame_run(s, data, lens, n, rcs, b->data + b->end, &msgs, &bytes, &failed);
         b->end += framed;
         c->tx_total += framed;
+        count_out(s, c, msgs, bytes);
     }
     if (msgs > 0)
-        queued(s, c, msgs, bytes);
+        queued(s, c);
     return failed;
 }
 
