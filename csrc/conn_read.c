@@ -108,6 +108,7 @@ static size_t recv_some(uds_server *s, uds_conn *c, char *into, size_t room)
     }
     if (r > 0) {
         c->rx_total += (size_t)r;
+        s->turn_read += (size_t)r;
         return (size_t)r;
     }
     read_ended(s, c, (int)-r);
@@ -209,6 +210,7 @@ static ssize_t recv_packet(uds_server *s, uds_conn *c, uds_buf *b)
         keep_fds(s, c, &info, 4 + stored);
     }
     c->rx_total += 4 + stored;
+    s->turn_read += 4 + stored;
     return (ssize_t)(stored - in_room);
 }
 

@@ -237,7 +237,13 @@ static int serve_pending(uds_server *s, uds_event *ev, int n, int cap)
         c->flags &= ~UDS_CF_PENDING;
         if (c->flags & UDS_CF_FINAL)
             ; /* finished earlier in this turn */
+        else if ((c->flags & UDS_CF_READ_DUE) && s->turn_read >= UDS_TURN_READ_BUDGET)
+            uds_conn_mark_pending(s, c); /* its read is for the next turn */
         else if (n < cap) {
+            if (c->flags & UDS_CF_READ_DUE) {
+                c->flags &= ~UDS_CF_READ_DUE;
+                uds_conn_read(s, c);
+            }
             n = uds_conn_serve(s, c, ev, n, cap);
             if (n >= cap)
                 cut = c;
@@ -273,6 +279,7 @@ static int poll_conns(uds_server *s, uds_event *ev, int cap, int timeout_ms)
     for (uds_conn *c = s->pending_head; c != NULL; c = c->pending_next)
         uds_conn_keep_unparsed(s, c);
     s->arena_used = 0;
+    s->turn_read = 0;
     flush_scheduled(s);
     expire_deadlines(s);
     resume_accepting(s);
@@ -301,8 +308,16 @@ static int poll_conns(uds_server *s, uds_event *ev, int cap, int timeout_ms)
             uds_conn *c = s->conns[fd];
             if ((what & (UDS_POLL_OUT | UDS_POLL_HUP)) && (c->flags & UDS_CF_WANT_OUT))
                 uds_conn_flush(s, c);
-            if (what & (UDS_POLL_IN | UDS_POLL_HUP))
+            if (!(what & (UDS_POLL_IN | UDS_POLL_HUP)))
+                continue;
+            if (s->turn_read < UDS_TURN_READ_BUDGET) {
                 uds_conn_read(s, c);
+            } else {
+                /* Read first in the next turn, before those epoll reports then (it keeps
+                 * reporting in one order the sockets that stay readable). */
+                c->flags |= UDS_CF_READ_DUE;
+                uds_conn_mark_pending(s, c);
+            }
         }
     }
     return serve_pending(s, ev, n, cap);

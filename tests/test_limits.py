@@ -976,6 +976,62 @@ def test_a_pipelining_client_does_not_stall_others(serve, sock_path):
     assert heavy_seen[0] == n_heavy
 
 
+def test_clients_streaming_large_messages_do_not_starve_another(serve, sock_path):
+    """Three clients stream 128 KiB requests as fast as the server takes them (reading their
+    replies as they come), far more than one turn of the loop reads, while a fourth makes ten
+    round trips of its own 128 KiB request: each is answered while the three still stream
+    (a turn reads at most its budget and the connections it left unread go first in the next;
+    none waits behind the others' streams)."""
+    size = 128 * KiB
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    answered = [0, 0, 0]
+
+    def heavy(i: int) -> None:
+        try:
+            with unix_socket(sock_path, timeout=30) as sock:
+                request = frame(bytes([65 + i]) * size)
+
+                def send() -> None:
+                    try:
+                        while not stop.is_set():
+                            sock.sendall(request)
+                        sock.shutdown(socket.SHUT_WR)
+                    except BaseException as exc:
+                        errors.append(exc)
+
+                sender = threading.Thread(target=send, daemon=True)
+                sender.start()
+                while True:
+                    header = sock.recv(4, socket.MSG_WAITALL)
+                    if not header:  # every reply is in: the server closed after them
+                        break
+                    reply = recv_exactly(sock, struct.unpack(">I", header)[0])
+                    assert reply == request[4:]
+                    answered[i] += 1
+                sender.join(timeout=30)
+        except BaseException as exc:
+            errors.append(exc)
+
+    serve()
+    threads = [threading.Thread(target=heavy, args=(i,), daemon=True) for i in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: min(answered) >= 20, timeout=20)
+        with pyuds.connect(sock_path, timeout=20) as light:
+            for k in range(10):
+                message = bytes([48 + k]) * size
+                assert light.request(message) == message
+        streamed = answered[:]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert errors == []
+    assert min(answered) > min(streamed) >= 20, "the heavy clients had stopped streaming"
+
+
 def test_handler_errors_are_counted(serve, sock_path, caplog):
     """A handler that raises, or returns something that is not bytes, closes only that client
     (after the replies it was already owed), and is counted: stats handler_errors and
