@@ -156,7 +156,7 @@ static size_t complete_last_frame(uds_server *s, uds_conn *c, char *p, size_t le
  * u32 frame that chunk ends in). */
 static void read_into_arena(uds_server *s, uds_conn *c)
 {
-    size_t room = UDS_ARENA_SIZE - s->arena_used, want = room < UDS_READ_CHUNK ? room : UDS_READ_CHUNK;
+    size_t room = UDS_ARENA_SIZE - s->arena_used, want = room < UDS_ARENA_READ ? room : UDS_ARENA_READ;
     char *at = s->arena + s->arena_used;
     size_t got = recv_some(s, c, at, want);
     if (got == want && s->cfg.framing == UDS_FRAMING_U32 &&

@@ -22,14 +22,20 @@
 
 /* Bounded work per readiness and per turn, so one busy client cannot starve the rest. */
 #define UDS_ACCEPT_BUDGET 64          /* accepts per master-socket readiness */
-#define UDS_READ_CHUNK (64 * 1024)    /* bytes asked for by one read */
+#define UDS_READ_CHUNK (64 * 1024)    /* bytes asked for by one read into a connection's buffer */
+#define UDS_ARENA_READ (256 * 1024)   /* ... into the arena: what a client sent in one go is read,
+                                       * answered and written back together, in one write */
 #define UDS_READ_BUDGET (256 * 1024)  /* bytes read from one connection per readiness (a large
                                        * u32 frame in progress is read in up to this much) */
 #define UDS_TURN_READ_BUDGET (256 * 1024) /* bytes read per turn, across connections: past it,
                                          * the connections still readable wait for the next
                                          * turn, read first then (see uds_server.turn_read) */
 #define UDS_CONN_MSGS_PER_TURN 128    /* messages one connection delivers per turn */
-#define UDS_WRITE_THROUGH_MIN 16384   /* payloads this big try the socket before the buffer */
+#define UDS_WRITE_THROUGH_MIN (1024 * 1024) /* payloads this big try the socket before the
+                                       * buffer. Smaller ones are copied and leave with the
+                                       * turn's others in one write: a reader takes them as
+                                       * they were written, and 64 KiB replies in a write each
+                                       * cost the C load generator a fifth more than in one */
 #define UDS_SMALL_SEND 4096           /* replies this small, with nothing waiting before them,
                                        * are sent at once from one stack copy */
 #define UDS_ARENA_SIZE (2 * 1024 * 1024) /* the shared read arena (see uds_server.arena): it
