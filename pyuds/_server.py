@@ -581,12 +581,14 @@ class Server:
         """Runs what other threads posted, then starts closing every client (or handing them
         back, see _retire())."""
         self._core.run_posted()
+        # (The clients known, not what the core's calls return: a worker's count of live
+        # connections includes the drain of its handoff pair.)
         if self._retiring:
-            remaining = self._core.retire()
-            log.info("retiring %s: handing back %d clients", self._path, remaining)
+            self._core.retire()
+            log.info("retiring %s: handing back %d clients", self._path, len(self.clients))
             return
-        remaining = self._core.shutdown()
-        log.info("shutting down %s: closing %d clients", self._path, remaining)
+        self._core.shutdown()
+        log.info("shutting down %s: closing %d clients", self._path, len(self.clients))
 
     def _teardown(self, graceful: bool, restore_signals: Callable[[], None]) -> None:
         notifier = self._notifier
