@@ -7,6 +7,7 @@
 #define _GNU_SOURCE
 #include "internal.h"
 
+#include <errno.h>
 #include <string.h>
 
 /* Writes the layout item of a payload of len bytes (at most UDS_PACK_MAX) at p; returns its end. */
@@ -59,13 +60,43 @@ int uds_poll_batch(uds_server *s, uds_event *ev, int cap, int timeout_ms, uds_ba
     return n;
 }
 
-int uds_reply_poll_batch(uds_server *s, const char *reply, int64_t len, int timeout_ms,
-                         uds_batch *b)
+/* Queues the reply to the last batch's one message (b->ev[0]), written at once if nothing waits
+ * before it; b->reply_rc gets what that returned (0 for none: len < 0). */
+static void reply_one(uds_server *s, uds_batch *b, const char *reply, int64_t len)
 {
     const uds_event *e = &b->ev[0];
     b->reply_rc = len < 0 ? 0 : s->kind->send(s, e->slot, e->id, reply, (size_t)len, NULL, 0, UDS_SEND_NOW);
+}
+
+int uds_reply_poll_batch(uds_server *s, const char *reply, int64_t len, int timeout_ms,
+                         uds_batch *b)
+{
+    reply_one(s, b, reply, len);
     /* A reply that failed is the caller's to act on (its client may be owed a close): no wait. */
     return uds_poll_batch(s, b->ev, b->cap, b->reply_rc < 0 ? 0 : timeout_ms, b);
+}
+
+_Static_assert(UDS_PACK_MAX < 1 << UDS_ONE_SHIFT, "a packed length fits below the slot");
+
+int64_t uds_serve_one(uds_batch *b, const char *reply, int64_t len)
+{
+    uds_server *s = b->srv;
+    if (s == NULL) { /* the caller let go of its server */
+        b->n = -EBADF;
+        b->one_len = -1;
+        b->reply_rc = 0;
+        return -1;
+    }
+    if (__atomic_load_n(&b->interrupt, __ATOMIC_ACQUIRE) || (b->draining && s->live <= 0)) {
+        reply_one(s, b, reply, len);
+        b->n = 0;
+        b->one_len = -1;
+        return -1;
+    }
+    b->n = uds_reply_poll_batch(s, reply, len, b->timeout_ms, b);
+    if (b->one_len < 0 || b->reply_rc != 0)
+        return -1;
+    return (int64_t)b->one_slot << UDS_ONE_SHIFT | b->one_len;
 }
 
 int uds_reply_batch(uds_server *s, const uds_event *ev, int first, int n, const char *data,

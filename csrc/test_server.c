@@ -216,6 +216,38 @@ static int batch_turn(uds_server *s, uds_event *ev, uds_batch *b)
     return 0;
 }
 
+/* uds_serve_one(): batch_whole()'s turn of one message, that message in the return value;
+ * interrupted or draining with no connection live, it queues the reply but does not poll. */
+static void serve_one(uds_server *s, uds_batch *b, int c)
+{
+    char buf[64];
+    b->srv = s;
+    b->timeout_ms = 10;
+    CHECK(send(c, "\0\0\0\3abc", 7, 0) == 7);
+    int64_t one = -1;
+    for (int round = 0; round < 20 && one < 0; round++)
+        one = uds_serve_one(b, NULL, -1);
+    CHECK(one == ((int64_t)b->ev[0].slot << UDS_ONE_SHIFT | 3) && b->n == 1);
+    CHECK(memcmp(b->pack, "abc", 3) == 0);
+    /* Interrupted: the reply is queued and leaves at the next poll, but nothing is polled now,
+     * not even the message already waiting. */
+    CHECK(send(c, "\0\0\0\1x", 5, 0) == 5);
+    b->interrupt = 1;
+    CHECK(uds_serve_one(b, "ABC", 3) == -1 && b->n == 0 && b->reply_rc == 0 && b->one_len == -1);
+    CHECK(uds_serve_one(b, NULL, -1) == -1 && b->n == 0);
+    b->interrupt = 0;
+    one = uds_serve_one(b, NULL, -1); /* the poll: the reply leaves, the message comes */
+    CHECK(one == ((int64_t)b->ev[0].slot << UDS_ONE_SHIFT | 1) && memcmp(b->pack, "x", 1) == 0);
+    CHECK(recv(c, buf, sizeof buf, 0) == 7 && memcmp(buf, "\0\0\0\3ABC", 7) == 0);
+    /* Draining: polled as usual while a connection is live (nothing comes: n 0 from the wait). */
+    b->draining = 1;
+    CHECK(uds_serve_one(b, NULL, -1) == -1 && b->n == 0);
+    b->draining = 0;
+    b->srv = NULL; /* let go of */
+    CHECK(uds_serve_one(b, NULL, -1) == -1 && b->n == -EBADF);
+    b->srv = s;
+}
+
 /* uds_poll_batch() describes a batch whole (the packed payloads, their layout, the runs per
  * connection) and uds_reply_batch() answers it in one call; a payload too big to pack makes
  * the batch one to take event by event; a batch of one message is answered with the next
@@ -275,6 +307,7 @@ static void batch_whole(uds_server *s, const char *path, uds_event *ev)
     CHECK(uds_reply_poll_batch(s, "HI", 2, 10, &b) >= 0 && b.reply_rc == 0);
     CHECK(uds_reply_poll_batch(s, NULL, -1, 10, &b) >= 0 && b.reply_rc == 0);
     CHECK(recv(c, buf, sizeof buf, 0) == 6 && memcmp(buf, "\0\0\0\2HI", 6) == 0);
+    serve_one(s, &b, c);
     close(a);
     close(c);
     int closed = 0;
@@ -434,7 +467,7 @@ int main(void)
     uds_server_stats_get(s, &st);
     CHECK(st.current == 0);
     CHECK(st.accepted == CLIENTS + 6);
-    CHECK(st.msgs_in == st.msgs_out + 3); /* "stop", and batch_whole()'s "ccc" and big one, got no reply */
+    CHECK(st.msgs_in == st.msgs_out + 4); /* "stop", and batch_whole()'s "ccc", big one and "x", got no reply */
     CHECK(st.closed[UDS_CLOSE_CLOSED] == 1 && st.closed[UDS_CLOSE_SHUTDOWN] == 1);
     uds_server_free(s);
     rmdir(dir);

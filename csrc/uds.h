@@ -239,10 +239,17 @@ typedef struct uds_server_stats {
  * struct module, which cuts pack into one bytes object per payload with it). Consecutive events
  * of one connection form a run. pack, layout and the runs are complete only when all_packed. */
 #define UDS_PACK_MAX 4096    /* payloads up to this size are packed */
+#define UDS_ONE_SHIFT 13     /* uds_serve_one(): slot << 13 | length (a packed length < 2^13) */
 #define UDS_LAYOUT_ITEM_MAX 5 /* bytes of layout one event takes at most ("4096s") */
 typedef struct uds_batch {
     uds_event *ev;      /* uds_reply_poll_batch(): the events, ev[0..cap) */
     int cap;
+    /* uds_serve_one()'s: */
+    uds_server *srv;    /* the server */
+    int timeout_ms;     /* the wait's limit (-1: none) */
+    int draining;       /* nonzero: no poll once no connection is live */
+    int interrupt;      /* nonzero: no poll (the caller has work of its own: a stop, requests
+                         * from other threads); any thread may set it, the caller clears it */
     char *pack;         /* packed payloads */
     size_t pack_cap;    /* bytes of pack, at most 4 GiB - 2 */
     char *layout;       /* [cap * UDS_LAYOUT_ITEM_MAX] out: the items of pack, not terminated */
@@ -259,6 +266,7 @@ typedef struct uds_batch {
                          * request at a time): its length; else -1 */
     int64_t one_slot;   /* ... and its connection's slot */
     int64_t reply_rc;   /* uds_reply_poll_batch(): what queueing its reply returned (0: none) */
+    int64_t n;          /* uds_serve_one(): what uds_poll() returned */
 } uds_batch;
 
 /* Creates the master socket and binds it to path, then listens. A path that starts with '@'
@@ -300,6 +308,17 @@ int uds_poll_batch(uds_server *s, uds_event *ev, int cap, int timeout_ms, uds_ba
  * leaves first. Returns as uds_poll(). */
 int uds_reply_poll_batch(uds_server *s, const char *reply, int64_t len, int timeout_ms,
                          uds_batch *b);
+
+/* uds_reply_poll_batch(b->srv, reply, len, b->timeout_ms, b), b->n set to what it returned,
+ * and the usual outcome in the return value, so that the caller reads nothing else: the batch
+ * is one message, its reply (if any) was queued, and the message is packed: returns its slot
+ * << UDS_ONE_SHIFT | its length (for slots under 2^17, an int that Python keeps in one digit,
+ * whose shift and mask take its fast paths). Else -1: b->n, b->reply_rc, b->one_len tell the
+ * rest. With b->interrupt set, or b->draining and no connection live, the reply is queued but
+ * nothing polled: -1 with b->n 0. The whole turn of a client with one request at a time, and
+ * the caller's checks between turns, in one call with three arguments (cffi converts each
+ * argument, and a shorter argument tuple costs less). */
+int64_t uds_serve_one(uds_batch *b, const char *reply, int64_t len);
 
 /* Queues the replies to the events ev[first .. first + n) of the last batch in one call: reply
  * i has lens[i] bytes (so at most 32767; larger ones go through uds_reply()), -1 for none, and

@@ -14,7 +14,7 @@ the handles it indexes talk to their server through pyuds._handle.Owner, not thr
 tests/test_layering.py checks these rules.
 
 The C loop never calls into Python. ``Core.serve()`` pulls a batch of events with one
-``uds_reply_poll_batch()`` call (cffi releases the GIL around it), then walks the batch, a
+``uds_serve_one()`` call (cffi releases the GIL around it), then walks the batch, a
 handler call per message. A batch of one message (a client with one request at a time) is
 answered by the next of those calls, which writes the reply before it polls. A batch of small
 messages only (the busy case) is taken whole: C copies their payloads back to back and
@@ -83,11 +83,13 @@ for _reason, _code in REASON_CODES.items():
 del _reason, _code
 
 EV_MESSAGE, EV_CONNECTED, EV_CLOSED = lib.UDS_EV_MESSAGE, lib.UDS_EV_CONNECTED, lib.UDS_EV_CLOSED
+ONE_SHIFT = lib.UDS_ONE_SHIFT
+_STOP = -2  # Core._rest_of_turn(): serve() is done
 
 # The int64 fields C fills in a uds_batch, as indexes into the batch read as an int64 array.
-(LAYOUT_LEN, RUNS, ALL_PACKED, ANY_FDS, ONE_LEN, ONE_SLOT, REPLY_RC) = (
+(LAYOUT_LEN, RUNS, ALL_PACKED, ANY_FDS, ONE_LEN, ONE_SLOT, REPLY_RC, N_EVENTS) = (
     ffi.offsetof("uds_batch", field) // 8
-    for field in ("layout_len", "runs", "all_packed", "any_fds", "one_len", "one_slot", "reply_rc"))
+    for field in ("layout_len", "runs", "all_packed", "any_fds", "one_len", "one_slot", "reply_rc", "n"))
 
 
 # A batch this small takes the per-event path: the batch path's fixed cost per turn (a few
@@ -304,7 +306,7 @@ class Core:
         self._reply_lens = ffi.new("int16_t[]", cap)
         self._reply_lens_buf = ffi.buffer(self._reply_lens)
         batch = self._batch = ffi.new("uds_batch *")
-        batch.ev, batch.cap = self._events, cap
+        batch.ev, batch.cap, batch.srv = self._events, cap, self._srv
         batch.pack, batch.pack_cap = self._pack, PACK_BYTES
         batch.layout, batch.run_slot, batch.run_end = self._layout, self._run_slot, self._run_end
         self._pack_buf = ffi.buffer(self._pack)
@@ -522,7 +524,7 @@ class Core:
         """In a process forked from the one that made this server: lets go of the C server
         without freeing it. Freeing it would close the parent's sockets here (harmless) and
         remove the parent's socket file (not harmless): a child never does either."""
-        self._srv = None
+        self._srv, self._batch.srv = None, ffi.NULL
         self._pending.clear()
 
     def free(self) -> None:
@@ -530,7 +532,7 @@ class Core:
         discards the requests still posted (closing their descriptors)."""
         if self._srv is not None:
             lib.uds_server_free(self._srv)
-            self._srv = None
+            self._srv, self._batch.srv = None, ffi.NULL
         for _fn, _args, fds in self._pending:
             for fd in fds:
                 os.close(fd)
@@ -541,6 +543,7 @@ class Core:
         only sets a flag (a signal wakes the poll through the wakeup fd; from another thread,
         call wakeup() too)."""
         self._stopping = True
+        self._batch.interrupt = 1
 
     def post(self, fn: Callable[..., Any], args: tuple[Any, ...], fds: list[int]) -> None:
         """Queues fn(*args) for the loop's thread, which runs it after the batch in hand, and
@@ -548,6 +551,7 @@ class Core:
         Any thread, while the C server exists (pyuds.Server posts under the lock it frees it
         under)."""
         self._pending.append((fn, args, fds))
+        self._batch.interrupt = 1  # after the append: the loop clears it before it takes them
         self.wakeup()
 
     def run_posted(self) -> None:
@@ -576,45 +580,67 @@ class Core:
         # 8.5 us of server CPU per request, the kernel's recv, send, epoll and task switches
         # take 82%; this loop and the handler 9%; the C core 4.5%, libc 2.4%, cffi 1.3%.
         # Locals, not attribute chains: this loop runs once per request.
-        srv, batch = self._srv, self._batch
-        poll, live, pack, out = lib.uds_reply_poll_batch, lib.uds_live, self._pack_buf, self._batch_out
-        one_len, one_slot, reply_rc = ONE_LEN, ONE_SLOT, REPLY_RC
-        handles, failed, other, pending = _live(registry), registry.handler_failed, self._as_reply, self._pending
-        # The reply to a batch of one message goes with the next poll: (client, reply, length),
+        batch = self._batch
+        step, pack, shift, mask = lib.uds_serve_one, self._pack_buf, ONE_SHIFT, (1 << ONE_SHIFT) - 1
+        handles, failed, other, bytes_ = _live(registry), registry.handler_failed, self._as_reply, bytes
+        # The reply to a batch of one message goes with the next step: (client, reply, length),
         # length -1 for none (reply then b"": C takes bytes, not None, for a char *).
         reply: Any = b""  # a Reply from the handler; bytes by the time it goes to C
         length = -1
         client: ClientHandle  # set whenever length >= 0
-        timeout = -1 if watchdog is None else watchdog.poll_ms
-        while (live(srv) > 0) if draining else not self._stopping:
-            n = poll(srv, reply, length, timeout, batch)
+        batch.timeout_ms = -1 if watchdog is None else watchdog.poll_ms
+        batch.draining = draining
+        # Whether to stop and whether other threads posted requests are C's to check (stop()
+        # and post() set batch.interrupt): a step that finds either queues the reply and
+        # returns at once, and this loop only tests what the step returned. (while True, not
+        # while <condition>: on 3.11 only an unconditional jump back warms a loop up for the
+        # specializing interpreter, and this function is called once, so a loop that jumps
+        # back on a condition would run unspecialized for the server's life.)
+        while True:
+            # One message (slot << shift | length), its reply (if any) queued; else -1.
+            one = step(batch, reply, length)
             if watchdog is not None:
                 watchdog.tick()
-            if length >= 0 and out[reply_rc]:
-                registry.reply_failed(client, send_error(out[reply_rc], client.id))
-            if n < 0:
-                check(n)
-            length = out[one_len]
-            if length >= 0:
-                client = handles[out[one_slot]]
-                try:
-                    reply = handler(client, pack[:length]) if not client._closed else None
-                except Exception as exc:
-                    reply = failed(client, exc)
-                if type(reply) is bytes:
-                    length = len(reply)
-                else:
-                    reply = other(client, reply)
-                    reply, length = (b"", -1) if reply is None else (reply, len(reply))
-            else:
-                self._dispatch(n)
-            if pending:
-                if length >= 0:  # what other threads send goes after it
-                    self._reply_to_one(client, reply, length)
+            if one < 0:
+                one = self._rest_of_turn(client if length >= 0 else None, draining)
+                if one < 0:
+                    if one == _STOP:
+                        break
                     length = -1
-                self.run_posted()
-        if length >= 0:
-            self._reply_to_one(client, reply, length)
+                    continue
+            client = handles[one >> shift]
+            try:
+                reply = handler(client, pack[:one & mask]) if not client._closed else None
+            except Exception as exc:
+                reply = failed(client, exc)
+            if type(reply) is bytes_:
+                length = len(reply)
+            else:
+                reply = other(client, reply)
+                reply, length = (b"", -1) if reply is None else (reply, len(reply))
+
+    def _rest_of_turn(self, replied: ClientHandle | None, draining: bool) -> int:
+        """serve()'s turn when uds_serve_one() did not return one message: the reply to
+        replied (the last batch's one message, if it was answered) failed, or the poll did, or
+        the batch is another (dispatched here), or there was none, or the step was interrupted.
+        Returns what uds_serve_one() returns for one message; else runs what other threads
+        posted and returns _STOP if serve() is done, else -1."""
+        out = self._batch_out
+        if replied is not None and out[REPLY_RC]:
+            self._registry.reply_failed(replied, send_error(out[REPLY_RC], replied.id))
+        n = out[N_EVENTS]
+        if n < 0:
+            check(n)
+        if out[ONE_LEN] >= 0:  # (a batch.interrupt set meanwhile stops the next step)
+            return out[ONE_SLOT] << ONE_SHIFT | out[ONE_LEN]
+        if n > 0:
+            self._dispatch(n)
+        self._batch.interrupt = 0  # before the requests are taken: a post from now on sets it again
+        if self._pending:
+            self.run_posted()
+        if (lib.uds_live(self._srv) <= 0) if draining else self._stopping:
+            return _STOP
+        return -1
 
     def serve_ready(self, registry: Registry, handler: Handler, turns: int, seconds: float) -> None:
         """Serves what is ready without waiting: turns polled with timeout 0, each dispatched as
@@ -693,12 +719,6 @@ class Core:
                     replies.append(reply if kind(reply) is bytes else other(client, reply))  # type: ignore[arg-type]
                 start = end
         self.flush_replies()
-
-    def _reply_to_one(self, client: ClientHandle, reply: bytes, length: int) -> None:
-        """Queues the reply to the last batch, a batch of one message, without polling."""
-        rc = lib.uds_reply(self._srv, self._events[0].slot, self._events[0].id, reply, length)
-        if rc:
-            self._registry.reply_failed(client, send_error(rc, client.id))
 
     def _dispatch_events(self, n: int, any_fds: int) -> None:
         """The per-event path: small batches, and those with connects, closes or payloads too

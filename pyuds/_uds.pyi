@@ -67,6 +67,7 @@ class Lib:
     UDS_LAYOUT_ITEM_MAX: int
     UDS_MAX_FDS: int
     UDS_PACK_MAX: int
+    UDS_ONE_SHIFT: int
 
     @staticmethod
     def uds_server_new(out: CData, path: Chars, cfg: CData) -> int: ...
@@ -102,6 +103,8 @@ class Lib:
     def uds_poll_batch(srv: CData, events: CData, cap: int, timeout_ms: int, batch: CData) -> int: ...
     @staticmethod
     def uds_reply_poll_batch(srv: CData, reply: Chars, length: int, timeout_ms: int, batch: CData) -> int: ...
+    @staticmethod
+    def uds_serve_one(batch: CData, reply: Chars, length: int) -> int: ...
     @staticmethod
     def uds_reply(srv: CData, slot: int, cid: int, data: Chars, length: int) -> int: ...
     @staticmethod

@@ -153,7 +153,7 @@ def _stub_lib(stub: str) -> tuple[dict[str, tuple[int, str]], set[str]]:
 
 
 # C results as the stubs give them.
-C_RESULTS = {"int": "int", "size_t": "int", "ssize_t": "int", "void": "None"}
+C_RESULTS = {"int": "int", "int64_t": "int", "size_t": "int", "ssize_t": "int", "void": "None"}
 
 
 @pytest.mark.parametrize("module, stub", [("_uds", "_uds.pyi"), ("_loadgen", "_loadgen.pyi")])
