@@ -94,9 +94,15 @@ int64_t uds_serve_one(uds_batch *b, const char *reply, int64_t len)
         return -1;
     }
     b->n = uds_reply_poll_batch(s, reply, len, b->timeout_ms, b);
-    if (b->one_len < 0 || b->reply_rc != 0)
+    if (b->one_len < 0)
         return -1;
-    return (int64_t)b->one_slot << UDS_ONE_SHIFT | b->one_len;
+    const uds_event *e = &b->ev[0];
+    int same = e->slot == b->last_slot && e->id == b->last_id;
+    b->last_slot = e->slot;
+    b->last_id = e->id;
+    if (b->reply_rc != 0)
+        return -1;
+    return same ? b->one_len : (int64_t)(e->slot + 1) << UDS_ONE_SHIFT | b->one_len;
 }
 
 int uds_reply_batch(uds_server *s, const uds_event *ev, int first, int n, const char *data,

@@ -216,19 +216,22 @@ static int batch_turn(uds_server *s, uds_event *ev, uds_batch *b)
     return 0;
 }
 
-/* uds_serve_one(): batch_whole()'s turn of one message, that message in the return value;
- * interrupted or draining with no connection live, it queues the reply but does not poll. */
-static void serve_one(uds_server *s, uds_batch *b, int c)
+/* uds_serve_one(): batch_whole()'s turn of one message, that message in the return value (its
+ * slot with it when its connection is not the last one's); interrupted or draining with no
+ * connection live, it queues the reply but does not poll. */
+static void serve_one(uds_server *s, uds_batch *b, int a, int c)
 {
     char buf[64];
     b->srv = s;
     b->timeout_ms = 10;
+    b->last_slot = -1;
     CHECK(send(c, "\0\0\0\3abc", 7, 0) == 7);
     int64_t one = -1;
     for (int round = 0; round < 20 && one < 0; round++)
         one = uds_serve_one(b, NULL, -1);
-    CHECK(one == ((int64_t)b->ev[0].slot << UDS_ONE_SHIFT | 3) && b->n == 1);
+    CHECK(one == ((int64_t)(b->ev[0].slot + 1) << UDS_ONE_SHIFT | 3) && b->n == 1);
     CHECK(memcmp(b->pack, "abc", 3) == 0);
+    int c_slot = b->ev[0].slot;
     /* Interrupted: the reply is queued and leaves at the next poll, but nothing is polled now,
      * not even the message already waiting. */
     CHECK(send(c, "\0\0\0\1x", 5, 0) == 5);
@@ -237,8 +240,16 @@ static void serve_one(uds_server *s, uds_batch *b, int c)
     CHECK(uds_serve_one(b, NULL, -1) == -1 && b->n == 0);
     b->interrupt = 0;
     one = uds_serve_one(b, NULL, -1); /* the poll: the reply leaves, the message comes */
-    CHECK(one == ((int64_t)b->ev[0].slot << UDS_ONE_SHIFT | 1) && memcmp(b->pack, "x", 1) == 0);
+    CHECK(one == 1 && memcmp(b->pack, "x", 1) == 0); /* from the same connection: its length */
     CHECK(recv(c, buf, sizeof buf, 0) == 7 && memcmp(buf, "\0\0\0\3ABC", 7) == 0);
+    CHECK(send(a, "\0\0\0\2yz", 6, 0) == 6);
+    one = -1;
+    for (int round = 0; round < 20 && one < 0; round++)
+        one = uds_serve_one(b, NULL, -1);
+    CHECK(one == ((int64_t)(b->ev[0].slot + 1) << UDS_ONE_SHIFT | 2) && b->ev[0].slot != c_slot);
+    CHECK(memcmp(b->pack, "yz", 2) == 0);
+    CHECK(uds_serve_one(b, "YZ", 2) == -1 && b->n == 0); /* its reply; then nothing comes */
+    CHECK(recv(a, buf, sizeof buf, 0) == 6 && memcmp(buf, "\0\0\0\2YZ", 6) == 0);
     /* Draining: polled as usual while a connection is live (nothing comes: n 0 from the wait). */
     b->draining = 1;
     CHECK(uds_serve_one(b, NULL, -1) == -1 && b->n == 0);
@@ -307,7 +318,7 @@ static void batch_whole(uds_server *s, const char *path, uds_event *ev)
     CHECK(uds_reply_poll_batch(s, "HI", 2, 10, &b) >= 0 && b.reply_rc == 0);
     CHECK(uds_reply_poll_batch(s, NULL, -1, 10, &b) >= 0 && b.reply_rc == 0);
     CHECK(recv(c, buf, sizeof buf, 0) == 6 && memcmp(buf, "\0\0\0\2HI", 6) == 0);
-    serve_one(s, &b, c);
+    serve_one(s, &b, a, c);
     close(a);
     close(c);
     int closed = 0;

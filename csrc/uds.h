@@ -239,7 +239,7 @@ typedef struct uds_server_stats {
  * struct module, which cuts pack into one bytes object per payload with it). Consecutive events
  * of one connection form a run. pack, layout and the runs are complete only when all_packed. */
 #define UDS_PACK_MAX 4096    /* payloads up to this size are packed */
-#define UDS_ONE_SHIFT 13     /* uds_serve_one(): slot << 13 | length (a packed length < 2^13) */
+#define UDS_ONE_SHIFT 13     /* uds_serve_one(): (slot + 1) << 13 | length (a packed length < 2^13) */
 #define UDS_LAYOUT_ITEM_MAX 5 /* bytes of layout one event takes at most ("4096s") */
 typedef struct uds_batch {
     uds_event *ev;      /* uds_reply_poll_batch(): the events, ev[0..cap) */
@@ -250,6 +250,9 @@ typedef struct uds_batch {
     int draining;       /* nonzero: no poll once no connection is live */
     int interrupt;      /* nonzero: no poll (the caller has work of its own: a stop, requests
                          * from other threads); any thread may set it, the caller clears it */
+    int last_slot;      /* the connection of the last one message returned (-1: none, as the
+                         * caller sets it before a first call) */
+    uint64_t last_id;
     char *pack;         /* packed payloads */
     size_t pack_cap;    /* bytes of pack, at most 4 GiB - 2 */
     char *layout;       /* [cap * UDS_LAYOUT_ITEM_MAX] out: the items of pack, not terminated */
@@ -311,13 +314,16 @@ int uds_reply_poll_batch(uds_server *s, const char *reply, int64_t len, int time
 
 /* uds_reply_poll_batch(b->srv, reply, len, b->timeout_ms, b), b->n set to what it returned,
  * and the usual outcome in the return value, so that the caller reads nothing else: the batch
- * is one message, its reply (if any) was queued, and the message is packed: returns its slot
- * << UDS_ONE_SHIFT | its length (for slots under 2^17, an int that Python keeps in one digit,
- * whose shift and mask take its fast paths). Else -1: b->n, b->reply_rc, b->one_len tell the
- * rest. With b->interrupt set, or b->draining and no connection live, the reply is queued but
- * nothing polled: -1 with b->n 0. The whole turn of a client with one request at a time, and
- * the caller's checks between turns, in one call with three arguments (cffi converts each
- * argument, and a shorter argument tuple costs less). */
+ * is one message, its reply (if any) was queued, and the message is packed. Then returns its
+ * length if it came from the same connection as the last one message returned (or found in
+ * b->one_len), the usual case, else (slot + 1) << UDS_ONE_SHIFT | length, and that connection
+ * becomes the last. Python keeps either in an int of one digit (for slots under 2^17),
+ * without an allocation for a length under 257. Else -1: b->n, b->reply_rc, b->one_len (and
+ * b->one_slot, the last connection's slot) tell the rest. With b->interrupt set, or
+ * b->draining and no connection live, the reply is queued but nothing polled: -1 with b->n
+ * 0. The whole turn of a client with one request at a time, and the caller's checks between
+ * turns, in one call with three arguments (cffi converts each argument, and a shorter
+ * argument tuple costs less). */
 int64_t uds_serve_one(uds_batch *b, const char *reply, int64_t len);
 
 /* Queues the replies to the events ev[first .. first + n) of the last batch in one call: reply

@@ -590,6 +590,7 @@ class Core:
         client: ClientHandle  # set whenever length >= 0
         batch.timeout_ms = -1 if watchdog is None else watchdog.poll_ms
         batch.draining = draining
+        batch.last_slot = -1  # client is unset
         # Whether to stop and whether other threads posted requests are C's to check (stop()
         # and post() set batch.interrupt): a step that finds either queues the reply and
         # returns at once, and this loop only tests what the step returned. (while True, not
@@ -597,7 +598,8 @@ class Core:
         # specializing interpreter, and this function is called once, so a loop that jumps
         # back on a condition would run unspecialized for the server's life.)
         while True:
-            # One message (slot << shift | length), its reply (if any) queued; else -1.
+            # One message: its length if it came from client, else (slot + 1) << shift |
+            # length; its reply (if any) queued. Else -1.
             one = step(batch, reply, length)
             if watchdog is not None:
                 watchdog.tick()
@@ -608,9 +610,11 @@ class Core:
                         break
                     length = -1
                     continue
-            client = handles[one >> shift]
+            if one > mask:
+                client = handles[(one >> shift) - 1]
+                one &= mask
             try:
-                reply = handler(client, pack[:one & mask]) if not client._closed else None
+                reply = handler(client, pack[:one]) if not client._closed else None
             except Exception as exc:
                 reply = failed(client, exc)
             if type(reply) is bytes_:
@@ -632,7 +636,7 @@ class Core:
         if n < 0:
             check(n)
         if out[ONE_LEN] >= 0:  # (a batch.interrupt set meanwhile stops the next step)
-            return out[ONE_SLOT] << ONE_SHIFT | out[ONE_LEN]
+            return (out[ONE_SLOT] + 1) << ONE_SHIFT | out[ONE_LEN]
         if n > 0:
             self._dispatch(n)
         self._batch.interrupt = 0  # before the requests are taken: a post from now on sets it again

@@ -67,6 +67,32 @@ def test_bytes_like_replies(serve, sock_path):
         assert [conn.request(b"?") for _ in range(3)] == [b"from bytearray", b"from memoryview", b"from bytes"]
 
 
+def test_clients_taking_turns_one_request_each_get_their_own_replies(serve, sock_path):
+    """Clients that take turns, each with one request at a time (a batch of one message, from
+    the same client as the last one or from another, a client reconnecting on a reused
+    descriptor), each get the reply to their own request."""
+    serve(lambda client, message: b"%d:" % client.id + message)
+    rng = random.Random(7)
+    conns = [pyuds.connect(sock_path, timeout=5) for _ in range(3)]
+    ids: list[int | None] = [None] * 3
+    try:
+        for i in range(300):
+            k = rng.randrange(3) if i % 50 else 0
+            if i % 50 == 49:  # a new connection in its place: often the same slot, a new id
+                conns[k].close()
+                conns[k], ids[k] = pyuds.connect(sock_path, timeout=5), None
+            body = b"%d-%d" % (k, i)
+            got_id, _, echoed = conns[k].request(body).partition(b":")
+            assert echoed == body
+            if ids[k] is None:
+                ids[k] = int(got_id)
+            assert int(got_id) == ids[k]
+        assert len(set(ids)) == 3
+    finally:
+        for conn in conns:
+            conn.close()
+
+
 def test_large_messages_both_ways(serve, sock_path):
     """Multi-megabyte requests and replies arrive intact (many reads, partial writes)."""
     serve(lambda client, message: message[::-1])
