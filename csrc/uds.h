@@ -315,9 +315,9 @@ int uds_reply_poll_batch(uds_server *s, const char *reply, int64_t len, int time
 /* uds_reply_poll_batch(b->srv, reply, len, b->timeout_ms, b), b->n set to what it returned,
  * and the usual outcome in the return value, so that the caller reads nothing else: the batch
  * is one message, its reply (if any) was queued, and the message is packed. Then returns its
- * length if it came from the same connection as the last one message returned (or found in
- * b->one_len), the usual case, else (slot + 1) << UDS_ONE_SHIFT | length, and that connection
- * becomes the last. Python keeps either in an int of one digit (for slots under 2^17),
+ * length if it came from the same connection as the last one message (returned, or left in
+ * b->one_len with -1), the usual case, else (slot + 1) << UDS_ONE_SHIFT | length; either way
+ * that connection becomes the last. Python keeps either in an int of one digit (for slots under 2^17),
  * without an allocation for a length under 257. Else -1: b->n, b->reply_rc, b->one_len (and
  * b->one_slot, the last connection's slot) tell the rest. With b->interrupt set, or
  * b->draining and no connection live, the reply is queued but nothing polled: -1 with b->n

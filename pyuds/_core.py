@@ -540,7 +540,7 @@ class Core:
 
     def stop(self) -> None:
         """Makes serve() return after the batch in hand. Any thread, and signal handlers: it
-        only sets a flag (a signal wakes the poll through the wakeup fd; from another thread,
+        only sets flags (a signal wakes the poll through the wakeup fd; from another thread,
         call wakeup() too)."""
         self._stopping = True
         self._batch.interrupt = 1
