@@ -235,6 +235,7 @@ static int64_t dgram_deadlines(const uds_server *s, int64_t timeout)
 
 static int poll_dgram(uds_server *s, uds_event *ev, int cap, int timeout_ms)
 {
+    uds_clock_update(&s->now_ms); /* peers always have an idle deadline */
     s->arena_used = 0;
     uds_buf_release(&s->big, &s->pool);
     uds_peer_retry_full(s);

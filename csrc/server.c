@@ -29,24 +29,11 @@ static const struct kind_spec {
 
 /* ---- a turn, and the caller's requests -------------------------------------------------------- */
 
-/* Whether the turn needs the clock before its wait: a deadline to expire or to wait for, or
- * work before the wait that may set one (pending connections, queued output, closes). A quiet
- * server with none skips the read (about 0.1 us with a virtual machine's clock); the wait's
- * end reads it for what follows. */
-static int clock_due(const uds_server *s)
-{
-    return s->idle.head != NULL || s->linger.head != NULL || s->frames.head != NULL ||
-           s->pending_head != NULL || s->flush_head != NULL || s->finished != NULL ||
-           s->accept_paused || s->drain_until > 0 || s->retry != NULL || s->retry_at > 0;
-}
-
 int uds_poll(uds_server *s, uds_event *ev, int cap, int timeout_ms)
 {
     if (cap < 1)
         return -EINVAL;
     s->turn++;
-    if (clock_due(s))
-        uds_clock_update(&s->now_ms);
     s->fd_out_n = 0; /* the descriptors handed out last turn are the caller's now */
     return s->kind->poll(s, ev, cap, timeout_ms);
 }
